@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine (Python 3.11 + a C++ compiler):
+#   make demo   installs everything into .venv and runs the main job
+#   make test   installs everything into .venv and runs the test suite
+# torch is pinned to the build this project is developed and measured with.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/*.cpp csrc/*/*.h)
+
+.PHONY: install demo test bench clean
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q ninja "setuptools>=64" wheel
+	$(PIP) install -q --no-build-isolation -e ".[clip,test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kalman-clip demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only -q
+	$(PY) -m benchmarks.report
+
+clean:
+	rm -rf build $(VENV) *.egg-info kalman_kernels/*.so

@@ -1,0 +1,12 @@
+"""kalman_kernels: Kalman-filter natural-gradient fine-tuning for PyTorch.
+
+The parameters are a Gaussian N(mu, diag P); every minibatch is an observation and the
+Kalman update is a Fisher-preconditioned step whose size comes from the filter.
+See README.md and DESIGN section 2 for the math.
+"""
+from ._version import __version__
+from . import ops, reference
+from .backends import backend_errors, backends
+from .optimizer import KalmanNGD
+
+__all__ = ["__version__", "ops", "reference", "backends", "backend_errors", "KalmanNGD"]
