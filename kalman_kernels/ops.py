@@ -272,7 +272,8 @@ def _validate_blocks(blocks: Sequence[Block], residual: torch.Tensor) -> torch.d
                              f"updates; give each tensor one block")
         seen.add(key)
     if residual.device != device:
-        raise ValueError(f"residual is on {residual.device} but the blocks are on {device}")
+        raise ValueError(f"residual is on {residual.device} but the blocks are on {device}: all "
+                         f"tensors of one call must be on one device")
     return device
 
 

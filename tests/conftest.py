@@ -1,0 +1,28 @@
+import os
+
+# Tests never touch the network (open_clip / huggingface would otherwise try to).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+
+def rel_err(actual, expected) -> float:
+    """max |a - b| / max |b| in float64 (NaN anywhere -> inf, so NaN never passes)."""
+    a = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual)
+    b = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected)
+    a = a.detach().double().reshape(-1).cpu()
+    b = b.detach().double().reshape(-1).cpu()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return float((a - b).abs().max()) / max(scale, 1e-300)
+
+
+@pytest.fixture
+def rng():
+    """A fresh, unseeded generator every run (inputs differ from run to run)."""
+    return np.random.default_rng()
