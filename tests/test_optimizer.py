@@ -1,0 +1,334 @@
+"""KalmanNGD: modes, tracking, param groups, schedulers, state_dict, sampling, bad input."""
+import copy
+import io
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kalman_kernels as kk
+from conftest import rel_err
+from oracle_numpy import kalman_step, loss_step
+
+
+def _regression(rng, n_samples=256, d=5, noise=0.05):
+    x = torch.tensor(rng.standard_normal((n_samples, d)))
+    w = torch.tensor(rng.standard_normal(d))
+    y = x @ w + 0.3 + noise * torch.tensor(rng.standard_normal(n_samples))
+    return x, y, w
+
+
+def _flat(tensors):
+    return np.concatenate([t.detach().double().reshape(-1).numpy() for t in tensors])
+
+
+def test_batch_step_equals_oracle_with_autograd_jacobian(rng):
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    x = torch.tensor(rng.standard_normal((6, 4)))
+    t = torch.tensor(rng.standard_normal((6, 2)))
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    # An independent Jacobian: torch.func over the functional model.
+    jac = torch.func.jacrev(lambda *ps: torch.func.functional_call(
+        model, dict(zip(names, ps)), (x,)).reshape(-1), argnums=tuple(range(len(params))))(*params)
+    h = np.concatenate([j.detach().reshape(12, -1).numpy() for j in jac], 1)
+    e = (t - model(x)).detach().reshape(-1).numpy()
+    mu0 = _flat(params)
+    mu_exp, p_exp, _, _, _ = kalman_step(mu0, np.full(mu0.size, 0.05), h, e, 0.2, lr=0.8,
+                                         lam=0.99, q=1e-4, p_min=1e-12)
+    opt = kk.KalmanNGD(model.parameters(), lr=0.8, init_cov=0.05, obs_noise=0.2,
+                       forgetting=0.99, process_noise=1e-4)
+    opt.step(lambda: (model(x), t))
+    assert rel_err(_flat(params), mu_exp) <= 1e-10
+    assert rel_err(_flat([opt.covariance(p) for p in params]), p_exp) <= 1e-10
+    assert opt.last_info.num_obs == 12 and not opt.last_info.skipped
+
+
+def test_loss_mode_equals_oracle(rng):
+    model = nn.Linear(3, 2).double()
+    x = torch.tensor(rng.standard_normal((8, 3)))
+    y = torch.tensor(rng.standard_normal((8, 2)))
+    params = list(model.parameters())
+    loss = ((model(x) - y) ** 2).mean()
+    g = _flat(torch.autograd.grad(loss, params))
+    mu0 = _flat(params)
+    mu_exp, p_exp, _, _ = loss_step(mu0, np.full(mu0.size, 0.1), g, float(loss.detach()), 0.05, lr=0.5,
+                                    p_min=1e-12)
+    opt = kk.KalmanNGD(model.parameters(), lr=0.5, init_cov=0.1, obs_noise=0.05)
+    returned = opt.step(lambda: ((model(x) - y) ** 2).mean())
+    assert float(returned) == pytest.approx(float(loss.detach()))
+    assert rel_err(_flat(params), mu_exp) <= 1e-10
+    assert rel_err(_flat([opt.covariance(p) for p in params]), p_exp) <= 1e-10
+    assert all(p.grad is None for p in params)      # the optimizer does not touch .grad
+
+
+def test_drives_least_squares_to_solution_and_covariance_shrinks(rng):
+    x, y, w = _regression(rng)
+    model = nn.Linear(5, 1).double()
+    opt = kk.KalmanNGD(model.parameters(), init_cov=1.0, obs_noise=0.05 ** 2)
+    sol = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y[:, None]).solution
+    cov_max = [float(opt.covariance(model.weight).max())]
+    for epoch in range(3):
+        for i in range(0, 256, 32):
+            opt.step(lambda: (model(x[i:i + 32]).squeeze(-1), y[i:i + 32]))
+            cov_max.append(float(opt.covariance(model.weight).max()))
+    assert rel_err(model.weight.detach()[0], sol[:5, 0]) < 1e-2
+    assert abs(float(model.bias) - float(sol[5])) < 1e-2
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(cov_max, cov_max[1:]))   # monotone
+    assert cov_max[-1] < 1e-2 * cov_max[0]
+
+
+def test_loss_mode_decreases_loss(rng):
+    x, y, _ = _regression(rng)
+    model = nn.Linear(5, 1)
+    xf, yf = x.float(), y.float()
+    opt = kk.KalmanNGD(model.parameters(), init_cov=0.1, obs_noise=1e-2, process_noise=1e-4)
+    first = float(opt.step(lambda: ((model(xf).squeeze(-1) - yf) ** 2).mean()))
+    for _ in range(150):
+        last = float(opt.step(lambda: ((model(xf).squeeze(-1) - yf) ** 2).mean()))
+    assert last < 0.05 * first
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("target_shape", ["logits", "scalar"])
+def test_tracked_kronecker_step_equals_dense_step(rng, target_shape):
+    torch.set_default_dtype(torch.float64)
+    try:
+        dense, kron = _TwoLayer(), _TwoLayer()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    kron.load_state_dict(dense.state_dict())
+    opt_d = kk.KalmanNGD(dense.parameters(), init_cov=0.05, obs_noise=0.1, forgetting=0.98)
+    opt_k = kk.KalmanNGD(kron.parameters(), init_cov=0.05, obs_noise=0.1, forgetting=0.98)
+    opt_k.track(kron)
+    for _ in range(4):
+        x = torch.tensor(rng.standard_normal((7, 6)))
+        t = torch.tensor(rng.standard_normal((7, 3)))
+        if target_shape == "logits":
+            opt_d.step(lambda: (dense(x), t))
+            opt_k.step(lambda: (kron(x), t))
+        else:
+            opt_d.step(lambda: (dense(x).sum(1), t[:, 0]))
+            opt_k.step(lambda: (kron(x).sum(1), t[:, 0]))
+    for (name, a), b in zip(dense.named_parameters(), kron.parameters()):
+        assert rel_err(b, a) <= 1e-10, name
+        assert rel_err(opt_k.covariance(b), opt_d.covariance(a)) <= 1e-10, name
+
+
+def test_track_rejects_cross_sample_dependence():
+    model = nn.Linear(4, 2)
+    opt = kk.KalmanNGD(model.parameters()).track(model)
+    x = torch.randn(5, 4)
+    def centred():
+        out = model(x)
+        return out - out.mean(0, keepdim=True), torch.zeros(5, 2)
+
+    # Each observation mixes every sample's output: not a Kronecker block.
+    with pytest.raises(ValueError, match="another sample"):
+        opt.step(centred)
+    # A layer called twice per closure is not one Kronecker block: dense fallback, warned.
+    with pytest.warns(RuntimeWarning, match="called 2 times"):
+        opt.step(lambda: (model(x) + model(2 * x), torch.zeros(5, 2)))
+    assert opt.state["filter"]["steps"] == 1
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        opt.track(nn.ReLU())
+
+
+def test_param_groups_have_their_own_step_scale(rng):
+    def run(lr_b):
+        torch.manual_seed(0)
+        model = _TwoLayer()
+        opt = kk.KalmanNGD([{"params": model.hidden.parameters()},
+                            {"params": model.head.parameters(), "lr": lr_b, "init_cov": 0.02}],
+                           init_cov=0.05, obs_noise=0.1)
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(1)
+        x, t = torch.randn(4, 6), torch.randn(4, 3)
+        opt.step(lambda: (model(x), t))
+        return [p.detach() - b for p, b in zip(model.parameters(), before)], opt, model
+    full, _, _ = run(1.0)
+    half, opt, model = run(0.5)
+    # S does not depend on lr: the head's step halves, the hidden layer's is unchanged.
+    assert rel_err(half[0], full[0]) <= 1e-5 and rel_err(half[1], full[1]) <= 1e-5
+    assert rel_err(half[2], 0.5 * full[2]) <= 1e-5 and rel_err(half[3], 0.5 * full[3]) <= 1e-5
+    assert float(opt.covariance(model.head.weight).max()) <= 0.02
+    with pytest.raises(ValueError, match="obs_noise belongs to the observation"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "obs_noise": 0.3})
+
+
+def test_lr_scheduler_drives_the_step_scale():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = kk.KalmanNGD(model.parameters(), lr=1.0, init_cov=0.1, obs_noise=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    assert opt.param_groups[0]["lr"] == 1.0
+    opt.step(lambda: (model(torch.randn(4, 3)).squeeze(-1), torch.randn(4)))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    # The next step uses lr = 0.1: compare with a fresh functional step at lr 0.1.
+    x, t = torch.randn(4, 3), torch.randn(4)
+    shadow = copy.deepcopy(model)
+    shadow_opt = kk.KalmanNGD(shadow.parameters(), lr=0.1, init_cov=0.1, obs_noise=0.1)
+    shadow_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.step(lambda: (model(x).squeeze(-1), t))
+    shadow_opt.step(lambda: (shadow(x).squeeze(-1), t))
+    for a, b in zip(model.parameters(), shadow.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_exact_resume_through_file(rng, dtype):
+    seed = int(rng.integers(1 << 30))
+    data_gen = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(8, 4, generator=data_gen).to(dtype),
+                torch.randn(8, 2, generator=data_gen).to(dtype)) for _ in range(10)]
+
+    def fresh():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(dtype)
+        opt = kk.KalmanNGD(model.parameters(), init_cov=0.05, obs_noise=0.1,
+                           adaptive_obs_noise=0.2, gate=0.999, forgetting=0.99,
+                           process_noise=1e-5)
+        opt.track(model)
+        return model, opt
+
+    def run(model, opt, part):
+        for x, t in part:
+            opt.step(lambda: (model(x), t))
+
+    straight, opt_s = fresh()
+    run(straight, opt_s, batches)
+
+    first, opt_1 = fresh()
+    run(first, opt_1, batches[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt_1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, map_location="cpu")
+    second, opt_2 = fresh()
+    second.load_state_dict(saved["model"])
+    opt_2.load_state_dict(saved["opt"])
+    for p in second.parameters():
+        assert opt_2.covariance(p).dtype == torch.float32     # not cast to the bf16 param dtype
+    run(second, opt_2, batches[4:])
+    for a, b in zip(straight.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(opt_s.covariance(a), opt_2.covariance(b))
+    assert opt_s.state["filter"] == opt_2.state["filter"]
+    assert opt_s.state["filter"]["obs_noise"] != 0.1      # the adaptive noise was resumed
+
+
+def test_sampled_params_draws_from_posterior_and_restores():
+    model = nn.Linear(20, 10)
+    opt = kk.KalmanNGD(model.parameters(), init_cov=0.04)
+    with torch.no_grad():
+        opt.covariance(model.weight).uniform_(0.01, 0.09)
+    mean = model.weight.detach().clone()
+    gen = torch.Generator().manual_seed(123)
+    draws = []
+    for _ in range(400):
+        with opt.sampled_params(generator=gen):
+            draws.append(model.weight.detach().clone())
+        assert torch.equal(model.weight, mean)
+    draws = torch.stack(draws)
+    var = draws.var(0)
+    ratio = var / opt.covariance(model.weight)
+    assert 0.75 < float(ratio.median()) < 1.25
+    assert float((draws.mean(0) - mean).abs().max()) < 0.1
+    with pytest.raises(RuntimeError):
+        with opt.sampled_params():
+            raise RuntimeError("boom")
+    assert torch.equal(model.weight, mean)
+
+
+def test_non_finite_prediction_skips_counts_and_warns_once():
+    model = nn.Linear(3, 2)
+    opt = kk.KalmanNGD(model.parameters(), init_cov=0.1)
+    opt.step(lambda: (model(torch.randn(4, 3)), torch.randn(4, 2)))
+    before = [p.detach().clone() for p in model.parameters()]
+    covs = [opt.covariance(p).clone() for p in model.parameters()]
+    x = torch.randn(4, 3)
+    x[1, 2] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(lambda: (model(x), torch.randn(4, 2)))
+        opt.step(lambda: (model(torch.randn(4, 3)), torch.full((4, 2), float("inf"))))
+        opt.step(lambda: model(x).sum())                          # loss mode, NaN loss
+    assert sum("skipped" in str(w.message) for w in caught) == 1
+    assert opt.skipped_steps == 3 and opt.state["filter"]["steps"] == 1
+    for p, b, c in zip(model.parameters(), before, covs):
+        assert torch.equal(p, b) and torch.equal(opt.covariance(p), c)
+
+
+def test_bf16_and_fp16_parameters_train_with_float32_covariance(rng):
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1).to(dtype)
+        x = torch.randn(64, 4).to(dtype)
+        y = (x.float() @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.2).to(dtype)
+        opt = kk.KalmanNGD(model.parameters(), init_cov=1.0, obs_noise=1e-2)
+        first = float(((model(x).squeeze(-1) - y).float() ** 2).mean())
+        for i in range(0, 64, 16):
+            opt.step(lambda: (model(x[i:i + 16]).squeeze(-1), y[i:i + 16]))
+        last = float(((model(x).squeeze(-1) - y).float() ** 2).mean())
+        assert last < 0.05 * first
+        assert all(opt.covariance(p).dtype == torch.float32 for p in model.parameters())
+        assert model.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": 0.0}, "lr must be"), ({"lr": -1.0}, "lr must be"),
+    ({"init_cov": 0.0}, "init_cov must be"), ({"init_cov": -1e-3}, "init_cov must be"),
+    ({"obs_noise": 0.0}, "obs_noise must be"), ({"obs_noise": -0.1}, "obs_noise must be"),
+    ({"forgetting": 0.0}, "forgetting must be in"), ({"forgetting": 1.01}, "forgetting must be in"),
+    ({"process_noise": -1.0}, "process_noise must be"),
+    ({"cov_floor": 1.0, "cov_ceiling": 0.1}, "cov_floor"),
+    ({"adaptive_obs_noise": 2.0}, "adaptive_obs_noise"),
+    ({"gate": 0.0}, "gate must be"), ({"cov_update": "ekf"}, "cov_update must be"),
+    ({"backend": "nope"}, "backend must be one of"),
+])
+def test_bad_constructor_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kk.KalmanNGD(nn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_bad_closures_are_named():
+    model = nn.Linear(3, 2)
+    opt = kk.KalmanNGD(model.parameters())
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="pred has shape .* but target has shape"):
+        opt.step(lambda: (model(x), torch.zeros(4, 3)))
+    with pytest.raises(TypeError, match="closure must return"):
+        opt.step(lambda: "loss")
+    with pytest.raises(TypeError, match="closure must return"):
+        opt.step(lambda: model(x))                     # a (4, 2) tensor, not a scalar
+    with pytest.raises(ValueError, match="does not require grad"):
+        opt.step(lambda: (model(x).detach(), torch.zeros(4, 2)))
+    with pytest.raises(ValueError, match="one device"):
+        opt.step(lambda: (model(x), torch.zeros(4, 2, device="meta")))
+    assert opt.state["filter"]["steps"] == 0
+
+
+def test_unavailable_backend_fails_at_construction_with_reason():
+    for name, ok in kk.backends().items():
+        if not ok:
+            with pytest.raises(RuntimeError, match="not available"):
+                kk.KalmanNGD(nn.Linear(2, 2).parameters(), backend=name)
