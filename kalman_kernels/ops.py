@@ -437,31 +437,33 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                target: float = 0.0, gate: Optional[float] = None, backend: str = "auto",
                adaptive_rate: float = 0.0, quad_form: Optional[float] = None,
                process_group=None) -> KalmanInfo:
-    """One loss-observation step over tensors grouped by identical hyper-parameters.
-
-    ``hypers`` has one entry per tensor; consecutive runs of equal hyper-parameters are
-    sent to the backend as one multi-tensor call. ``quad_form`` (g^T P- g) may be
-    supplied when it was accumulated during the backward pass.
+    """One loss-observation step; tensors with equal hyper-parameters share one
+    multi-tensor backend call. ``quad_form`` (g^T P- g) may be supplied when it was
+    accumulated during the backward pass. With ``process_group`` every rank observes its
+    own loss and all ranks apply u = sum_r g_r c_r, d = sum_r w_r g_r^2 (DESIGN 2.5).
     """
     device = params[0].device if params else torch.device("cpu")
     _check_gate(gate)
     r = float(obs_noise)
     e = float(target) - float(loss)
     kernels = resolve(backend, device)
-    if not math.isfinite(e) or not _all_finite(grads):
-        return KalmanInfo(float("nan"), 0.0, True, None, None,
-                          "non-finite loss or gradient", 1, r)
-
     runs = _runs_by_hyper(hypers)
-    if quad_form is None:
+    ok = math.isfinite(e) and _all_finite(grads)
+    if ok and quad_form is None:
         quad_form = sum(kernels.loss_quad_form([grads[i] for i in idx], [covs[i] for i in idx],
                                                hp.forgetting, hp.process_noise)
                         for hp, idx in runs)
+    ok = ok and math.isfinite(quad_form)
     if process_group is not None:
-        raise NotImplementedError("the loss-observation mode has no process_group support yet; "
-                                  "all-reduce the gradients (DDP) and step on every rank")
-    if not math.isfinite(quad_form):
-        return KalmanInfo(float("nan"), 0.0, True, None, None, "non-finite g^T P g", 1, r)
+        import torch.distributed as dist
+        flag = torch.tensor([0.0 if ok else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=process_group)
+        if float(flag) > 0:
+            return KalmanInfo(float("nan"), 0.0, True, None, None,
+                              "non-finite loss or gradient on some rank", 1, r)
+    if not ok:
+        return KalmanInfo(float("nan"), 0.0, True, None, None,
+                          "non-finite loss, gradient or g^T P g", 1, r)
     if adaptive_rate > 0.0:
         r = ref.adapt_obs_noise(r, adaptive_rate, torch.tensor([e], dtype=torch.float64),
                                 quad_form)
@@ -470,12 +472,30 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
     tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
     s = ref.gate_scale(d2, tau)
     with torch.no_grad():
-        for hp, idx in runs:
-            coef = hp.lr * s * e / s_val
-            weight = 1.0 / r if hp.information else 1.0 / s_val
-            kernels.loss_step_([params[i] for i in idx], [grads[i] for i in idx],
-                               [covs[i] for i in idx], coef, weight, hp.forgetting,
-                               hp.process_noise, hp.cov_floor, hp.cov_ceiling, hp.information)
+        if process_group is None:
+            for hp, idx in runs:
+                coef = hp.lr * s * e / s_val
+                weight = 1.0 / r if hp.information else 1.0 / s_val
+                kernels.loss_step_([params[i] for i in idx], [grads[i] for i in idx],
+                                   [covs[i] for i in idx], coef, weight, hp.forgetting,
+                                   hp.process_noise, hp.cov_floor, hp.cov_ceiling,
+                                   hp.information)
+        else:
+            import torch.distributed as dist
+            terms = []
+            for g, hp in zip(grads, hypers):
+                g64 = g.reshape(-1).to(torch.float64)
+                weight = 1.0 / r if hp.information else 1.0 / s_val
+                terms += [g64 * (s * e / s_val), g64 * g64 * weight]
+            flat = torch.cat(terms)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+            offset = 0
+            for p, c, hp in zip(params, covs, hypers):
+                n = p.numel()
+                ref.apply_terms_(p, c, flat[offset:offset + n], flat[offset + n:offset + 2 * n],
+                                 hp.lr, hp.forgetting, hp.process_noise, hp.cov_floor,
+                                 hp.cov_ceiling, hp.information)
+                offset += 2 * n
     s_tensor = torch.tensor([[s_val]], dtype=torch.float64)
     return KalmanInfo(d2, s, False, s_tensor, 0.0, None, 1, r)
 

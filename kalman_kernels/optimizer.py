@@ -338,7 +338,9 @@ class KalmanNGD(torch.optim.Optimizer):
         flat = pred.reshape(-1)
         m = flat.shape[0]
         residual = target.detach().reshape(-1).to(torch.float64) - flat.detach().to(torch.float64)
-        if not bool(torch.isfinite(residual).all()):
+        if self.process_group is None and not bool(torch.isfinite(residual).all()):
+            # (With a process group every rank must still join the step's collectives;
+            # kalman_step_ then skips on all ranks together.)
             info = KalmanInfo(float("nan"), 0.0, True, None, None,
                               "non-finite values in pred or target", m)
             self._record(info)
