@@ -10,6 +10,7 @@ else.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Dict, Optional, Tuple
 
@@ -88,3 +89,17 @@ def resolve(name: str, device: torch.device) -> ModuleType:
         raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors; use "
                            f"backend='auto' or move the tensors to a supported device")
     return module
+
+
+def _require_cpp_if_asked() -> None:
+    """KALMAN_KERNELS_REQUIRE_CPP=1 (set by CI): a missing C++ extension is an import error,
+    never a silent fallback to the reference backend."""
+    flag = os.environ.get("KALMAN_KERNELS_REQUIRE_CPP", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        module, reason = _load("cpp")
+        if module is None:
+            raise ImportError(f"KALMAN_KERNELS_REQUIRE_CPP is set but the cpp backend cannot "
+                              f"load: {reason}. To get it: {_HOW_TO_GET['cpp']}")
+
+
+_require_cpp_if_asked()

@@ -1,0 +1,676 @@
+// The CPU kernels of the cpp backend, written once and compiled once per instruction set.
+//
+// csrc/cpu/kernels_{default,avx2,avx512}.cpp each include this file, compiled with the
+// matching flags and CPU_CAPABILITY macro (see setup.py). at::vec::Vectorized then has the
+// width of that instruction set, and everything here lives in the namespace
+// kalman_kernels::<CPU_CAPABILITY> (plus an unnamed namespace), so the three copies never
+// share a symbol. ops.cpp picks one table at run time.
+//
+// Structure:
+//  * every pass over the parameters is tiled over columns (parameter elements): a tile of
+//    the Jacobian (m x B) is packed into a contiguous, zero-padded buffer in the
+//    accumulation type (converting bf16/fp16/f32/f64 on the fly), so H is read from
+//    memory exactly once per kernel and no m x n temporary exists;
+//  * dense and Kronecker blocks share the tile engines: only the packer differs (the
+//    Kronecker packer builds the tile of H = rows vec(D_j A_j^T) from A and D);
+//  * the elementwise math is kalman_kernels::math (kk_math.h), shared with CUDA.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (see setup.py)"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../kk_kernels.h"
+#include "../kk_math.h"
+
+#define KK_CAT2(a, b) a##b
+#define KK_CAT(a, b) KK_CAT2(a, b)
+#define KK_STR2(a) #a
+#define KK_STR(a) KK_STR2(a)
+
+namespace kalman_kernels {
+namespace math {
+namespace {
+// NaN-propagating min / max for the vector types (at::vec::minimum/maximum propagate NaN).
+template <typename T>
+struct KkMinMax<at::vec::Vectorized<T>> {
+  static inline at::vec::Vectorized<T> max(const at::vec::Vectorized<T>& x,
+                                           const at::vec::Vectorized<T>& lo) {
+    return at::vec::maximum(x, lo);
+  }
+  static inline at::vec::Vectorized<T> min(const at::vec::Vectorized<T>& x,
+                                           const at::vec::Vectorized<T>& hi) {
+    return at::vec::minimum(x, hi);
+  }
+};
+}  // namespace
+}  // namespace math
+
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename Acc>
+using Vec = at::vec::Vectorized<Acc>;
+
+template <typename Acc>
+constexpr int64_t kV = Vec<Acc>::size();
+
+// Column groups of the whitening micro-kernel: 4 vectors with 32 vector registers
+// (AVX-512), 2 otherwise.
+template <typename Acc>
+constexpr int kNC = sizeof(Vec<Acc>) >= 64 ? 4 : 2;
+
+template <typename Acc>
+constexpr int64_t kUnit = kV<Acc> * kNC<Acc>;  // tiles are padded to a multiple of this
+
+constexpr int kRB = 4;  // rows per register block
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return divup(a, b) * b; }
+
+template <typename Acc>
+constexpr KKType acc_kktype() {
+  return std::is_same<Acc, double>::value ? KKType::F64 : KKType::F32;
+}
+
+// ---------------------------------------------------------------------------------------
+// Staging: storage dtype <-> accumulation type
+// ---------------------------------------------------------------------------------------
+template <typename Acc>
+inline void to_acc(const void* src, KKType t, int64_t off, int64_t n, Acc* dst) {
+  switch (t) {
+    case KKType::F32:
+      at::vec::convert(static_cast<const float*>(src) + off, dst, n);
+      break;
+    case KKType::F64:
+      at::vec::convert(static_cast<const double*>(src) + off, dst, n);
+      break;
+    case KKType::BF16:
+      at::vec::convert(static_cast<const c10::BFloat16*>(src) + off, dst, n);
+      break;
+    case KKType::F16:
+      at::vec::convert(static_cast<const c10::Half*>(src) + off, dst, n);
+      break;
+  }
+}
+
+template <typename Acc>
+inline void from_acc(const Acc* src, void* dst, KKType t, int64_t off, int64_t n) {
+  switch (t) {
+    case KKType::F32:
+      at::vec::convert(src, static_cast<float*>(dst) + off, n);
+      break;
+    case KKType::F64:
+      at::vec::convert(src, static_cast<double*>(dst) + off, n);
+      break;
+    case KKType::BF16:
+      at::vec::convert(src, static_cast<c10::BFloat16*>(dst) + off, n);
+      break;
+    case KKType::F16:
+      at::vec::convert(src, static_cast<c10::Half*>(dst) + off, n);
+      break;
+  }
+}
+
+// The elements [off, off + n) as Acc: the storage itself when it already is Acc (no
+// copy; results may then be written in place), else a converted copy in buf.
+template <typename Acc>
+inline Acc* stage(const void* src, KKType t, int64_t off, int64_t n, Acc* buf) {
+  if (t == acc_kktype<Acc>()) {
+    return const_cast<Acc*>(static_cast<const Acc*>(src)) + off;
+  }
+  to_acc<Acc>(src, t, off, n, buf);
+  return buf;
+}
+
+// Write back a staged array (no-op when the storage was used directly).
+template <typename Acc>
+inline void unstage(const Acc* staged, void* dst, KKType t, int64_t off, int64_t n) {
+  if (t != acc_kktype<Acc>()) from_acc<Acc>(staged, dst, t, off, n);
+}
+
+template <typename Acc>
+inline double hsum(const Vec<Acc>& v) {
+  return static_cast<double>(
+      at::vec::vec_reduce_all<Acc>([](Vec<Acc>& x, Vec<Acc>& y) { return x + y; }, v));
+}
+
+// Columns per tile: the packed tile (m x B in Acc) stays in L2; every thread gets a tile.
+template <typename Acc>
+int64_t tile_cols(int64_t m, int64_t n) {
+  const int64_t unit = kUnit<Acc>;
+  int64_t b = (128 * 1024) / (static_cast<int64_t>(sizeof(Acc)) * std::max<int64_t>(m, 1));
+  b = std::min<int64_t>(std::max<int64_t>(b, 512), 8192);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  b = std::min(b, round_up(divup(n, threads), unit));
+  return std::max(round_up(b, unit), unit);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile packers: write rows 0..m-1 of columns [c0, c0 + len) of H into buf (row stride ldb)
+// in Acc, zero-padded up to lenp.
+// ---------------------------------------------------------------------------------------
+template <typename Acc>
+struct DensePacker {
+  const void* jac;
+  KKType jt;
+  int64_t ld;  // row stride of jac, in elements
+  int64_t m;
+
+  void operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf) const {
+    for (int64_t j = 0; j < m; ++j) {
+      Acc* row = buf + j * ldb;
+      to_acc<Acc>(jac, jt, j * ld + c0, len, row);
+      std::fill(row + len, row + lenp, Acc(0));
+    }
+  }
+};
+
+// H[j, o * d_in + i] = D[j, o] * A[j, i]; a and d are contiguous Acc copies.
+template <typename Acc>
+struct KronPacker {
+  const Acc* a;  // (m, d_in)
+  const Acc* d;  // (m, d_out)
+  int64_t m;
+  int64_t d_out;
+  int64_t d_in;
+
+  void operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf) const {
+    constexpr int64_t V = kV<Acc>;
+    for (int64_t j = 0; j < m; ++j) {
+      Acc* row = buf + j * ldb;
+      const Acc* arow = a + j * d_in;
+      const Acc* drow = d + j * d_out;
+      int64_t c = c0;
+      const int64_t end = c0 + len;
+      while (c < end) {
+        const int64_t o = c / d_in;
+        const int64_t i0 = c - o * d_in;
+        const int64_t cnt = std::min(d_in - i0, end - c);
+        const Vec<Acc> s(drow[o]);
+        const Acc* src = arow + i0;
+        Acc* dst = row + (c - c0);
+        int64_t t = 0;
+        for (; t + V <= cnt; t += V) (s * Vec<Acc>::loadu(src + t)).store(dst + t);
+        for (; t < cnt; ++t) dst[t] = drow[o] * src[t];
+        c += cnt;
+      }
+      std::fill(row + len, row + lenp, Acc(0));
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Innovation covariance: S += (H diag(P-)) H^T over one packed tile
+// ---------------------------------------------------------------------------------------
+// RJ x RK block of S from scaled rows a (= H_j * P-) and rows h; lenp multiple of V.
+template <typename Acc, int RJ, int RK>
+inline void syrk_block(const Acc* const* a, const Acc* const* h, int64_t lenp, double* s,
+                       int64_t lds) {
+  constexpr int64_t V = kV<Acc>;
+  Vec<Acc> acc[RJ][RK];
+  for (int j = 0; j < RJ; ++j)
+    for (int k = 0; k < RK; ++k) acc[j][k] = Vec<Acc>(Acc(0));
+  for (int64_t c = 0; c < lenp; c += V) {
+    Vec<Acc> hv[RK];
+    for (int k = 0; k < RK; ++k) hv[k] = Vec<Acc>::loadu(h[k] + c);
+    for (int j = 0; j < RJ; ++j) {
+      const Vec<Acc> av = Vec<Acc>::loadu(a[j] + c);
+      for (int k = 0; k < RK; ++k) acc[j][k] = at::vec::fmadd(av, hv[k], acc[j][k]);
+    }
+  }
+  for (int j = 0; j < RJ; ++j)
+    for (int k = 0; k < RK; ++k) s[j * lds + k] += hsum<Acc>(acc[j][k]);
+}
+
+// Lower triangle (and the 4x4 diagonal blocks) of S += A H^T for one tile.
+template <typename Acc>
+inline void syrk_tile(const Acc* const* a, const Acc* const* h, int64_t m, int64_t lenp,
+                      double* s) {
+  const int64_t mb = (m / kRB) * kRB;
+  for (int64_t jb = 0; jb < mb; jb += kRB)
+    for (int64_t kb = 0; kb <= jb; kb += kRB)
+      syrk_block<Acc, kRB, kRB>(a + jb, h + kb, lenp, s + jb * m + kb, m);
+  for (int64_t j = mb; j < m; ++j) {
+    for (int64_t kb = 0; kb < mb; kb += kRB)
+      syrk_block<Acc, 1, kRB>(a + j, h + kb, lenp, s + j * m + kb, m);
+    for (int64_t k = mb; k <= j; ++k) syrk_block<Acc, 1, 1>(a + j, h + k, lenp, s + j * m + k, m);
+  }
+}
+
+template <typename Acc, typename Packer>
+void innovation_tiles(const Packer& pack, const void* cov, KKType ct, int64_t m, int64_t n,
+                      double inv_lam_d, double q_d, double* out) {
+  constexpr int64_t V = kV<Acc>;
+  std::fill(out, out + m * m, 0.0);
+  if (n == 0 || m == 0) return;
+  const int64_t b = tile_cols<Acc>(m, n);
+  const int64_t ntiles = divup(n, b);
+  const int64_t nchunks = std::min<int64_t>(ntiles, std::max<int64_t>(1, at::get_num_threads()));
+  std::vector<double> partial(static_cast<size_t>(nchunks * m * m), 0.0);
+  const Acc inv_lam = static_cast<Acc>(inv_lam_d);
+  const Acc q = static_cast<Acc>(q_d);
+
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<Acc> hbuf(static_cast<size_t>(m * b)), abuf(static_cast<size_t>(m * b));
+    std::vector<Acc> pbuf(static_cast<size_t>(b));
+    std::vector<const Acc*> arows(m), hrows(m);
+    for (int64_t j = 0; j < m; ++j) {
+      arows[j] = abuf.data() + j * b;
+      hrows[j] = hbuf.data() + j * b;
+    }
+    const Vec<Acc> vinv(inv_lam), vq(q);
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      double* s = partial.data() + ch * m * m;
+      const int64_t t0 = ntiles * ch / nchunks, t1 = ntiles * (ch + 1) / nchunks;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * b;
+        const int64_t len = std::min(b, n - c0);
+        const int64_t lenp = round_up(len, kUnit<Acc>);
+        pack(c0, len, lenp, b, hbuf.data());
+        // P- for the tile (zero in the padding, so padded columns add nothing)
+        Acc* pm = pbuf.data();
+        const Acc* cv = stage<Acc>(cov, ct, c0, len, pm);
+        int64_t i = 0;
+        for (; i + V <= len; i += V)
+          math::predict(Vec<Acc>::loadu(cv + i), vinv, vq).store(pm + i);
+        for (; i < len; ++i) pm[i] = math::predict(cv[i], inv_lam, q);
+        std::fill(pm + len, pm + lenp, Acc(0));
+        // scaled rows H_j (.) P-
+        for (int64_t j = 0; j < m; ++j) {
+          const Acc* hr = hrows[j];
+          Acc* ar = abuf.data() + j * b;
+          for (int64_t c = 0; c < lenp; c += V)
+            (Vec<Acc>::loadu(hr + c) * Vec<Acc>::loadu(pm + c)).store(ar + c);
+        }
+        syrk_tile<Acc>(arows.data(), hrows.data(), m, lenp, s);
+      }
+    }
+  });
+  // Deterministic (for a given thread count) sum of the chunk partials, then mirror.
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    const double* s = partial.data() + ch * m * m;
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k <= j; ++k) out[j * m + k] += s[j * m + k];
+  }
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t k = j + 1; k < m; ++k) out[j * m + k] = out[k * m + j];
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused update over one packed tile: G' = F' H_tile with F' = [F; coef] ((m+1) x m, rows
+// padded to a multiple of 4), d = sum_{l<m} G'[l]^2, step = G'[m]; then the elementwise
+// mean / covariance update of those columns.
+// ---------------------------------------------------------------------------------------
+template <typename Acc>
+struct Whitening {
+  std::vector<Acc> fp;         // (nblocks * 4) x m
+  std::vector<int64_t> kmin;   // per row block: first / last column of F' with a non-zero
+  std::vector<int64_t> kmax;
+  int64_t nblocks = 0;
+};
+
+template <typename Acc>
+Whitening<Acc> make_whitening(const double* f, const double* coef, int64_t m) {
+  Whitening<Acc> w;
+  w.nblocks = divup(m + 1, kRB);
+  w.fp.assign(static_cast<size_t>(w.nblocks * kRB * m), Acc(0));
+  for (int64_t l = 0; l < m; ++l)
+    for (int64_t k = 0; k < m; ++k) w.fp[l * m + k] = static_cast<Acc>(f[l * m + k]);
+  for (int64_t k = 0; k < m; ++k) w.fp[m * m + k] = static_cast<Acc>(coef[k]);
+  w.kmin.assign(w.nblocks, m);
+  w.kmax.assign(w.nblocks, -1);
+  for (int64_t l = 0; l <= m; ++l) {
+    const int64_t blk = l / kRB;
+    for (int64_t k = 0; k < m; ++k) {
+      if (w.fp[l * m + k] != Acc(0)) {
+        w.kmin[blk] = std::min(w.kmin[blk], k);
+        w.kmax[blk] = std::max(w.kmax[blk], k);
+      }
+    }
+  }
+  return w;
+}
+
+template <typename Acc>
+inline void whiten_tile(const Whitening<Acc>& w, int64_t m, const Acc* hbuf, int64_t ldb,
+                        int64_t lenp, Acc* dbuf, Acc* sbuf) {
+  constexpr int64_t V = kV<Acc>;
+  constexpr int NC = kNC<Acc>;
+  const Acc* fp = w.fp.data();
+  for (int64_t cg = 0; cg < lenp; cg += NC * V) {
+    Vec<Acc> d[NC], st[NC];
+    for (int c = 0; c < NC; ++c) {
+      d[c] = Vec<Acc>(Acc(0));
+      st[c] = Vec<Acc>(Acc(0));
+    }
+    for (int64_t lb = 0; lb < w.nblocks; ++lb) {
+      Vec<Acc> acc[kRB][NC];
+      for (int r = 0; r < kRB; ++r)
+        for (int c = 0; c < NC; ++c) acc[r][c] = Vec<Acc>(Acc(0));
+      const Acc* frow = fp + lb * kRB * m;
+      const int64_t k1 = w.kmax[lb];
+      for (int64_t k = w.kmin[lb]; k <= k1; ++k) {
+        const Acc* hk = hbuf + k * ldb + cg;
+        Vec<Acc> hv[NC];
+        for (int c = 0; c < NC; ++c) hv[c] = Vec<Acc>::loadu(hk + c * V);
+        for (int r = 0; r < kRB; ++r) {
+          const Vec<Acc> fv(frow[r * m + k]);
+          for (int c = 0; c < NC; ++c) acc[r][c] = at::vec::fmadd(fv, hv[c], acc[r][c]);
+        }
+      }
+      for (int r = 0; r < kRB; ++r) {
+        const int64_t l = lb * kRB + r;
+        if (l < m) {
+          for (int c = 0; c < NC; ++c) d[c] = at::vec::fmadd(acc[r][c], acc[r][c], d[c]);
+        } else if (l == m) {
+          for (int c = 0; c < NC; ++c) st[c] = acc[r][c];
+        }
+      }
+    }
+    for (int c = 0; c < NC; ++c) {
+      d[c].store(dbuf + cg + c * V);
+      st[c].store(sbuf + cg + c * V);
+    }
+  }
+}
+
+template <typename Acc>
+struct ElemScalars {
+  Acc inv_lam, q, lo, hi;
+  explicit ElemScalars(const UpdateScalars& s)
+      : inv_lam(static_cast<Acc>(s.inv_lam)),
+        q(static_cast<Acc>(s.q)),
+        lo(static_cast<Acc>(s.cov_floor)),
+        hi(static_cast<Acc>(s.cov_ceiling)) {}
+};
+
+// p += P- * step ; c = rule(P-, d), for len elements (p and c may be the storage itself).
+template <typename Acc, bool INFO>
+inline void finalize(Acc* p, Acc* c, const Acc* step, const Acc* d, int64_t len,
+                     const ElemScalars<Acc>& e) {
+  constexpr int64_t V = kV<Acc>;
+  const Vec<Acc> vinv(e.inv_lam), vq(e.q), vlo(e.lo), vhi(e.hi), one(Acc(1));
+  int64_t i = 0;
+  for (; i + V <= len; i += V) {
+    const Vec<Acc> pm = math::predict(Vec<Acc>::loadu(c + i), vinv, vq);
+    math::mean_step(Vec<Acc>::loadu(p + i), pm, Vec<Acc>::loadu(step + i)).store(p + i);
+    math::cov_rule<INFO>(pm, Vec<Acc>::loadu(d + i), one, vlo, vhi).store(c + i);
+  }
+  for (; i < len; ++i) {
+    const Acc pm = math::predict(c[i], e.inv_lam, e.q);
+    p[i] = math::mean_step(p[i], pm, step[i]);
+    c[i] = math::cov_rule<INFO>(pm, d[i], Acc(1), e.lo, e.hi);
+  }
+}
+
+template <typename Acc, bool INFO, typename Packer>
+void update_tiles(const Packer& pack, void* param, KKType pt, void* cov, KKType ct, int64_t m,
+                  int64_t n, const double* coef, const double* f, const UpdateScalars& s) {
+  if (n == 0 || m == 0) return;
+  const Whitening<Acc> w = make_whitening<Acc>(f, coef, m);
+  const ElemScalars<Acc> e(s);
+  const int64_t b = tile_cols<Acc>(m, n);
+  const int64_t ntiles = divup(n, b);
+  at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+    std::vector<Acc> hbuf(static_cast<size_t>(m * b));
+    std::vector<Acc> dbuf(b), sbuf(b), pbuf(b), cbuf(b);
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t c0 = t * b;
+      const int64_t len = std::min(b, n - c0);
+      const int64_t lenp = round_up(len, kUnit<Acc>);
+      pack(c0, len, lenp, b, hbuf.data());
+      whiten_tile<Acc>(w, m, hbuf.data(), b, lenp, dbuf.data(), sbuf.data());
+      Acc* pp = stage<Acc>(param, pt, c0, len, pbuf.data());
+      Acc* cc = stage<Acc>(cov, ct, c0, len, cbuf.data());
+      finalize<Acc, INFO>(pp, cc, sbuf.data(), dbuf.data(), len, e);
+      unstage<Acc>(pp, param, pt, c0, len);
+      unstage<Acc>(cc, cov, ct, c0, len);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Loss-observation mode (DESIGN 2.2): multi-tensor reduction and elementwise step
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kChunk = int64_t(1) << 16;  // elements per parallel work item
+constexpr int64_t kStage = 2048;              // elements per staged sub-block
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+inline std::vector<Chunk> make_chunks(int64_t count, const int64_t* numel) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t b = 0; b < numel[t]; b += kChunk)
+      chunks.push_back({t, b, std::min(numel[t], b + kChunk)});
+  return chunks;
+}
+
+template <typename Acc>
+double quad_range(const void* g, KKType gt, const void* c, KKType ct, int64_t begin,
+                  int64_t end, Acc inv_lam, Acc q) {
+  constexpr int64_t V = kV<Acc>;
+  alignas(64) Acc gb[kStage];
+  alignas(64) Acc cb[kStage];
+  const Vec<Acc> vinv(inv_lam), vq(q);
+  double total = 0.0;
+  for (int64_t off = begin; off < end; off += kStage) {
+    const int64_t len = std::min(kStage, end - off);
+    const Acc* gg = stage<Acc>(g, gt, off, len, gb);
+    const Acc* cc = stage<Acc>(c, ct, off, len, cb);
+    Vec<Acc> a0(Acc(0)), a1(Acc(0));
+    int64_t i = 0;
+    for (; i + 2 * V <= len; i += 2 * V) {
+      a0 = a0 + math::quad_term(Vec<Acc>::loadu(gg + i), Vec<Acc>::loadu(cc + i), vinv, vq);
+      a1 = a1 + math::quad_term(Vec<Acc>::loadu(gg + i + V), Vec<Acc>::loadu(cc + i + V), vinv,
+                                vq);
+    }
+    Acc tail = Acc(0);
+    for (; i < len; ++i) tail += math::quad_term(gg[i], cc[i], inv_lam, q);
+    total += hsum<Acc>(a0 + a1) + static_cast<double>(tail);
+  }
+  return total;
+}
+
+template <typename Acc, bool INFO>
+void loss_range(void* p, KKType pt, const void* g, KKType gt, void* c, KKType ct, int64_t begin,
+                int64_t end, Acc coef, Acc weight, const ElemScalars<Acc>& e) {
+  constexpr int64_t V = kV<Acc>;
+  alignas(64) Acc pb[kStage];
+  alignas(64) Acc gb[kStage];
+  alignas(64) Acc cb[kStage];
+  const Vec<Acc> vinv(e.inv_lam), vq(e.q), vlo(e.lo), vhi(e.hi), one(Acc(1));
+  const Vec<Acc> vcoef(coef), vweight(weight);
+  for (int64_t off = begin; off < end; off += kStage) {
+    const int64_t len = std::min(kStage, end - off);
+    Acc* pp = stage<Acc>(p, pt, off, len, pb);
+    const Acc* gg = stage<Acc>(g, gt, off, len, gb);
+    Acc* cc = stage<Acc>(c, ct, off, len, cb);
+    int64_t i = 0;
+    for (; i + V <= len; i += V) {
+      Vec<Acc> pv = Vec<Acc>::loadu(pp + i);
+      Vec<Acc> cv = Vec<Acc>::loadu(cc + i);
+      math::loss_update<INFO>(pv, cv, Vec<Acc>::loadu(gg + i), vcoef, vweight, vinv, vq, one,
+                              vlo, vhi);
+      pv.store(pp + i);
+      cv.store(cc + i);
+    }
+    for (; i < len; ++i)
+      math::loss_update<INFO>(pp[i], cc[i], gg[i], coef, weight, e.inv_lam, e.q, Acc(1), e.lo,
+                              e.hi);
+    unstage<Acc>(pp, p, pt, off, len);
+    unstage<Acc>(cc, c, ct, off, len);
+  }
+}
+
+inline bool is64(KKType t) { return t == KKType::F64; }
+
+// ---------------------------------------------------------------------------------------
+// Entry points (the KernelTable)
+// ---------------------------------------------------------------------------------------
+void innovation_dense(const void* jac, KKType jt, int64_t ld, const void* cov, KKType ct,
+                      int64_t m, int64_t n, double inv_lam, double q, bool acc64, double* out) {
+  if (acc64) {
+    innovation_tiles<double>(DensePacker<double>{jac, jt, ld, m}, cov, ct, m, n, inv_lam, q, out);
+  } else {
+    innovation_tiles<float>(DensePacker<float>{jac, jt, ld, m}, cov, ct, m, n, inv_lam, q, out);
+  }
+}
+
+template <typename Acc>
+void kron_operands(const void* a, KKType at_, const void* d, KKType dt, int64_t m, int64_t d_out,
+                   int64_t d_in, std::vector<Acc>& ab, std::vector<Acc>& db) {
+  ab.resize(static_cast<size_t>(m * d_in));
+  db.resize(static_cast<size_t>(m * d_out));
+  to_acc<Acc>(a, at_, 0, m * d_in, ab.data());
+  to_acc<Acc>(d, dt, 0, m * d_out, db.data());
+}
+
+template <typename Acc>
+void innovation_kron_t(const void* a, KKType at_, const void* d, KKType dt, const void* cov,
+                       KKType ct, int64_t m, int64_t d_out, int64_t d_in, double inv_lam,
+                       double q, double* out) {
+  std::vector<Acc> ab, db;
+  kron_operands<Acc>(a, at_, d, dt, m, d_out, d_in, ab, db);
+  innovation_tiles<Acc>(KronPacker<Acc>{ab.data(), db.data(), m, d_out, d_in}, cov, ct, m,
+                        d_out * d_in, inv_lam, q, out);
+}
+
+void innovation_kron(const void* a, KKType at_, const void* d, KKType dt, const void* cov,
+                     KKType ct, int64_t m, int64_t d_out, int64_t d_in, double inv_lam, double q,
+                     bool acc64, double* out) {
+  if (acc64) {
+    innovation_kron_t<double>(a, at_, d, dt, cov, ct, m, d_out, d_in, inv_lam, q, out);
+  } else {
+    innovation_kron_t<float>(a, at_, d, dt, cov, ct, m, d_out, d_in, inv_lam, q, out);
+  }
+}
+
+template <typename Acc, typename Packer>
+void update_dispatch(const Packer& pack, void* param, KKType pt, void* cov, KKType ct, int64_t m,
+                     int64_t n, const double* coef, const double* f, const UpdateScalars& s) {
+  if (s.information) {
+    update_tiles<Acc, true>(pack, param, pt, cov, ct, m, n, coef, f, s);
+  } else {
+    update_tiles<Acc, false>(pack, param, pt, cov, ct, m, n, coef, f, s);
+  }
+}
+
+void update_dense(void* param, KKType pt, void* cov, KKType ct, const void* jac, KKType jt,
+                  int64_t ld, int64_t m, int64_t n, const double* coef, const double* f,
+                  const UpdateScalars& s) {
+  if (s.acc64) {
+    update_dispatch<double>(DensePacker<double>{jac, jt, ld, m}, param, pt, cov, ct, m, n, coef,
+                            f, s);
+  } else {
+    update_dispatch<float>(DensePacker<float>{jac, jt, ld, m}, param, pt, cov, ct, m, n, coef, f,
+                           s);
+  }
+}
+
+template <typename Acc>
+void update_kron_t(void* w, KKType wt, void* cov, KKType ct, const void* a, KKType at_,
+                   const void* d, KKType dt, int64_t m, int64_t d_out, int64_t d_in,
+                   const double* coef, const double* f, const UpdateScalars& s) {
+  std::vector<Acc> ab, db;
+  kron_operands<Acc>(a, at_, d, dt, m, d_out, d_in, ab, db);
+  update_dispatch<Acc>(KronPacker<Acc>{ab.data(), db.data(), m, d_out, d_in}, w, wt, cov, ct, m,
+                       d_out * d_in, coef, f, s);
+}
+
+void update_kron(void* w, KKType wt, void* cov, KKType ct, const void* a, KKType at_,
+                 const void* d, KKType dt, int64_t m, int64_t d_out, int64_t d_in,
+                 const double* coef, const double* f, const UpdateScalars& s) {
+  if (s.acc64) {
+    update_kron_t<double>(w, wt, cov, ct, a, at_, d, dt, m, d_out, d_in, coef, f, s);
+  } else {
+    update_kron_t<float>(w, wt, cov, ct, a, at_, d, dt, m, d_out, d_in, coef, f, s);
+  }
+}
+
+double quad_form(int64_t count, const void* const* grads, const KKType* gt,
+                 const void* const* covs, const KKType* ct, const int64_t* numel, double inv_lam,
+                 double q) {
+  const std::vector<Chunk> chunks = make_chunks(count, numel);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const Chunk& ch = chunks[i];
+      const int64_t t = ch.tensor;
+      if (is64(gt[t]) || is64(ct[t])) {
+        partial[i] = quad_range<double>(grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                                        inv_lam, q);
+      } else {
+        partial[i] = quad_range<float>(grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                                       static_cast<float>(inv_lam), static_cast<float>(q));
+      }
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+template <typename Acc>
+void loss_chunk(void* p, KKType pt, const void* g, KKType gt, void* c, KKType ct, int64_t b,
+                int64_t e, double coef, double weight, const UpdateScalars& s) {
+  const ElemScalars<Acc> es(s);
+  if (s.information) {
+    loss_range<Acc, true>(p, pt, g, gt, c, ct, b, e, static_cast<Acc>(coef),
+                          static_cast<Acc>(weight), es);
+  } else {
+    loss_range<Acc, false>(p, pt, g, gt, c, ct, b, e, static_cast<Acc>(coef),
+                           static_cast<Acc>(weight), es);
+  }
+}
+
+void loss_step(int64_t count, void* const* params, const KKType* pt, const void* const* grads,
+               const KKType* gt, void* const* covs, const KKType* ct, const int64_t* numel,
+               double coef, double weight, const UpdateScalars& s) {
+  const std::vector<Chunk> chunks = make_chunks(count, numel);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const Chunk& ch = chunks[i];
+      const int64_t t = ch.tensor;
+      if (is64(pt[t]) || is64(gt[t]) || is64(ct[t])) {
+        loss_chunk<double>(params[t], pt[t], grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                           coef, weight, s);
+      } else {
+        loss_chunk<float>(params[t], pt[t], grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                          coef, weight, s);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+const KernelTable* KK_CAT(kernel_table_, CPU_CAPABILITY)() {
+  static const KernelTable table = {
+      KK_STR(CPU_CAPABILITY),
+      &CPU_CAPABILITY::innovation_dense,
+      &CPU_CAPABILITY::innovation_kron,
+      &CPU_CAPABILITY::update_dense,
+      &CPU_CAPABILITY::update_kron,
+      &CPU_CAPABILITY::quad_form,
+      &CPU_CAPABILITY::loss_step,
+  };
+  return &table;
+}
+
+}  // namespace kalman_kernels
