@@ -288,3 +288,25 @@ def test_unavailable_backend_raises_with_reason():
             ops.kalman_update_([ops.DenseBlock(p, c, jac)], torch.randn(1), 0.1, backend=name)
         if not kk.backends()[name]:
             assert errors[name]
+
+
+@pytest.mark.parametrize("forgetting, process_noise", [(1.0, 0.0), (0.9, 0.0), (1.0, 0.01)])
+def test_effective_step_size_decays_like_one_over_t_unless_forgetting_or_noise(forgetting,
+                                                                               process_noise):
+    """One parameter observed directly (h = 1, r = 1): P_t^-1 = lam P_{t-1}^-1 + 1 (+ q)."""
+    param = torch.zeros(1, dtype=torch.float64)
+    cov = torch.full((1,), 100.0, dtype=torch.float64)
+    p_inv = 1 / 100.0
+    for t in range(1, 401):
+        ops.kalman_update_([ops.DenseBlock(param, cov, torch.ones(1, 1, dtype=torch.float64))],
+                           torch.ones(1, dtype=torch.float64) - param, 1.0,
+                           forgetting=forgetting, process_noise=process_noise)
+        p_inv = 1.0 / ((1.0 / p_inv) / forgetting + process_noise) + 1.0
+        assert float(cov) == pytest.approx(1.0 / p_inv, rel=1e-12)
+    if forgetting == 1.0 and process_noise == 0.0:
+        assert float(cov) * 400 == pytest.approx(1.0, rel=1e-2)        # P_t ~ 1/t: freezes
+    elif forgetting < 1.0:
+        assert float(cov) == pytest.approx(1 - forgetting, rel=1e-9)   # P* = 1 - lam
+    else:
+        q = process_noise                                              # P* solves P = (P+q)/(P+q+1)
+        assert float(cov) == pytest.approx((-q + math.sqrt(q * q + 4 * q)) / 2, rel=1e-6)
