@@ -22,7 +22,7 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/kalman-clip demo
+	$(PY) -m kalman_kernels.demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
