@@ -17,12 +17,18 @@ unit column stride is read in place, anything else is copied to a contiguous ten
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import List, Sequence
 
 import torch
 
-from .. import _C  # noqa: F401  (loading the library registers torch.ops.kalman_kernels)
+try:  # loading the library registers torch.ops.kalman_kernels
+    _C = importlib.import_module("kalman_kernels._C")
+except ImportError as _exc:
+    raise ImportError(f"the C++ extension kalman_kernels._C is not built or cannot be loaded "
+                      f"({_exc}); setup.py builds it during `pip install --no-build-isolation "
+                      f"-e .` and prints why when the build fails") from _exc
 
 NAME = "cpp"
 _ops = torch.ops.kalman_kernels
