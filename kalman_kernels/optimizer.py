@@ -360,20 +360,20 @@ class KalmanNGD(torch.optim.Optimizer):
         dense_pairs = [(p, g) for p, g in pairs if id(p) not in kron_ids]
         outputs = [capture.calls[0][1] for _, capture in kron_layers]
 
-        jacobians = _batched_jacobian(flat, [p for p, _ in dense_pairs] + outputs)
+        dense_jacs = _batched_jacobian(flat, [p for p, _ in dense_pairs])
         blocks, hypers, untouched = [], [], []
-        for (p, g), jac in zip(dense_pairs, jacobians[:len(dense_pairs)]):
+        for (p, g), jac in zip(dense_pairs, dense_jacs):
             if jac is None:
                 untouched.append((p, g))
                 continue
             blocks.append(DenseBlock(p, self._cov(p, g), jac.detach()))
             hypers.append(self._hyper(g))
         groups_of = {id(p): g for p, g in pairs}
-        for (layer, capture), jac in zip(kron_layers, jacobians[len(dense_pairs):]):
-            a, out = capture.calls[0]
-            grad_outputs = _rows_of_observations(jac, out, rows_per_sample, layer)
-            rows = torch.arange(m, device=flat.device) // rows_per_sample
-            inputs = a.detach()[rows]
+        per_sample = pred.reshape(-1, rows_per_sample)
+        output_grads = _per_sample_output_grads(per_sample, outputs, [l for l, _ in kron_layers])
+        rows = torch.arange(m, device=flat.device) // rows_per_sample
+        for (layer, capture), grad_outputs in zip(kron_layers, output_grads):
+            inputs = capture.calls[0][0].detach()[rows]
             g = groups_of[id(layer.weight)]
             blocks.append(KronBlock(layer.weight, self._cov(layer.weight, g), inputs, grad_outputs))
             hypers.append(self._hyper(g))
@@ -443,12 +443,16 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
-def _batched_jacobian(flat_pred: torch.Tensor, inputs: List[torch.Tensor]):
-    """d flat_pred / d input for every input, each (m, *input.shape); None if unused."""
+def _batched_jacobian(flat_pred: torch.Tensor, inputs: List[torch.Tensor],
+                      eye: Optional[torch.Tensor] = None):
+    """Rows of d flat_pred / d input, one per row of ``eye`` (default: the identity, i.e. the
+    full Jacobian, each (m, *input.shape)); None for an input pred does not depend on."""
     if not inputs:
         return []
-    m = flat_pred.shape[0]
-    eye = torch.eye(m, dtype=flat_pred.dtype, device=flat_pred.device)
+    if eye is None:
+        m = flat_pred.shape[0]
+        eye = torch.eye(m, dtype=flat_pred.dtype, device=flat_pred.device)
+    m = eye.shape[0]
     try:
         return list(torch.autograd.grad(flat_pred, inputs, grad_outputs=eye, retain_graph=True,
                                         is_grads_batched=True, allow_unused=True))
@@ -460,27 +464,44 @@ def _batched_jacobian(flat_pred: torch.Tensor, inputs: List[torch.Tensor]):
                 for k in range(len(inputs))]
 
 
-def _rows_of_observations(jac_out: Optional[torch.Tensor], out: torch.Tensor,
-                          rows_per_sample: int, layer: nn.Module) -> torch.Tensor:
-    """D (m, d_out): observation t's gradient w.r.t. its own sample's layer output.
+def _per_sample_output_grads(per_sample: torch.Tensor, outputs: List[torch.Tensor],
+                             layers: List[nn.Module]) -> List[torch.Tensor]:
+    """D for every tracked layer: row (j, k) is d pred[j, k] / d out[j], shape (B*K, d_out).
 
-    Raises if observation t also depends on another sample's output (``track`` invalid).
+    When observation (j, k) depends on the layer only through its own sample j, one
+    backward pass per class k (the gradient of sum_j pred[j, k]) yields row j of every
+    D[(j, k)] at once: K passes instead of B*K. A second set of K passes weighted by random
+    per-sample coefficients u_j must then give u_j times the first; any cross-sample
+    dependence (batch norm, attention across the batch) breaks that and raises.
     """
-    m = jac_out.shape[0] if jac_out is not None else 0
-    if jac_out is None:
-        raise ValueError(f"pred does not depend on the output of tracked layer {layer}")
-    batch = out.shape[0]
-    if batch * rows_per_sample != m:
-        raise ValueError(f"tracked layer {layer} saw a batch of {batch} samples but pred has "
-                         f"{m // rows_per_sample} rows: track() needs pred's first dimension to "
-                         f"be the layer's batch dimension")
-    rows = torch.arange(m, device=jac_out.device) // rows_per_sample
-    own = jac_out[torch.arange(m, device=jac_out.device), rows]
-    leak = jac_out.detach().clone()
-    leak[torch.arange(m, device=jac_out.device), rows] = 0
-    scale = float(own.detach().abs().max()) if own.numel() else 0.0
-    if float(leak.abs().max()) > 1e-6 * max(scale, 1e-30):
-        raise ValueError(f"tracked layer {layer}: an observation depends on another sample's "
-                         f"output (e.g. batch normalisation or attention across the batch), "
-                         f"so its Jacobian is not a Kronecker block; do not track this layer")
-    return own.detach()
+    if not outputs:
+        return []
+    batch, k_cls = per_sample.shape
+    for out, layer in zip(outputs, layers):
+        if out.shape[0] != batch:
+            raise ValueError(f"tracked layer {layer} saw a batch of {out.shape[0]} samples but "
+                             f"pred has {batch} rows: track() needs pred's first dimension to be "
+                             f"the layer's batch dimension")
+    gen = torch.Generator().manual_seed(0x6B6B)          # fixed: the probe never moves results
+    u = torch.randn(batch, generator=gen, dtype=torch.float64).to(per_sample.device, per_sample.dtype)
+    probes = torch.zeros((2 * k_cls, batch, k_cls), dtype=per_sample.dtype, device=per_sample.device)
+    cls = torch.arange(k_cls, device=per_sample.device)
+    probes[cls, :, cls] = 1.0
+    probes[k_cls + cls, :, cls] = u
+    grads = _batched_jacobian(per_sample, outputs, probes)
+    result = []
+    for grad, out, layer in zip(grads, outputs, layers):
+        if grad is None:
+            raise ValueError(f"pred does not depend on the output of tracked layer {layer}")
+        grad = grad.detach()
+        plain, weighted = grad[:k_cls], grad[k_cls:]              # (K, B, d_out) each
+        expected = u.reshape(1, -1, 1) * plain
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        # Rounding of the probe in low precision: allow a few ulps of the dtype.
+        tol = max(1e-4, 8 * torch.finfo(grad.dtype).eps)
+        if float((weighted - expected).abs().max()) > tol * max(scale, 1e-30):
+            raise ValueError(f"tracked layer {layer}: an observation depends on another sample's "
+                             f"output (e.g. batch normalisation or attention across the batch), "
+                             f"so its Jacobian is not a Kronecker block; do not track this layer")
+        result.append(plain.transpose(0, 1).reshape(batch * k_cls, -1))
+    return result

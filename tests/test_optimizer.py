@@ -80,7 +80,7 @@ def test_drives_least_squares_to_solution_and_covariance_shrinks(rng):
             opt.step(lambda: (model(x[i:i + 32]).squeeze(-1), y[i:i + 32]))
             cov_max.append(float(opt.covariance(model.weight).max()))
     assert rel_err(model.weight.detach()[0], sol[:5, 0]) < 1e-2
-    assert abs(float(model.bias) - float(sol[5])) < 1e-2
+    assert abs(float(model.bias.detach()) - float(sol[5])) < 1e-2
     assert all(b <= a * (1 + 1e-12) for a, b in zip(cov_max, cov_max[1:]))   # monotone
     assert cov_max[-1] < 1e-2 * cov_max[0]
 
