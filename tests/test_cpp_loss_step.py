@@ -158,3 +158,21 @@ def test_optimizer_loss_mode_cpp_equals_reference(cpp):
         res[backend] = [p.detach().clone() for p in model.parameters()]
     for got, want in zip(res["cpp"], res["reference"]):
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+
+
+def test_quad_form_hooks_accumulate_during_backward(cpp):
+    from kalman_kernels.backends.loss_hooks import attach_quad_form_hooks
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    covs = {p: rand_cov(p.shape, torch.float32) for p in model.parameters()}
+    acc = attach_quad_form_hooks(model.parameters(), covs.__getitem__, forgetting=0.9,
+                                 process_noise=0.01, backend="cpp")
+    x = torch.randn(16, 7)
+    model(x).pow(2).mean().backward()
+    params = list(model.parameters())
+    expected = ref.loss_quad_form([p.grad for p in params], [covs[p] for p in params], 0.9, 0.01)
+    assert acc.count == len(params)
+    assert abs(acc.value - expected) <= 1e-5 * expected
+    acc.reset()
+    acc.remove()
+    model(x).pow(2).mean().backward()
+    assert acc.value == 0.0 and acc.count == 0
