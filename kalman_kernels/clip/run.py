@@ -1,0 +1,259 @@
+"""End-to-end pipeline: load model -> dataset -> cached features -> few-shot tasks -> methods ->
+JSON, printed table and PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .cache import FeatureCache, FeatureSet, extract_features, has_visual_proj
+from .data import DatasetSplits, few_shot_indices, get_dataset
+from .models import ClipBundle, load_clip, text_features
+from .train import BASELINES, OPTIMIZERS, Task, TrainConfig, finetune, run_gda, run_zero_shot
+from ._paths import cache_root
+
+STANDIN_BANNER = ("NOTE: these numbers come from the offline STAND-IN: a tiny CLIP pretrained for "
+                  "about a minute on scikit-learn digits, not real pretrained CLIP weights.")
+
+
+@dataclass
+class Prepared:
+    bundle: ClipBundle
+    ds: DatasetSplits
+    pool: FeatureSet
+    test: FeatureSet
+    ood: Dict[str, FeatureSet]
+    text: torch.Tensor
+    proj: Optional[torch.Tensor]
+    skipped: Dict[str, int] = field(default_factory=dict)
+
+
+def prepare(model: str = "kk-tiny-vit", pretrained: Optional[str] = "standin",
+            dataset: str = "digits-noisy", *, ood_paths: Sequence[str] = (), device: str = "cpu",
+            cache_dir=None, templates: Optional[Sequence[str]] = None, progress: bool = True,
+            generated_shifts: Optional[bool] = None, verbose: bool = True) -> Prepared:
+    bundle = load_clip(model, pretrained, device=device, cache_dir=cache_dir, verbose=verbose)
+    ds = get_dataset(dataset, templates=templates, ood_paths=ood_paths,
+                     generated_shifts=generated_shifts)
+    cache = FeatureCache(cache_root(cache_dir) / "features")
+    pool = extract_features(bundle, ds.pool, cache, progress=progress)
+    test = extract_features(bundle, ds.test, cache, progress=progress)
+    ood = {k: extract_features(bundle, v, cache, progress=progress) for k, v in ds.ood.items()}
+    text = text_features(bundle, ds.classnames, ds.templates)
+    proj = bundle.model.visual.proj.detach().float().cpu() if has_visual_proj(bundle.model) else None
+    skipped = {s.name: s.n_skipped for s in [pool, test, *ood.values()] if s.n_skipped}
+    return Prepared(bundle, ds, pool, test, ood, text, proj, skipped)
+
+
+def make_task(prep: Prepared, shots: int, seed: int, calibrate: bool = False) -> Task:
+    k = len(prep.ds.classnames)
+    tr, va = few_shot_indices(prep.pool.labels.numpy(), shots, seed, k)
+    task = Task(prep.pool.index(tr), prep.pool.index(va), prep.test, prep.ood, prep.text,
+                prep.bundle.logit_scale(), prep.proj, k)
+    task.calibrate = calibrate
+    return task
+
+
+def run_methods(prep: Prepared, methods: Sequence[str], shots_list: Sequence[int],
+                seeds: Sequence[int], base: TrainConfig, lr_grid: Optional[Dict[str, List[float]]] = None,
+                progress: bool = True, calibrate: bool = False) -> List[Dict]:
+    """Every method x shots x seed. Gradient baselines with a grid in ``lr_grid`` get the lr
+    with the best validation NLL (the test split is never used for selection)."""
+    from tqdm.auto import tqdm
+    for m in methods:
+        if m not in OPTIMIZERS and m not in BASELINES:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(OPTIMIZERS + BASELINES)}")
+    records = []
+    jobs = [(s, sd, m) for s in shots_list for sd in seeds for m in methods]
+    bar = tqdm(jobs, desc="runs", disable=not progress, unit="run")
+    for shots, seed, m in bar:
+        bar.set_postfix_str(f"{m} {shots}-shot seed {seed}")
+        task = make_task(prep, shots, seed, calibrate)
+        if m == "zero-shot":
+            r = run_zero_shot(task)
+        elif m == "gda":
+            r = run_gda(task)
+        else:
+            cfg = replace(base, optimizer=m, seed=seed, calibrate=calibrate)
+            grid = (lr_grid or {}).get(m)
+            if grid:
+                cands = [finetune(task, replace(cfg, lr=lr), progress=False) for lr in grid]
+                r = min(cands, key=lambda c: c.metrics["val"]["nll"])
+                r.config["lr_grid"] = list(grid)
+                r.config["lr_selected_on"] = "validation NLL"
+            else:
+                r = finetune(task, cfg, progress=progress, desc=f"{m} {shots}-shot")
+        rec = {"method": m, "shots": shots, "seed": seed, **r.to_json()}
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------------------
+# aggregation, table, plots
+# ----------------------------------------------------------------------------------------
+def _ood_summary(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    ood = [v for k, v in metrics.items() if k not in ("test", "val") and v]
+    out = {}
+    for key in ("acc", "nll", "ece", "brier", "auroc_msp", "auroc_var"):
+        vals = [v[key] for v in ood if key in v and not (isinstance(v[key], float) and math.isnan(v[key]))]
+        if vals:
+            out[key] = float(np.mean(vals))
+    return out
+
+
+def aggregate(records: List[Dict]) -> List[Dict]:
+    """Mean and standard deviation over seeds for each (method, shots, split, metric)."""
+    groups: Dict = {}
+    for r in records:
+        groups.setdefault((r["method"], r["shots"]), []).append(r)
+    rows = []
+    for (m, s), rs in groups.items():
+        row = {"method": m, "shots": s, "seeds": [r["seed"] for r in rs], "splits": {}}
+        splits = set().union(*[r["metrics"].keys() for r in rs])
+        per = {sp: [r["metrics"].get(sp, {}) for r in rs] for sp in splits}
+        per["ood-mean"] = [_ood_summary(r["metrics"]) for r in rs]
+        for sp, ms in per.items():
+            keys = set().union(*[x.keys() for x in ms])
+            row["splits"][sp] = {k: {"mean": float(np.mean([x[k] for x in ms if k in x])),
+                                     "std": float(np.std([x[k] for x in ms if k in x]))}
+                                 for k in keys}
+        row["seconds"] = float(np.mean([r["seconds"] for r in rs]))
+        rows.append(row)
+    order = {m: i for i, m in enumerate(["zero-shot", "gda", "adamw", "sgd", "kalman-loss", "kalman"])}
+    rows.sort(key=lambda r: (r["shots"], order.get(r["method"], 99)))
+    return rows
+
+
+def format_table(rows: List[Dict], markdown: bool = False) -> str:
+    def f(row, sp, k, nd=3):
+        v = row["splits"].get(sp, {}).get(k)
+        if v is None:
+            return "-"
+        return f"{v['mean']:.{nd}f}"
+
+    head = ["shots", "method", "ID acc", "ID NLL", "ID ECE", "OOD acc", "OOD NLL", "OOD ECE",
+            "AUROC msp", "AUROC var"]
+    lines = []
+    for r in rows:
+        lines.append([str(r["shots"]), r["method"], f(r, "test", "acc"), f(r, "test", "nll", 2),
+                      f(r, "test", "ece"), f(r, "ood-mean", "acc"), f(r, "ood-mean", "nll", 2),
+                      f(r, "ood-mean", "ece"), f(r, "ood-mean", "auroc_msp"),
+                      f(r, "ood-mean", "auroc_var")])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(l) + " |" for l in lines]
+        return "\n".join(out)
+    w = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head))]
+    out.append("  ".join("-" * x for x in w))
+    out += ["  ".join(c.rjust(w[i]) for i, c in enumerate(l)) for l in lines]
+    return "\n".join(out)
+
+
+def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: Path) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    shots_max = max(r["shots"] for r in records)
+    seed0 = min(r["seed"] for r in records)
+    sel = [r for r in records if r["shots"] == shots_max and r["seed"] == seed0]
+
+    # 1. validation accuracy and NLL against steps per optimizer
+    trained = [r for r in sel if r["history"]]
+    if trained:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for r in trained:
+            st = [h["step"] for h in r["history"]]
+            ax[0].plot(st, [h.get("val_acc", np.nan) for h in r["history"]], label=r["method"])
+            ax[1].plot(st, [h.get("val_nll", np.nan) for h in r["history"]], label=r["method"])
+        for r in sel:
+            if not r["history"] and "val" in r["metrics"]:
+                ax[0].axhline(r["metrics"]["val"]["acc"], ls="--", lw=1, label=r["method"],
+                              color="gray" if r["method"] == "zero-shot" else "k")
+                ax[1].axhline(r["metrics"]["val"]["nll"], ls="--", lw=1, label=r["method"],
+                              color="gray" if r["method"] == "zero-shot" else "k")
+        ax[0].set(xlabel="step", ylabel="validation accuracy", title=f"{shots_max}-shot, seed {seed0}")
+        ax[1].set(xlabel="step", ylabel="validation NLL")
+        ax[0].legend()
+        fig.tight_layout()
+        p = out_dir / "curves.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        files.append(str(p))
+
+    # 2. reliability diagrams (test split)
+    rel = [r for r in sel if r.get("reliability")]
+    if rel:
+        fig, axes = plt.subplots(1, len(rel), figsize=(3.2 * len(rel), 3.3), squeeze=False)
+        for a, r in zip(axes[0], rel):
+            rb = r["reliability"]
+            edges = np.asarray(rb["edges"], dtype=float)
+            centers = 0.5 * (edges[1:] + edges[:-1])
+            acc = np.asarray([np.nan if v is None else v for v in rb["accuracy"]], dtype=float)
+            a.bar(centers, np.nan_to_num(acc), width=edges[1] - edges[0], edgecolor="k", alpha=0.7)
+            a.plot([0, 1], [0, 1], "r--", lw=1)
+            a.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence",
+                  title=f"{r['method']} ECE {r['metrics']['test']['ece']:.3f}")
+        axes[0][0].set_ylabel("accuracy")
+        fig.tight_layout()
+        p = out_dir / "reliability.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        files.append(str(p))
+
+    # 3. accuracy against OOD severity (one panel per shift kind), mean over seeds
+    if severity:
+        kinds = sorted({k for k, _ in severity.values()})
+        fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.3), squeeze=False)
+        rows_max = [r for r in rows if r["shots"] == shots_max]
+        for a, kind in zip(axes[0], kinds):
+            splits = sorted([s for s, (k, _) in severity.items() if k == kind],
+                            key=lambda s: severity[s][1])
+            lv = [0.0] + [severity[s][1] for s in splits]
+            for r in rows_max:
+                ys = [r["splits"]["test"]["acc"]["mean"]] + [
+                    r["splits"].get(s, {}).get("acc", {}).get("mean", np.nan) for s in splits]
+                a.plot(lv, ys, marker="o", label=r["method"])
+            a.set(xlabel=f"{kind} severity", title=kind, ylim=(0, 1))
+        axes[0][0].set_ylabel(f"accuracy ({shots_max}-shot)")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / "ood_severity.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        files.append(str(p))
+    return files
+
+
+def write_outputs(prep: Prepared, records, rows, out_dir: Path, extra: Dict, plots: bool = True):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = make_plots(records, rows, prep.ds.ood_severity, out_dir) if plots else []
+    blob = {"model": prep.bundle.name, "pretrained": prep.bundle.pretrained,
+            "standin": prep.bundle.standin, "notes": prep.bundle.notes,
+            "dataset": prep.ds.name, "classes": prep.ds.classnames,
+            "ood_splits": {k: list(v) for k, v in prep.ds.ood_severity.items()} or list(prep.ood),
+            "skipped_images": prep.skipped, "summary": rows, "runs": records, "plots": files,
+            **extra}
+    tmp = out_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(blob, indent=1, default=_json_default))
+    os.replace(tmp, out_dir / "results.json")
+    return out_dir / "results.json", files
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
