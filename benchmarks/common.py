@@ -100,6 +100,25 @@ def matmul_rate(a: torch.Tensor, b: torch.Tensor, rounds: int = 5) -> float:
     return 2.0 * m * n * k / t.median / 1e9
 
 
+_PEAK_CACHE: Dict[int, float] = {}
+
+
+def square_matmul_peak(rounds: int = 5) -> float:
+    """GFLOP/s of a 1024^3 float32 torch.matmul: the machine's practical compute peak."""
+    key = torch.get_num_threads()
+    if key not in _PEAK_CACHE:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        _PEAK_CACHE[key] = matmul_rate(a, b, rounds)
+    return _PEAK_CACHE[key]
+
+
+def compute_ceiling(same_shape_gflops: float) -> float:
+    """The compute ceiling used for the roofline floor: the faster of a matmul of the
+    kernel's own GEMM shape (DESIGN 6) and the square-matmul peak (a skinny or degenerate
+    shape, e.g. m = 1, runs far below the machine's peak and would flatter the kernel)."""
+    return max(same_shape_gflops, square_matmul_peak())
+
+
 def roofline_fraction(seconds: float, nbytes: float, flops: float, gbs: float,
                       gflops: float) -> float:
     floor = max(nbytes / (gbs * 1e9), flops / (gflops * 1e9))
@@ -170,7 +189,7 @@ class DenseCase:
         jt = self.jac.T.contiguous()
         g_innov = matmul_rate(self.jac, jt, rounds)
         g_update = matmul_rate(self.whitening.float(), self.jac, rounds)
-        return g_innov, g_update
+        return compute_ceiling(g_innov), compute_ceiling(g_update), (g_innov, g_update)
 
 
 class KronCase:
