@@ -99,12 +99,16 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                         "(default: %(default)s)")
     g.add_argument("--obs", default="logits", choices=["logits", "paired"],
                    help="Kalman observation model (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=200)
+    g.add_argument("--steps", type=int, default=200,
+                   help="training steps for adamw / sgd (default: %(default)s)")
+    g.add_argument("--kalman-epochs", type=float, default=1.0,
+                   help="passes over the shots for kalman / kalman-loss (default: 1: every image "
+                        "observed once, as the filter assumes; 0: use --steps)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=None,
                    help="step scale (Kalman, default 1 = exact update) or learning rate "
                         "(AdamW 1e-3, SGD 1e-1)")
-    g.add_argument("--init-cov", type=float, default=1e-2, help="Kalman prior covariance P0")
+    g.add_argument("--init-cov", type=float, default=1e-3, help="Kalman prior covariance P0")
     g.add_argument("--obs-noise", type=float, default=1e-2, help="Kalman observation noise r")
     g.add_argument("--forgetting", type=float, default=1.0, help="Kalman forgetting factor")
     g.add_argument("--process-noise", type=float, default=0.0, help="Kalman process noise q")
@@ -160,6 +164,13 @@ def _base_cfg(args):
                        eval_every=args.eval_every, backend=args.backend)
 
 
+def _kalman_overrides(args):
+    if args.kalman_epochs and args.kalman_epochs > 0:
+        return {"kalman": {"epochs": args.kalman_epochs},
+                "kalman-loss": {"epochs": args.kalman_epochs}}
+    return {}
+
+
 def _run(args) -> int:
     import torch
     from . import run as R
@@ -196,6 +207,7 @@ def _run(args) -> int:
         methods, shots, seeds = DEMO_METHODS, DEMO_SHOTS, args.seeds
         grid = {"adamw": [1e-3, 1e-2, 1e-1]}
         calibrate = False
+        overrides = {"kalman": {"epochs": 1.0}}
     elif args.command == "compare":
         base = _base_cfg(args)
         methods, shots, seeds = args.methods, args.shots, args.seeds
@@ -205,19 +217,22 @@ def _run(args) -> int:
         if args.sgd_lrs:
             grid["sgd"] = args.sgd_lrs
         calibrate = args.calibrate
+        overrides = _kalman_overrides(args)
     else:
         base = _base_cfg(args)
         methods = ([("zero-shot"), "gda"] if args.baselines else []) + [args.optimizer]
         shots, seeds, grid, calibrate = [args.shots], [args.seed], {}, args.calibrate
+        overrides = _kalman_overrides(args)
     records = R.run_methods(prep, methods, shots, seeds, base, grid, progress=progress,
-                            calibrate=calibrate)
+                            calibrate=calibrate, overrides=overrides)
     rows = R.aggregate(records)
     wall = time.time() - t0
     out = _out_dir(args, args.command)
     extra = {"command": " ".join(["kalman-clip"] + sys.argv[1:]) if sys.argv else args.command,
              "wall_seconds": wall, "threads": torch.get_num_threads(),
              "seeds": list(seeds), "shots": list(shots), "methods": list(methods),
-             "lr_grid": grid, "train_config": vars(base) if hasattr(base, "__dict__") else {}}
+             "lr_grid": grid, "overrides": overrides,
+             "train_config": vars(base) if hasattr(base, "__dict__") else {}}
     path, files = R.write_outputs(prep, records, rows, out, extra, plots=not args.no_plots)
     print()
     print(f"{prep.ds.name}: ID = test split; OOD = mean over {len(prep.ood)} shifted/OOD splits; "

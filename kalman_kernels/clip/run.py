@@ -63,9 +63,11 @@ def make_task(prep: Prepared, shots: int, seed: int, calibrate: bool = False) ->
 
 def run_methods(prep: Prepared, methods: Sequence[str], shots_list: Sequence[int],
                 seeds: Sequence[int], base: TrainConfig, lr_grid: Optional[Dict[str, List[float]]] = None,
-                progress: bool = True, calibrate: bool = False) -> List[Dict]:
+                progress: bool = True, calibrate: bool = False,
+                overrides: Optional[Dict[str, Dict]] = None) -> List[Dict]:
     """Every method x shots x seed. Gradient baselines with a grid in ``lr_grid`` get the lr
-    with the best validation NLL (the test split is never used for selection)."""
+    with the best validation NLL (the test split is never used for selection).
+    ``overrides``: per-method TrainConfig fields (e.g. {"kalman": {"epochs": 1}})."""
     from tqdm.auto import tqdm
     for m in methods:
         if m not in OPTIMIZERS and m not in BASELINES:
@@ -81,7 +83,8 @@ def run_methods(prep: Prepared, methods: Sequence[str], shots_list: Sequence[int
         elif m == "gda":
             r = run_gda(task)
         else:
-            cfg = replace(base, optimizer=m, seed=seed, calibrate=calibrate)
+            cfg = replace(base, optimizer=m, seed=seed, calibrate=calibrate,
+                          **(overrides or {}).get(m, {}))
             grid = (lr_grid or {}).get(m)
             if grid:
                 cands = [finetune(task, replace(cfg, lr=lr), progress=False) for lr in grid]

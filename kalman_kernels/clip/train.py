@@ -33,9 +33,10 @@ class TrainConfig:
     adapter: str = "head"
     obs: str = "logits"
     steps: int = 200
+    epochs: Optional[float] = None      # if set: steps = ceil(epochs * n_train / batch_size)
     batch_size: int = 32
     lr: Optional[float] = None          # None: DEFAULT_LR[optimizer]
-    init_cov: float = 1e-2
+    init_cov: float = 1e-3
     obs_noise: float = 1e-2
     forgetting: float = 1.0
     process_noise: float = 0.0
@@ -45,6 +46,11 @@ class TrainConfig:
     eval_every: int = 20
     calibrate: bool = False
     backend: str = "auto"
+
+    def resolved_steps(self, n_train: int) -> int:
+        if self.epochs is None:
+            return int(self.steps)
+        return max(1, math.ceil(self.epochs * n_train / min(self.batch_size, n_train)))
 
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
@@ -127,7 +133,7 @@ def _evaluate(score_fn, task: Task, tau: float, var_fn=None) -> Dict:
 def _batches(n: int, labels: torch.Tensor, batch: int, gen: torch.Generator):
     """Endless class-interleaved minibatches: each epoch is a permutation of the training set,
     ordered so that a batch holds several classes (and several images per class once the batch
-    is larger than the number of classes)."""
+    is larger than the number of classes). The last batch of an epoch holds the remainder."""
     batch = min(batch, n)
     while True:
         perm = torch.randperm(n, generator=gen)
@@ -138,7 +144,7 @@ def _batches(n: int, labels: torch.Tensor, batch: int, gen: torch.Generator):
             idx = (lab == c).nonzero().squeeze(1)
             rank[idx] = torch.arange(idx.numel())
         perm = perm[torch.argsort(rank * (int(lab.max()) + 1) + lab, stable=True)]
-        for s in range(0, n - batch + 1, batch):
+        for s in range(0, n, batch):
             yield perm[s:s + batch]
 
 
@@ -223,6 +229,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     xva, yva = task.inputs(task.val, kind), task.val.labels
     params = [p for p in adapter.parameters() if p.requires_grad]
     lr = cfg.resolved_lr()
+    steps = cfg.resolved_steps(xtr.shape[0])
     opt, sched = None, None
     if cfg.optimizer in ("kalman", "kalman-loss"):
         opt = kk.KalmanNGD(params, lr=lr, init_cov=cfg.init_cov, obs_noise=cfg.obs_noise,
@@ -237,7 +244,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
             opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps)))))
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
     def ce_loss(xb, yb):
         return F.cross_entropy(task.tau * adapter.scores(xb), yb)
@@ -251,7 +258,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     it = _batches(xtr.shape[0], ytr, cfg.batch_size, gen)
     history = [val_point(0)]
     t0 = time.time()
-    bar = tqdm(range(1, cfg.steps + 1), desc=desc or cfg.optimizer, disable=not progress,
+    bar = tqdm(range(1, steps + 1), desc=desc or cfg.optimizer, disable=not progress,
                leave=False, unit="step")
     for step in bar:
         idx = next(it)
@@ -266,7 +273,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
             loss.backward()
             opt.step()
             sched.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step == steps:
             history.append(val_point(step))
             bar.set_postfix(val_acc=f"{history[-1].get('val_acc', float('nan')):.3f}")
     seconds = time.time() - t0
@@ -289,6 +296,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     metrics["val"] = M.classification_metrics(torch.softmax(tau * score(task.val).double(), 1), yva)
     conf = asdict(cfg)
     conf["lr"] = lr
+    conf["steps"] = steps
     skipped = int(getattr(opt, "skipped_steps", 0) or 0) if cfg.optimizer.startswith("kalman") else 0
     res = MethodResult(cfg.optimizer, conf, metrics, history, seconds, tau,
                        M.reliability(p, task.test.labels), skipped)
