@@ -1,0 +1,79 @@
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from kalman_kernels.clip import cli, load_clip, save_clip
+
+from .conftest import make_image_folder
+
+
+def test_help(capsys):
+    for argv in (["--help"], ["finetune", "--help"], ["compare", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: kalman-clip" in out
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+
+
+def test_console_script_help():
+    exe = os.path.join(os.path.dirname(sys.executable), "kalman-clip")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "kalman_kernels.clip.cli"]
+    r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "finetune" in r.stdout and "demo" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = load_clip("kk-micro-vit", None)
+    return save_clip(b.model, tmp_path_factory.mktemp("ck") / "micro.pt", b.model_cfg)
+
+
+def test_compare_end_to_end(tmp_path, checkpoint, capsys):
+    data = make_image_folder(tmp_path / "data", classes=("red", "green", "blue"), n=8)
+    ood = make_image_folder(tmp_path / "ood", classes=("noise",), n=5, flat=True, seed=3)
+    (data / "red" / "bad.png").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
+                   "--dataset", f"imagefolder:{data}", "--ood", str(ood),
+                   "--methods", "zero-shot,gda,adamw,kalman,kalman-loss", "--shots", "1,2",
+                   "--steps", "5", "--adamw-lrs", "1e-3,1e-2", "--quiet", "--out", str(out),
+                   "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "AUROC var" in text and "kalman" in text and "skipped unreadable images" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["skipped_images"] and sum(res["skipped_images"].values()) == 1
+    rows = {(r["method"], r["shots"]) for r in res["summary"]}
+    assert rows == {(m, s) for m in ("zero-shot", "gda", "adamw", "kalman", "kalman-loss")
+                    for s in (1, 2)}
+    for r in res["runs"]:
+        t = r["metrics"]["test"]
+        assert 0 <= t["acc"] <= 1 and t["nll"] >= 0 and 0 <= t["ece"] <= 1
+        assert 0 <= r["metrics"]["ood-ood"]["auroc_msp"] <= 1
+        if r["method"].startswith("kalman"):
+            assert 0 <= r["metrics"]["ood-ood"]["auroc_var"] <= 1
+    adamw = [r for r in res["runs"] if r["method"] == "adamw"]
+    assert all(r["config"]["lr"] in (1e-3, 1e-2) for r in adamw)
+    for f in ("curves.png", "reliability.png"):
+        assert (out / f).stat().st_size > 1000
+
+
+def test_clear_errors(tmp_path, capsys):
+    rc = cli.main(["finetune", "--dataset", f"imagefolder:{tmp_path / 'missing'}", "--model",
+                   "kk-micro-vit", "--pretrained", "none", "--quiet", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "dataset path not found" in capsys.readouterr().err
+    rc = cli.main(["finetune", "--model", "ViT-B-99", "--quiet"])
+    assert rc == 2 and "unknown model name" in capsys.readouterr().err
+    rc = cli.main(["finetune", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k",
+                   "--quiet"])
+    assert rc == 2 and "not cached" in capsys.readouterr().err
