@@ -128,3 +128,19 @@ def test_bad_inputs_raise(cpp):
         cpp.innovation_cov_dense(torch.randn(3, 10), torch.rand(10).half())
     with pytest.raises(RuntimeError, match="cov must be"):
         cpp.innovation_cov_kron(torch.randn(3, 4), torch.randn(3, 5), torch.rand(4, 5))
+
+
+@pytest.mark.parametrize("m,n", [(32, 100_003), (3, 1_000_001)])
+def test_dense_result_independent_of_thread_count(cpp, m, n):
+    """Fixed tiles and tile groups, summed in order: bitwise the same for 1 and 2 threads."""
+    jac = randn((m, n), torch.float32)
+    cov = rand_cov(n, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpp.innovation_cov_dense(jac, cov, 0.9, 0.01)
+        torch.set_num_threads(2)
+        two = cpp.innovation_cov_dense(jac, cov, 0.9, 0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

@@ -27,6 +27,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -146,21 +147,49 @@ inline double hsum(const Vec<Acc>& v) {
       at::vec::vec_reduce_all<Acc>([](Vec<Acc>& x, Vec<Acc>& y) { return x + y; }, v));
 }
 
-// Columns per tile: the packed tile (m x B in Acc) stays in L2; every thread gets a tile.
+// Columns per tile: the packed tile (m x B in Acc) stays in L2, and there are up to
+// kMaxGroups tiles to share out. Independent of the thread count, so results are too.
+constexpr int64_t kMaxGroups = 16;
+
 template <typename Acc>
 int64_t tile_cols(int64_t m, int64_t n) {
   const int64_t unit = kUnit<Acc>;
   int64_t b = (128 * 1024) / (static_cast<int64_t>(sizeof(Acc)) * std::max<int64_t>(m, 1));
   b = std::min<int64_t>(std::max<int64_t>(b, 512), 8192);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  b = std::min(b, round_up(divup(n, threads), unit));
+  b = std::min(b, round_up(divup(n, kMaxGroups), unit));
   return std::max(round_up(b, unit), unit);
+}
+
+// Work below this many multiply-adds runs on the calling thread (waking a second thread
+// costs more, and on a shared machine a preempted thread stalls the whole region).
+constexpr int64_t kParallelWork = int64_t(1) << 21;
+
+// Items [0, items) claimed one at a time by the threads of one parallel region, so a
+// thread the OS preempts does not hold back work it has not started. Each thread builds
+// its scratch once (make_scratch()); fn(item, scratch) does one item.
+template <typename MakeScratch, typename Fn>
+void run_items(int64_t items, bool parallel, const MakeScratch& make_scratch, const Fn& fn) {
+  if (items <= 0) return;
+  const int64_t threads =
+      parallel ? std::min<int64_t>(items, std::max(1, at::get_num_threads())) : 1;
+  if (threads <= 1 || at::in_parallel_region()) {
+    auto scratch = make_scratch();
+    for (int64_t i = 0; i < items; ++i) fn(i, scratch);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i, scratch);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
 // Tile packers: write rows 0..m-1 of columns [c0, c0 + len) of H into buf (row stride ldb)
 // in Acc, zero-padded up to lenp.
 // ---------------------------------------------------------------------------------------
+// A packer returns the tile's rows (row j at ptr + j * ld): the Jacobian itself when it
+// is already Acc and the tile needs no padding, else the packed buffer.
 template <typename Acc>
 struct DensePacker {
   const void* jac;
@@ -168,12 +197,19 @@ struct DensePacker {
   int64_t ld;  // row stride of jac, in elements
   int64_t m;
 
-  void operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf) const {
+  const Acc* operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf,
+                        int64_t* ld_out) const {
+    if (jt == acc_kktype<Acc>() && len == lenp) {
+      *ld_out = ld;
+      return static_cast<const Acc*>(jac) + c0;
+    }
     for (int64_t j = 0; j < m; ++j) {
       Acc* row = buf + j * ldb;
       to_acc<Acc>(jac, jt, j * ld + c0, len, row);
       std::fill(row + len, row + lenp, Acc(0));
     }
+    *ld_out = ldb;
+    return buf;
   }
 };
 
@@ -186,7 +222,8 @@ struct KronPacker {
   int64_t d_out;
   int64_t d_in;
 
-  void operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf) const {
+  const Acc* operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf,
+                        int64_t* ld_out) const {
     constexpr int64_t V = kV<Acc>;
     for (int64_t j = 0; j < m; ++j) {
       Acc* row = buf + j * ldb;
@@ -208,6 +245,8 @@ struct KronPacker {
       }
       std::fill(row + len, row + lenp, Acc(0));
     }
+    *ld_out = ldb;
+    return buf;
   }
 };
 
@@ -249,6 +288,12 @@ inline void syrk_tile(const Acc* const* a, const Acc* const* h, int64_t m, int64
   }
 }
 
+template <typename Acc>
+struct InnovationScratch {
+  std::vector<Acc> hbuf, abuf, pbuf;
+  std::vector<const Acc*> arows, hrows;
+};
+
 template <typename Acc, typename Packer>
 void innovation_tiles(const Packer& pack, const void* cov, KKType ct, int64_t m, int64_t n,
                       double inv_lam_d, double q_d, double* out) {
@@ -257,52 +302,56 @@ void innovation_tiles(const Packer& pack, const void* cov, KKType ct, int64_t m,
   if (n == 0 || m == 0) return;
   const int64_t b = tile_cols<Acc>(m, n);
   const int64_t ntiles = divup(n, b);
-  const int64_t nchunks = std::min<int64_t>(ntiles, std::max<int64_t>(1, at::get_num_threads()));
-  std::vector<double> partial(static_cast<size_t>(nchunks * m * m), 0.0);
+  // Tiles form a fixed number of groups, each summed into its own partial S; the groups
+  // are then added in order: the result does not depend on the thread count or schedule.
+  const int64_t ngroups = std::min(ntiles, kMaxGroups);
+  std::vector<double> partial(static_cast<size_t>(ngroups * m * m), 0.0);
   const Acc inv_lam = static_cast<Acc>(inv_lam_d);
   const Acc q = static_cast<Acc>(q_d);
+  const bool parallel = m * n * std::max<int64_t>(m, 8) >= kParallelWork;
 
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<Acc> hbuf(static_cast<size_t>(m * b)), abuf(static_cast<size_t>(m * b));
-    std::vector<Acc> pbuf(static_cast<size_t>(b));
-    std::vector<const Acc*> arows(m), hrows(m);
-    for (int64_t j = 0; j < m; ++j) {
-      arows[j] = abuf.data() + j * b;
-      hrows[j] = hbuf.data() + j * b;
-    }
+  auto make_scratch = [&]() {
+    InnovationScratch<Acc> sc;
+    sc.hbuf.resize(static_cast<size_t>(m * b));
+    sc.abuf.resize(static_cast<size_t>(m * b));
+    sc.pbuf.resize(static_cast<size_t>(b));
+    sc.arows.resize(m);
+    sc.hrows.resize(m);
+    for (int64_t j = 0; j < m; ++j) sc.arows[j] = sc.abuf.data() + j * b;
+    return sc;
+  };
+  run_items(ngroups, parallel, make_scratch, [&](int64_t g, InnovationScratch<Acc>& sc) {
     const Vec<Acc> vinv(inv_lam), vq(q);
-    for (int64_t ch = cb; ch < ce; ++ch) {
-      double* s = partial.data() + ch * m * m;
-      const int64_t t0 = ntiles * ch / nchunks, t1 = ntiles * (ch + 1) / nchunks;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c0 = t * b;
-        const int64_t len = std::min(b, n - c0);
-        const int64_t lenp = round_up(len, kUnit<Acc>);
-        pack(c0, len, lenp, b, hbuf.data());
-        // P- for the tile (zero in the padding, so padded columns add nothing)
-        Acc* pm = pbuf.data();
-        const Acc* cv = stage<Acc>(cov, ct, c0, len, pm);
-        int64_t i = 0;
-        for (; i + V <= len; i += V)
-          math::predict(Vec<Acc>::loadu(cv + i), vinv, vq).store(pm + i);
-        for (; i < len; ++i) pm[i] = math::predict(cv[i], inv_lam, q);
-        std::fill(pm + len, pm + lenp, Acc(0));
-        // scaled rows H_j (.) P-
-        for (int64_t j = 0; j < m; ++j) {
-          const Acc* hr = hrows[j];
-          Acc* ar = abuf.data() + j * b;
-          for (int64_t c = 0; c < lenp; c += V)
-            (Vec<Acc>::loadu(hr + c) * Vec<Acc>::loadu(pm + c)).store(ar + c);
-        }
-        syrk_tile<Acc>(arows.data(), hrows.data(), m, lenp, s);
+    double* s = partial.data() + g * m * m;
+    const int64_t t0 = ntiles * g / ngroups, t1 = ntiles * (g + 1) / ngroups;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c0 = t * b;
+      const int64_t len = std::min(b, n - c0);
+      const int64_t lenp = round_up(len, kUnit<Acc>);
+      int64_t ld = 0;
+      const Acc* h = pack(c0, len, lenp, b, sc.hbuf.data(), &ld);
+      for (int64_t j = 0; j < m; ++j) sc.hrows[j] = h + j * ld;
+      // P- for the tile (zero in the padding, so padded columns add nothing)
+      Acc* pm = sc.pbuf.data();
+      const Acc* cv = stage<Acc>(cov, ct, c0, len, pm);
+      int64_t i = 0;
+      for (; i + V <= len; i += V) math::predict(Vec<Acc>::loadu(cv + i), vinv, vq).store(pm + i);
+      for (; i < len; ++i) pm[i] = math::predict(cv[i], inv_lam, q);
+      std::fill(pm + len, pm + lenp, Acc(0));
+      // scaled rows H_j (.) P-
+      for (int64_t j = 0; j < m; ++j) {
+        const Acc* hr = sc.hrows[j];
+        Acc* ar = sc.abuf.data() + j * b;
+        for (int64_t c = 0; c < lenp; c += V)
+          (Vec<Acc>::loadu(hr + c) * Vec<Acc>::loadu(pm + c)).store(ar + c);
       }
+      syrk_tile<Acc>(sc.arows.data(), sc.hrows.data(), m, lenp, s);
     }
   });
-  // Deterministic (for a given thread count) sum of the chunk partials, then mirror.
-  for (int64_t ch = 0; ch < nchunks; ++ch) {
-    const double* s = partial.data() + ch * m * m;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const double* sg = partial.data() + g * m * m;
     for (int64_t j = 0; j < m; ++j)
-      for (int64_t k = 0; k <= j; ++k) out[j * m + k] += s[j * m + k];
+      for (int64_t k = 0; k <= j; ++k) out[j * m + k] += sg[j * m + k];
   }
   for (int64_t j = 0; j < m; ++j)
     for (int64_t k = j + 1; k < m; ++k) out[j * m + k] = out[k * m + j];
@@ -346,6 +395,7 @@ Whitening<Acc> make_whitening(const double* f, const double* coef, int64_t m) {
 template <typename Acc>
 inline void whiten_tile(const Whitening<Acc>& w, int64_t m, const Acc* hbuf, int64_t ldb,
                         int64_t lenp, Acc* dbuf, Acc* sbuf) {
+  // hbuf: row k of the tile at hbuf + k * ldb, lenp columns readable
   constexpr int64_t V = kV<Acc>;
   constexpr int NC = kNC<Acc>;
   const Acc* fp = w.fp.data();
@@ -415,6 +465,11 @@ inline void finalize(Acc* p, Acc* c, const Acc* step, const Acc* d, int64_t len,
   }
 }
 
+template <typename Acc>
+struct UpdateScratch {
+  std::vector<Acc> hbuf, dbuf, sbuf, pbuf, cbuf;
+};
+
 template <typename Acc, bool INFO, typename Packer>
 void update_tiles(const Packer& pack, void* param, KKType pt, void* cov, KKType ct, int64_t m,
                   int64_t n, const double* coef, const double* f, const UpdateScalars& s) {
@@ -423,21 +478,25 @@ void update_tiles(const Packer& pack, void* param, KKType pt, void* cov, KKType 
   const ElemScalars<Acc> e(s);
   const int64_t b = tile_cols<Acc>(m, n);
   const int64_t ntiles = divup(n, b);
-  at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
-    std::vector<Acc> hbuf(static_cast<size_t>(m * b));
-    std::vector<Acc> dbuf(b), sbuf(b), pbuf(b), cbuf(b);
-    for (int64_t t = tb; t < te; ++t) {
-      const int64_t c0 = t * b;
-      const int64_t len = std::min(b, n - c0);
-      const int64_t lenp = round_up(len, kUnit<Acc>);
-      pack(c0, len, lenp, b, hbuf.data());
-      whiten_tile<Acc>(w, m, hbuf.data(), b, lenp, dbuf.data(), sbuf.data());
-      Acc* pp = stage<Acc>(param, pt, c0, len, pbuf.data());
-      Acc* cc = stage<Acc>(cov, ct, c0, len, cbuf.data());
-      finalize<Acc, INFO>(pp, cc, sbuf.data(), dbuf.data(), len, e);
-      unstage<Acc>(pp, param, pt, c0, len);
-      unstage<Acc>(cc, cov, ct, c0, len);
-    }
+  const bool parallel = m * n * std::max<int64_t>(m, 8) >= kParallelWork;
+  auto make_scratch = [&]() {
+    UpdateScratch<Acc> sc;
+    sc.hbuf.resize(static_cast<size_t>(m * b));
+    for (auto* v : {&sc.dbuf, &sc.sbuf, &sc.pbuf, &sc.cbuf}) v->resize(static_cast<size_t>(b));
+    return sc;
+  };
+  run_items(ntiles, parallel, make_scratch, [&](int64_t t, UpdateScratch<Acc>& sc) {
+    const int64_t c0 = t * b;
+    const int64_t len = std::min(b, n - c0);
+    const int64_t lenp = round_up(len, kUnit<Acc>);
+    int64_t ld = 0;
+    const Acc* h = pack(c0, len, lenp, b, sc.hbuf.data(), &ld);
+    whiten_tile<Acc>(w, m, h, ld, lenp, sc.dbuf.data(), sc.sbuf.data());
+    Acc* pp = stage<Acc>(param, pt, c0, len, sc.pbuf.data());
+    Acc* cc = stage<Acc>(cov, ct, c0, len, sc.cbuf.data());
+    finalize<Acc, INFO>(pp, cc, sc.sbuf.data(), sc.dbuf.data(), len, e);
+    unstage<Acc>(pp, param, pt, c0, len);
+    unstage<Acc>(cc, cov, ct, c0, len);
   });
 }
 
@@ -607,17 +666,17 @@ double quad_form(int64_t count, const void* const* grads, const KKType* gt,
   const std::vector<Chunk> chunks = make_chunks(count, numel);
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<double> partial(chunks.size(), 0.0);
-  at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const Chunk& ch = chunks[i];
-      const int64_t t = ch.tensor;
-      if (is64(gt[t]) || is64(ct[t])) {
-        partial[i] = quad_range<double>(grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
-                                        inv_lam, q);
-      } else {
-        partial[i] = quad_range<float>(grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
-                                       static_cast<float>(inv_lam), static_cast<float>(q));
-      }
+  int64_t total_numel = 0;
+  for (int64_t t = 0; t < count; ++t) total_numel += numel[t];
+  run_items(nc, total_numel >= 2 * kChunk, [] { return 0; }, [&](int64_t i, int&) {
+    const Chunk& ch = chunks[i];
+    const int64_t t = ch.tensor;
+    if (is64(gt[t]) || is64(ct[t])) {
+      partial[i] = quad_range<double>(grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                                      inv_lam, q);
+    } else {
+      partial[i] = quad_range<float>(grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                                     static_cast<float>(inv_lam), static_cast<float>(q));
     }
   });
   double total = 0.0;
@@ -646,17 +705,17 @@ void loss_step(int64_t count, void* const* params, const KKType* pt, const void*
   // Chunks are visited in the reverse of quad_form's order: the data that pass read last
   // (still in the last-level cache) is what this pass reads first, which saves up to a
   // cache's worth of the grads / covs re-read (DESIGN 2.2: the reduction must finish first).
-  at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const Chunk& ch = chunks[nc - 1 - i];
-      const int64_t t = ch.tensor;
-      if (is64(pt[t]) || is64(gt[t]) || is64(ct[t])) {
-        loss_chunk<double>(params[t], pt[t], grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
-                           coef, weight, s);
-      } else {
-        loss_chunk<float>(params[t], pt[t], grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
-                          coef, weight, s);
-      }
+  int64_t total_numel = 0;
+  for (int64_t t = 0; t < count; ++t) total_numel += numel[t];
+  run_items(nc, total_numel >= 2 * kChunk, [] { return 0; }, [&](int64_t i, int&) {
+    const Chunk& ch = chunks[nc - 1 - i];
+    const int64_t t = ch.tensor;
+    if (is64(pt[t]) || is64(gt[t]) || is64(ct[t])) {
+      loss_chunk<double>(params[t], pt[t], grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                         coef, weight, s);
+    } else {
+      loss_chunk<float>(params[t], pt[t], grads[t], gt[t], covs[t], ct[t], ch.begin, ch.end,
+                        coef, weight, s);
     }
   });
 }
