@@ -162,7 +162,7 @@ int64_t tile_cols(int64_t m, int64_t n) {
 
 // Work below this many multiply-adds runs on the calling thread (waking a second thread
 // costs more, and on a shared machine a preempted thread stalls the whole region).
-constexpr int64_t kParallelWork = int64_t(1) << 21;
+constexpr int64_t kParallelWork = int64_t(1) << 23;
 
 // Items [0, items) claimed one at a time by the threads of one parallel region, so a
 // thread the OS preempts does not hold back work it has not started. Each thread builds
@@ -198,8 +198,8 @@ struct DensePacker {
   int64_t m;
 
   const Acc* operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf,
-                        int64_t* ld_out) const {
-    if (jt == acc_kktype<Acc>() && len == lenp) {
+                        int64_t* ld_out, bool allow_direct = true) const {
+    if (allow_direct && jt == acc_kktype<Acc>() && len == lenp) {
       *ld_out = ld;
       return static_cast<const Acc*>(jac) + c0;
     }
@@ -223,7 +223,7 @@ struct KronPacker {
   int64_t d_in;
 
   const Acc* operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf,
-                        int64_t* ld_out) const {
+                        int64_t* ld_out, bool = true) const {
     constexpr int64_t V = kV<Acc>;
     for (int64_t j = 0; j < m; ++j) {
       Acc* row = buf + j * ldb;
@@ -490,7 +490,9 @@ void update_tiles(const Packer& pack, void* param, KKType pt, void* cov, KKType 
     const int64_t len = std::min(b, n - c0);
     const int64_t lenp = round_up(len, kUnit<Acc>);
     int64_t ld = 0;
-    const Acc* h = pack(c0, len, lenp, b, sc.hbuf.data(), &ld);
+    // The whitening walks all m rows per column group: with many rows, reading them in
+    // place (m strided streams) defeats the prefetchers, so the tile is packed instead.
+    const Acc* h = pack(c0, len, lenp, b, sc.hbuf.data(), &ld, /*allow_direct=*/m <= 8);
     whiten_tile<Acc>(w, m, h, ld, lenp, sc.dbuf.data(), sc.sbuf.data());
     Acc* pp = stage<Acc>(param, pt, c0, len, sc.pbuf.data());
     Acc* cc = stage<Acc>(cov, ct, c0, len, sc.cbuf.data());
@@ -668,7 +670,7 @@ double quad_form(int64_t count, const void* const* grads, const KKType* gt,
   std::vector<double> partial(chunks.size(), 0.0);
   int64_t total_numel = 0;
   for (int64_t t = 0; t < count; ++t) total_numel += numel[t];
-  run_items(nc, total_numel >= 2 * kChunk, [] { return 0; }, [&](int64_t i, int&) {
+  run_items(nc, total_numel >= 4 * kChunk, [] { return 0; }, [&](int64_t i, int&) {
     const Chunk& ch = chunks[i];
     const int64_t t = ch.tensor;
     if (is64(gt[t]) || is64(ct[t])) {
@@ -707,7 +709,7 @@ void loss_step(int64_t count, void* const* params, const KKType* pt, const void*
   // cache's worth of the grads / covs re-read (DESIGN 2.2: the reduction must finish first).
   int64_t total_numel = 0;
   for (int64_t t = 0; t < count; ++t) total_numel += numel[t];
-  run_items(nc, total_numel >= 2 * kChunk, [] { return 0; }, [&](int64_t i, int&) {
+  run_items(nc, total_numel >= 4 * kChunk, [] { return 0; }, [&](int64_t i, int&) {
     const Chunk& ch = chunks[nc - 1 - i];
     const int64_t t = ch.tensor;
     if (is64(pt[t]) || is64(gt[t]) || is64(ct[t])) {
