@@ -108,7 +108,9 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
     g.add_argument("--lr", type=float, default=None,
                    help="step scale (Kalman, default 1 = exact update) or learning rate "
                         "(AdamW 1e-3, SGD 1e-1)")
-    g.add_argument("--init-cov", type=float, default=1e-3, help="Kalman prior covariance P0")
+    g.add_argument("--init-cov", type=float, default=None,
+                   help="Kalman prior covariance P0 (default: 1e-3 for head and proj, 1e-1 for "
+                        "clip-adapter)")
     g.add_argument("--obs-noise", type=float, default=1e-2, help="Kalman observation noise r")
     g.add_argument("--forgetting", type=float, default=1.0, help="Kalman forgetting factor")
     g.add_argument("--process-noise", type=float, default=0.0, help="Kalman process noise q")
@@ -238,6 +240,11 @@ def _run(args) -> int:
     print(f"{prep.ds.name}: ID = test split; OOD = mean over {len(prep.ood)} shifted/OOD splits; "
           f"mean over seeds {list(seeds)}")
     print(R.format_table(rows))
+    if prep.ds.ood_severity:
+        print("\nOOD by shift kind (mean over severities " + ", ".join(
+            f"{k}: {sorted({lv for kk, lv in prep.ds.ood_severity.values() if kk == k})}"
+            for k in sorted({k for k, _ in prep.ds.ood_severity.values()})) + ")")
+        print(R.format_shift_table(rows, prep.ds.ood_severity))
     if prep.bundle.standin:
         print(R.STANDIN_BANNER)
     print(f"\nresults: {path}" + (f"\nplots: {', '.join(files)}" if files else ""))

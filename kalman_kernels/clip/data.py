@@ -8,6 +8,7 @@ features are extracted; unreadable files are skipped and counted there, never fa
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -121,14 +122,28 @@ def _rotate(arr: np.ndarray, deg: float) -> np.ndarray:
     return np.asarray(out).astype(np.float32) / 255.0
 
 
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix of a 1-D gaussian blur with reflect padding (as torchvision's)."""
+    radius = max(1, int(round(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    m = np.zeros((n, n))
+    for i in range(n):
+        for t, w in zip(range(-radius, radius + 1), k):
+            j = i + t
+            while j < 0 or j >= n:  # reflect (without repeating the edge pixel)
+                j = -j if j < 0 else 2 * (n - 1) - j
+            m[i, j] += w
+    return m.astype(np.float32)
+
+
 def _blur(arr: np.ndarray, sigma: float) -> np.ndarray:
-    import torch
-    import torchvision.transforms.functional as TF
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-    k = int(2 * round(3 * sigma) + 1)
-    out = TF.gaussian_blur(t[None], [k, k], [sigma, sigma])[0]
-    return (out[0] if arr.ndim == 2 else out.permute(1, 2, 0)).numpy()
+    """Separable gaussian blur of an HxW or HxWxC float image, as two small matrix products."""
+    bh, bw = _blur_matrix(arr.shape[0], float(sigma)), _blur_matrix(arr.shape[1], float(sigma))
+    if arr.ndim == 2:
+        return bh @ arr @ bw.T
+    return np.einsum("ij,jkc,lk->ilc", bh, arr, bw)
 
 
 def apply_shift(arr: np.ndarray, kind: str, level: float, rng: np.random.RandomState) -> np.ndarray:

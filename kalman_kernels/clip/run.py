@@ -160,6 +160,31 @@ def format_table(rows: List[Dict], markdown: bool = False) -> str:
     return "\n".join(out)
 
 
+def format_shift_table(rows: List[Dict], severity: Dict, markdown: bool = False) -> str:
+    """acc / NLL / ECE per shift kind (mean over its severities) for every method and shot count."""
+    kinds = sorted({k for k, _ in severity.values()})
+    if not kinds:
+        return ""
+    head = ["shots", "method"] + [f"{k} acc/NLL/ECE" for k in kinds]
+    lines = []
+    for r in rows:
+        cells = [str(r["shots"]), r["method"]]
+        for kind in kinds:
+            sp = [s for s, (k, _) in severity.items() if k == kind and s in r["splits"]]
+            vals = []
+            for key in ("acc", "nll", "ece"):
+                v = [r["splits"][s][key]["mean"] for s in sp if key in r["splits"][s]]
+                vals.append(np.mean(v) if v else float("nan"))
+            cells.append(f"{vals[0]:.3f}/{vals[1]:.2f}/{vals[2]:.3f}")
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(out + ["| " + " | ".join(l) + " |" for l in lines])
+    w = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head)), "  ".join("-" * x for x in w)]
+    return "\n".join(out + ["  ".join(c.rjust(w[i]) for i, c in enumerate(l)) for l in lines])
+
+
 def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: Path) -> List[str]:
     import matplotlib
     matplotlib.use("Agg")

@@ -25,6 +25,11 @@ from .cache import FeatureSet
 OPTIMIZERS = ("kalman", "kalman-loss", "adamw", "sgd")
 BASELINES = ("zero-shot", "gda")
 DEFAULT_LR = {"kalman": 1.0, "kalman-loss": 1.0, "adamw": 1e-3, "sgd": 1e-1}
+# Prior covariance P0 per adapter. The update of the scores scales with P0 |H|^2 / r, and |H|
+# depends on the parametrisation: the head's Jacobian rows are unit image vectors, the
+# CLIP-Adapter's pass through 0.2 x a near-zero W2. Chosen on the stand-in's few-shot pool minus
+# the shots (not the test split), see docs/clip.md.
+DEFAULT_INIT_COV = {"head": 1e-3, "proj": 1e-3, "clip-adapter": 1e-1}
 
 
 @dataclass
@@ -36,7 +41,7 @@ class TrainConfig:
     epochs: Optional[float] = None      # if set: steps = ceil(epochs * n_train / batch_size)
     batch_size: int = 32
     lr: Optional[float] = None          # None: DEFAULT_LR[optimizer]
-    init_cov: float = 1e-3
+    init_cov: Optional[float] = None    # None: DEFAULT_INIT_COV[adapter]
     obs_noise: float = 1e-2
     forgetting: float = 1.0
     process_noise: float = 0.0
@@ -51,6 +56,9 @@ class TrainConfig:
         if self.epochs is None:
             return int(self.steps)
         return max(1, math.ceil(self.epochs * n_train / min(self.batch_size, n_train)))
+
+    def resolved_init_cov(self) -> float:
+        return DEFAULT_INIT_COV.get(self.adapter, 1e-3) if self.init_cov is None else float(self.init_cov)
 
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
@@ -232,7 +240,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     steps = cfg.resolved_steps(xtr.shape[0])
     opt, sched = None, None
     if cfg.optimizer in ("kalman", "kalman-loss"):
-        opt = kk.KalmanNGD(params, lr=lr, init_cov=cfg.init_cov, obs_noise=cfg.obs_noise,
+        opt = kk.KalmanNGD(params, lr=lr, init_cov=cfg.resolved_init_cov(), obs_noise=cfg.obs_noise,
                            forgetting=cfg.forgetting, process_noise=cfg.process_noise,
                            backend=cfg.backend)
         if cfg.optimizer == "kalman":
@@ -254,6 +262,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
             p = torch.softmax(task.tau * adapter.scores(xva).double(), 1)
         return {"step": step, **{f"val_{k}": v for k, v in M.classification_metrics(p, yva).items()}}
 
+    every = max(1, min(cfg.eval_every, steps // 10))  # at least ~10 points on the curves
     gen = torch.Generator().manual_seed(cfg.seed)
     it = _batches(xtr.shape[0], ytr, cfg.batch_size, gen)
     history = [val_point(0)]
@@ -273,7 +282,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
             loss.backward()
             opt.step()
             sched.step()
-        if step % cfg.eval_every == 0 or step == steps:
+        if step % every == 0 or step == steps:
             history.append(val_point(step))
             bar.set_postfix(val_acc=f"{history[-1].get('val_acc', float('nan')):.3f}")
     seconds = time.time() - t0
@@ -297,6 +306,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     conf = asdict(cfg)
     conf["lr"] = lr
     conf["steps"] = steps
+    conf["init_cov"] = cfg.resolved_init_cov()
     skipped = int(getattr(opt, "skipped_steps", 0) or 0) if cfg.optimizer.startswith("kalman") else 0
     res = MethodResult(cfg.optimizer, conf, metrics, history, seconds, tau,
                        M.reliability(p, task.test.labels), skipped)
