@@ -39,9 +39,10 @@ def prepare(model: str = "kk-tiny-vit", pretrained: Optional[str] = "standin",
             dataset: str = "digits-noisy", *, ood_paths: Sequence[str] = (), device: str = "cpu",
             cache_dir=None, templates: Optional[Sequence[str]] = None, progress: bool = True,
             generated_shifts: Optional[bool] = None, verbose: bool = True) -> Prepared:
-    bundle = load_clip(model, pretrained, device=device, cache_dir=cache_dir, verbose=verbose)
+    # the dataset first: a wrong path fails before any model is loaded or pretrained
     ds = get_dataset(dataset, templates=templates, ood_paths=ood_paths,
                      generated_shifts=generated_shifts)
+    bundle = load_clip(model, pretrained, device=device, cache_dir=cache_dir, verbose=verbose)
     cache = FeatureCache(cache_root(cache_dir) / "features")
     pool = extract_features(bundle, ds.pool, cache, progress=progress)
     test = extract_features(bundle, ds.test, cache, progress=progress)
@@ -58,6 +59,7 @@ def make_task(prep: Prepared, shots: int, seed: int, calibrate: bool = False) ->
     task = Task(prep.pool.index(tr), prep.pool.index(va), prep.test, prep.ood, prep.text,
                 prep.bundle.logit_scale(), prep.proj, k)
     task.calibrate = calibrate
+    task.device = prep.bundle.device
     return task
 
 

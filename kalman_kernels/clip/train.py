@@ -95,6 +95,7 @@ class Task:
         self.tau = float(logit_scale)
         self.proj = proj
         self.k = n_classes or text_feats.shape[0]
+        self.device = torch.device("cpu")  # where adapters are trained (features are moved there)
 
     def inputs(self, fs: FeatureSet, kind: str) -> torch.Tensor:
         if kind == "pre":
@@ -231,10 +232,11 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     torch.manual_seed(cfg.seed)
-    adapter = make_adapter(cfg.adapter, task.text, task.proj, seed=cfg.seed)
+    dev = task.device
+    adapter = make_adapter(cfg.adapter, task.text, task.proj, seed=cfg.seed).to(dev)
     kind = adapter.input_kind
-    xtr, ytr = task.inputs(task.train, kind), task.train.labels
-    xva, yva = task.inputs(task.val, kind), task.val.labels
+    xtr, ytr = task.inputs(task.train, kind).to(dev), task.train.labels.to(dev)
+    xva, yva = task.inputs(task.val, kind).to(dev), task.val.labels.to(dev)
     params = [p for p in adapter.parameters() if p.requires_grad]
     lr = cfg.resolved_lr()
     steps = cfg.resolved_steps(xtr.shape[0])
@@ -259,18 +261,18 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
 
     def val_point(step):
         with torch.no_grad():
-            p = torch.softmax(task.tau * adapter.scores(xva).double(), 1)
+            p = torch.softmax(task.tau * adapter.scores(xva).double(), 1).cpu()
         return {"step": step, **{f"val_{k}": v for k, v in M.classification_metrics(p, yva).items()}}
 
     every = max(1, min(cfg.eval_every, steps // 10))  # at least ~10 points on the curves
     gen = torch.Generator().manual_seed(cfg.seed)
-    it = _batches(xtr.shape[0], ytr, cfg.batch_size, gen)
+    it = _batches(xtr.shape[0], ytr.cpu(), cfg.batch_size, gen)
     history = [val_point(0)]
     t0 = time.time()
     bar = tqdm(range(1, steps + 1), desc=desc or cfg.optimizer, disable=not progress,
                leave=False, unit="step")
     for step in bar:
-        idx = next(it)
+        idx = next(it).to(dev)
         xb, yb = xtr[idx], ytr[idx]
         if cfg.optimizer == "kalman":
             opt.step(lambda: observation(adapter, xb, yb, cfg.obs))
@@ -291,14 +293,15 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
 
     def score(fs):
         with torch.no_grad():
-            return adapter.scores(task.inputs(fs, kind)).float()
+            return adapter.scores(task.inputs(fs, kind).to(dev)).float().cpu()
 
     var_fn = None
     if cfg.optimizer in ("kalman", "kalman-loss"):
         def var_fn(fs):
-            return predictive_variance(adapter, task.inputs(fs, kind), opt.covariance,
-                                       cfg.obs_noise)
+            return predictive_variance(adapter, task.inputs(fs, kind).to(dev), opt.covariance,
+                                       cfg.obs_noise).cpu()
     tau = task.tau
+    yva = yva.cpu()
     if cfg.calibrate:
         tau = _fit_temperature(score(task.val), yva, task.tau)
     metrics, p = _evaluate(score, task, tau, var_fn)
