@@ -202,7 +202,7 @@ def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: P
     if trained:
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
         for r in trained:
-            st = [h["step"] for h in r["history"]]
+            st = [h.get("images_seen", h["step"]) for h in r["history"]]
             ax[0].plot(st, [h.get("val_acc", np.nan) for h in r["history"]], label=r["method"])
             ax[1].plot(st, [h.get("val_nll", np.nan) for h in r["history"]], label=r["method"])
         for r in sel:
@@ -211,8 +211,12 @@ def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: P
                               color="gray" if r["method"] == "zero-shot" else "k")
                 ax[1].axhline(r["metrics"]["val"]["nll"], ls="--", lw=1, label=r["method"],
                               color="gray" if r["method"] == "zero-shot" else "k")
-        ax[0].set(xlabel="step", ylabel="validation accuracy", title=f"{shots_max}-shot, seed {seed0}")
-        ax[1].set(xlabel="step", ylabel="validation NLL")
+        for a in ax:
+            a.set_xscale("symlog", linthresh=10)
+            a.set_xlim(left=0)
+        ax[0].set(xlabel="training images seen (steps x batch)", ylabel="validation accuracy",
+                  title=f"{shots_max}-shot, seed {seed0}")
+        ax[1].set(xlabel="training images seen (steps x batch)", ylabel="validation NLL")
         ax[0].legend()
         fig.tight_layout()
         p = out_dir / "curves.png"

@@ -259,10 +259,12 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     def ce_loss(xb, yb):
         return F.cross_entropy(task.tau * adapter.scores(xb), yb)
 
+    seen = [0]
+
     def val_point(step):
         with torch.no_grad():
             p = torch.softmax(task.tau * adapter.scores(xva).double(), 1).cpu()
-        return {"step": step, **{f"val_{k}": v for k, v in M.classification_metrics(p, yva).items()}}
+        return {"step": step, "images_seen": seen[0], **{f"val_{k}": v for k, v in M.classification_metrics(p, yva).items()}}
 
     every = max(1, min(cfg.eval_every, steps // 10))  # at least ~10 points on the curves
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -274,6 +276,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     for step in bar:
         idx = next(it).to(dev)
         xb, yb = xtr[idx], ytr[idx]
+        seen[0] += int(idx.numel())
         if cfg.optimizer == "kalman":
             opt.step(lambda: observation(adapter, xb, yb, cfg.obs))
         elif cfg.optimizer == "kalman-loss":

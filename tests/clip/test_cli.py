@@ -77,3 +77,28 @@ def test_clear_errors(tmp_path, capsys):
     rc = cli.main(["finetune", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k",
                    "--quiet"])
     assert rc == 2 and "not cached" in capsys.readouterr().err
+
+
+def test_builtin_dataset_with_ood_folder_and_generated_shifts(tmp_path, checkpoint):
+    ood = make_image_folder(tmp_path / "ood", classes=("x",), n=6, flat=True, seed=4)
+    out = tmp_path / "o1"
+    rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
+                   "--dataset", "digits", "--no-shifts", "--ood", str(ood), "--methods",
+                   "zero-shot,kalman", "--shots", "1", "--quiet", "--no-plots", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["ood_splits"] == ["ood-ood"]
+    k = [r for r in res["runs"] if r["method"] == "kalman"][0]
+    assert set(k["metrics"]) == {"test", "val", "ood-ood"}
+    assert k["config"]["steps"] == 1  # one pass over 10 shots with batch 32: one step
+    # generated shifts for an image folder: one split per (kind, severity)
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), n=8)
+    out2 = tmp_path / "o2"
+    rc = cli.main(["finetune", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
+                   "--dataset", f"imagefolder:{data}", "--shifts", "--shots", "2", "--quiet",
+                   "--out", str(out2)])
+    assert rc == 0
+    res = json.loads((out2 / "results.json").read_text())
+    kinds = {v[0] for v in res["ood_splits"].values()}
+    assert kinds == {"noise", "blur", "rotation", "inversion"}
+    assert (out2 / "ood_severity.png").stat().st_size > 1000
