@@ -118,6 +118,9 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
     g.add_argument("--eval-every", type=int, default=20)
     g.add_argument("--calibrate", action="store_true",
                    help="fit the softmax temperature on the validation split (all methods)")
+    g.add_argument("--mc-samples", type=int, default=0,
+                   help="Kalman methods: predict with the mean softmax over this many draws "
+                        "theta ~ N(mu, P) (opt.sampled_params) instead of the mean (default: 0)")
     g.add_argument("--backend", default="auto", help="KalmanNGD backend (default: %(default)s)")
 
 
@@ -163,7 +166,8 @@ def _base_cfg(args):
                        batch_size=args.batch_size, lr=args.lr, init_cov=args.init_cov,
                        obs_noise=args.obs_noise, forgetting=args.forgetting,
                        process_noise=args.process_noise, weight_decay=args.weight_decay,
-                       eval_every=args.eval_every, backend=args.backend)
+                       eval_every=args.eval_every, mc_samples=args.mc_samples,
+                       backend=args.backend)
 
 
 def _kalman_overrides(args):

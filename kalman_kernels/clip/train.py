@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 20
     calibrate: bool = False
+    mc_samples: int = 0                 # Kalman only: predictive = mean softmax over theta ~ N(mu, P)
     backend: str = "auto"
 
     def resolved_steps(self, n_train: int) -> int:
@@ -116,20 +117,22 @@ def _fit_temperature(scores: torch.Tensor, labels: torch.Tensor, default: float)
     return float(best_t)
 
 
-def _evaluate(score_fn, task: Task, tau: float, var_fn=None) -> Dict:
+def _evaluate(score_fn, task: Task, tau: float, var_fn=None, prob_fn=None) -> Dict:
     """Metrics on test and every OOD split; OOD AUROC by max-softmax and (if given) by the
-    Kalman predictive variance of the predicted class's observation."""
+    Kalman predictive variance of the predicted class's observation. ``prob_fn(fs, tau)``
+    replaces softmax(tau * score_fn(fs)) when given (Monte-Carlo predictive)."""
+    if prob_fn is None:
+        def prob_fn(fs, t):
+            return torch.softmax(t * score_fn(fs).double(), 1)
     out, probs_test = {}, None
-    s_test = score_fn(task.test)
-    p_test = torch.softmax(tau * s_test.double(), 1)
+    p_test = prob_fn(task.test, tau)
     probs_test = p_test
     out["test"] = M.classification_metrics(p_test, task.test.labels)
     msp_id = -p_test.max(1).values
     pred_id = p_test.argmax(1)
     var_id = var_fn(task.test).gather(1, pred_id[:, None]).squeeze(1) if var_fn else None
     for name, fs in task.ood.items():
-        s = score_fn(fs)
-        p = torch.softmax(tau * s.double(), 1)
+        p = prob_fn(fs, tau)
         m = M.classification_metrics(p, fs.labels)
         m["auroc_msp"] = M.auroc(msp_id, -p.max(1).values)
         if var_fn is not None:
@@ -303,12 +306,26 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
         def var_fn(fs):
             return predictive_variance(adapter, task.inputs(fs, kind).to(dev), opt.covariance,
                                        cfg.obs_noise).cpu()
+    prob_fn = None
+    if var_fn is not None and cfg.mc_samples > 0:
+        def prob_fn(fs, t):
+            """Monte-Carlo predictive: the same mc_samples draws theta ~ N(mu, diag P) for
+            every split (the generator is re-seeded per call)."""
+            g = torch.Generator(device=dev).manual_seed(10_000 + cfg.seed)
+            x = task.inputs(fs, kind).to(dev)
+            acc = None
+            for _ in range(cfg.mc_samples):
+                with opt.sampled_params(generator=g), torch.no_grad():
+                    pr = torch.softmax(t * adapter.scores(x).double(), 1)
+                acc = pr if acc is None else acc + pr
+            return (acc / cfg.mc_samples).cpu()
     tau = task.tau
     yva = yva.cpu()
     if cfg.calibrate:
         tau = _fit_temperature(score(task.val), yva, task.tau)
-    metrics, p = _evaluate(score, task, tau, var_fn)
-    metrics["val"] = M.classification_metrics(torch.softmax(tau * score(task.val).double(), 1), yva)
+    metrics, p = _evaluate(score, task, tau, var_fn, prob_fn)
+    p_val = prob_fn(task.val, tau) if prob_fn else torch.softmax(tau * score(task.val).double(), 1)
+    metrics["val"] = M.classification_metrics(p_val, yva)
     conf = asdict(cfg)
     conf["lr"] = lr
     conf["steps"] = steps

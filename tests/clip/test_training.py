@@ -66,3 +66,16 @@ def test_other_optimizers_and_gda_train():
     assert g.metrics["test"]["acc"] >= 0.95
     with pytest.raises(ValueError, match="unknown optimizer"):
         finetune(task, TrainConfig(optimizer="lbfgs"), progress=False)
+
+
+def test_monte_carlo_predictive_uses_posterior_samples():
+    task = _task(8)
+    base = TrainConfig(optimizer="kalman", epochs=1.0, batch_size=16, init_cov=1e-1)
+    r0 = finetune(task, base, progress=False)
+    w = r0.adapter.head.weight.detach().clone()
+    from dataclasses import replace
+    r1 = finetune(task, replace(base, mc_samples=8), progress=False)
+    # same training (deterministic), different predictive: sampled, and weights restored after
+    assert torch.equal(r1.adapter.head.weight, w)
+    assert r1.metrics["test"]["nll"] != r0.metrics["test"]["nll"]
+    assert r1.metrics["test"]["acc"] >= 0.9
