@@ -51,12 +51,21 @@ class TrainConfig:
     eval_every: int = 20
     calibrate: bool = False
     mc_samples: int = 0                 # Kalman only: predictive = mean softmax over theta ~ N(mu, P)
+    max_obs: int = 2048                 # kalman + logits: batch capped so that m * K <= max_obs
     backend: str = "auto"
 
-    def resolved_steps(self, n_train: int) -> int:
+    def resolved_batch(self, n_classes: int) -> int:
+        """The innovation covariance S is (m K) x (m K) in float64 for the logits observation:
+        with many classes the batch is capped so that m K <= max_obs (e.g. 1000 classes -> 2)."""
+        if self.optimizer == "kalman" and self.obs == "logits":
+            return max(1, min(self.batch_size, self.max_obs // max(1, n_classes)))
+        return self.batch_size
+
+    def resolved_steps(self, n_train: int, n_classes: int = 1) -> int:
         if self.epochs is None:
             return int(self.steps)
-        return max(1, math.ceil(self.epochs * n_train / min(self.batch_size, n_train)))
+        b = min(self.resolved_batch(n_classes), n_train)
+        return max(1, math.ceil(self.epochs * n_train / b))
 
     def resolved_init_cov(self) -> float:
         return DEFAULT_INIT_COV.get(self.adapter, 1e-3) if self.init_cov is None else float(self.init_cov)
@@ -242,7 +251,8 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     xva, yva = task.inputs(task.val, kind).to(dev), task.val.labels.to(dev)
     params = [p for p in adapter.parameters() if p.requires_grad]
     lr = cfg.resolved_lr()
-    steps = cfg.resolved_steps(xtr.shape[0])
+    steps = cfg.resolved_steps(xtr.shape[0], task.k)
+    batch = cfg.resolved_batch(task.k)
     opt, sched = None, None
     if cfg.optimizer in ("kalman", "kalman-loss"):
         opt = kk.KalmanNGD(params, lr=lr, init_cov=cfg.resolved_init_cov(), obs_noise=cfg.obs_noise,
@@ -271,7 +281,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
 
     every = max(1, min(cfg.eval_every, steps // 10))  # at least ~10 points on the curves
     gen = torch.Generator().manual_seed(cfg.seed)
-    it = _batches(xtr.shape[0], ytr.cpu(), cfg.batch_size, gen)
+    it = _batches(xtr.shape[0], ytr.cpu(), batch, gen)
     history = [val_point(0)]
     t0 = time.time()
     bar = tqdm(range(1, steps + 1), desc=desc or cfg.optimizer, disable=not progress,
@@ -329,6 +339,7 @@ def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = ""
     conf = asdict(cfg)
     conf["lr"] = lr
     conf["steps"] = steps
+    conf["batch_size"] = batch
     conf["init_cov"] = cfg.resolved_init_cov()
     skipped = int(getattr(opt, "skipped_steps", 0) or 0) if cfg.optimizer.startswith("kalman") else 0
     res = MethodResult(cfg.optimizer, conf, metrics, history, seconds, tau,

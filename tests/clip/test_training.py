@@ -79,3 +79,14 @@ def test_monte_carlo_predictive_uses_posterior_samples():
     assert torch.equal(r1.adapter.head.weight, w)
     assert r1.metrics["test"]["nll"] != r0.metrics["test"]["nll"]
     assert r1.metrics["test"]["acc"] >= 0.9
+
+
+def test_kalman_logits_batch_is_capped_by_observation_count():
+    cfg = TrainConfig(optimizer="kalman", obs="logits", batch_size=32, max_obs=2048, epochs=1.0)
+    assert cfg.resolved_batch(10) == 32 and cfg.resolved_batch(1000) == 2
+    assert cfg.resolved_steps(2000, 1000) == 1000
+    assert TrainConfig(optimizer="adamw").resolved_batch(1000) == 32
+    task = _task(16)
+    r = finetune(task, TrainConfig(optimizer="kalman", epochs=1.0, batch_size=32, max_obs=40),
+                 progress=False)
+    assert r.config["batch_size"] == 10 and r.config["steps"] == 7  # 64 images / 10 per batch
