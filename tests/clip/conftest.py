@@ -1,23 +1,25 @@
 """Offline, small and fast: every test runs without network, with a private cache folder."""
+import atexit
 import os
-
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # an empty Hugging Face cache (set before huggingface_hub is imported): no tag is cached
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="kk_hf_empty_")
+# a private cache for everything the tests build (also for module-scoped fixtures, which are
+# set up before any function-scoped fixture could change the environment)
+os.environ["KALMAN_KERNELS_CACHE"] = tempfile.mkdtemp(prefix="kk_cache_")
+for _d in (os.environ["HF_HUB_CACHE"], os.environ["KALMAN_KERNELS_CACHE"]):
+    atexit.register(shutil.rmtree, _d, True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import pytest
 
-pytest.importorskip("open_clip")
-
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "kk_cache"
-    monkeypatch.setenv("KALMAN_KERNELS_CACHE", str(root))
+def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
 
