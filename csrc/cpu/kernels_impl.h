@@ -364,41 +364,75 @@ void innovation_tiles(const Packer& pack, const void* cov, KKType ct, int64_t m,
 // ---------------------------------------------------------------------------------------
 template <typename Acc>
 struct Whitening {
-  std::vector<Acc> fp;         // (nblocks * 4) x m
-  std::vector<int64_t> kmin;   // per row block: first / last column of F' with a non-zero
-  std::vector<int64_t> kmax;
+  std::vector<Acc> f;          // F (m x m), row-major
+  std::vector<Acc> coef;       // (m)
+  std::vector<int64_t> kmin;   // per block of 4 rows of F: first / last non-zero column;
+  std::vector<int64_t> kmax;   // the last block also spans the non-zeros of coef
   int64_t nblocks = 0;
 };
 
 template <typename Acc>
 Whitening<Acc> make_whitening(const double* f, const double* coef, int64_t m) {
   Whitening<Acc> w;
-  w.nblocks = divup(m + 1, kRB);
-  w.fp.assign(static_cast<size_t>(w.nblocks * kRB * m), Acc(0));
-  for (int64_t l = 0; l < m; ++l)
-    for (int64_t k = 0; k < m; ++k) w.fp[l * m + k] = static_cast<Acc>(f[l * m + k]);
-  for (int64_t k = 0; k < m; ++k) w.fp[m * m + k] = static_cast<Acc>(coef[k]);
+  w.nblocks = divup(m, kRB);
+  w.f.resize(static_cast<size_t>(m * m));
+  w.coef.resize(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m * m; ++i) w.f[i] = static_cast<Acc>(f[i]);
+  for (int64_t k = 0; k < m; ++k) w.coef[k] = static_cast<Acc>(coef[k]);
   w.kmin.assign(w.nblocks, m);
   w.kmax.assign(w.nblocks, -1);
-  for (int64_t l = 0; l <= m; ++l) {
-    const int64_t blk = l / kRB;
+  auto widen = [&](int64_t blk, const Acc* row) {
     for (int64_t k = 0; k < m; ++k) {
-      if (w.fp[l * m + k] != Acc(0)) {
+      if (row[k] != Acc(0)) {
         w.kmin[blk] = std::min(w.kmin[blk], k);
         w.kmax[blk] = std::max(w.kmax[blk], k);
       }
     }
-  }
+  };
+  for (int64_t l = 0; l < m; ++l) widen(l / kRB, w.f.data() + l * m);
+  widen(w.nblocks - 1, w.coef.data());   // the step term rides on the last block
   return w;
 }
 
-template <typename Acc>
-inline void whiten_tile(const Whitening<Acc>& w, int64_t m, const Acc* hbuf, int64_t ldb,
-                        int64_t lenp, Acc* dbuf, Acc* sbuf) {
-  // hbuf: row k of the tile at hbuf + k * ldb, lenp columns readable
+// One block of R rows of F (R <= 4) over one column group: d += sum_r (F_r H)^2, and with
+// COEF also st = coef^T H, sharing the loads of H.
+template <typename Acc, int R, bool COEF>
+inline void whiten_block(const Acc* frow, const Acc* coef, int64_t m, int64_t k0, int64_t k1,
+                         const Acc* h, int64_t ldb, Vec<Acc>* d, Vec<Acc>* st) {
   constexpr int64_t V = kV<Acc>;
   constexpr int NC = kNC<Acc>;
-  const Acc* fp = w.fp.data();
+  Vec<Acc> acc[R][NC];
+  Vec<Acc> sacc[NC];
+  for (int c = 0; c < NC; ++c) {
+    sacc[c] = Vec<Acc>(Acc(0));
+    for (int r = 0; r < R; ++r) acc[r][c] = Vec<Acc>(Acc(0));
+  }
+  for (int64_t k = k0; k <= k1; ++k) {
+    const Acc* hk = h + k * ldb;
+    Vec<Acc> hv[NC];
+    for (int c = 0; c < NC; ++c) hv[c] = Vec<Acc>::loadu(hk + c * V);
+    for (int r = 0; r < R; ++r) {
+      const Vec<Acc> fv(frow[r * m + k]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = at::vec::fmadd(fv, hv[c], acc[r][c]);
+    }
+    if (COEF) {
+      const Vec<Acc> cv(coef[k]);
+      for (int c = 0; c < NC; ++c) sacc[c] = at::vec::fmadd(cv, hv[c], sacc[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) d[c] = at::vec::fmadd(acc[r][c], acc[r][c], d[c]);
+  if (COEF)
+    for (int c = 0; c < NC; ++c) st[c] = sacc[c];
+}
+
+// d = sum_l (F H)[l]^2 and st = coef^T H for every column of one tile (rows of H at
+// h + k * ldb, lenp columns readable, a multiple of kUnit).
+template <typename Acc>
+inline void whiten_tile(const Whitening<Acc>& w, int64_t m, const Acc* h, int64_t ldb,
+                        int64_t lenp, Acc* dbuf, Acc* sbuf) {
+  constexpr int64_t V = kV<Acc>;
+  constexpr int NC = kNC<Acc>;
   for (int64_t cg = 0; cg < lenp; cg += NC * V) {
     Vec<Acc> d[NC], st[NC];
     for (int c = 0; c < NC; ++c) {
@@ -406,26 +440,19 @@ inline void whiten_tile(const Whitening<Acc>& w, int64_t m, const Acc* hbuf, int
       st[c] = Vec<Acc>(Acc(0));
     }
     for (int64_t lb = 0; lb < w.nblocks; ++lb) {
-      Vec<Acc> acc[kRB][NC];
-      for (int r = 0; r < kRB; ++r)
-        for (int c = 0; c < NC; ++c) acc[r][c] = Vec<Acc>(Acc(0));
-      const Acc* frow = fp + lb * kRB * m;
-      const int64_t k1 = w.kmax[lb];
-      for (int64_t k = w.kmin[lb]; k <= k1; ++k) {
-        const Acc* hk = hbuf + k * ldb + cg;
-        Vec<Acc> hv[NC];
-        for (int c = 0; c < NC; ++c) hv[c] = Vec<Acc>::loadu(hk + c * V);
-        for (int r = 0; r < kRB; ++r) {
-          const Vec<Acc> fv(frow[r * m + k]);
-          for (int c = 0; c < NC; ++c) acc[r][c] = at::vec::fmadd(fv, hv[c], acc[r][c]);
-        }
-      }
-      for (int r = 0; r < kRB; ++r) {
-        const int64_t l = lb * kRB + r;
-        if (l < m) {
-          for (int c = 0; c < NC; ++c) d[c] = at::vec::fmadd(acc[r][c], acc[r][c], d[c]);
-        } else if (l == m) {
-          for (int c = 0; c < NC; ++c) st[c] = acc[r][c];
+      const Acc* frow = w.f.data() + lb * kRB * m;
+      const int64_t k0 = w.kmin[lb], k1 = w.kmax[lb];
+      const int rows = static_cast<int>(std::min<int64_t>(kRB, m - lb * kRB));
+      const Acc* hc = h + cg;
+      const Acc* cf = w.coef.data();
+      if (lb + 1 < w.nblocks) {   // full blocks of 4 rows
+        whiten_block<Acc, 4, false>(frow, cf, m, k0, k1, hc, ldb, d, st);
+      } else {
+        switch (rows) {
+          case 1: whiten_block<Acc, 1, true>(frow, cf, m, k0, k1, hc, ldb, d, st); break;
+          case 2: whiten_block<Acc, 2, true>(frow, cf, m, k0, k1, hc, ldb, d, st); break;
+          case 3: whiten_block<Acc, 3, true>(frow, cf, m, k0, k1, hc, ldb, d, st); break;
+          default: whiten_block<Acc, 4, true>(frow, cf, m, k0, k1, hc, ldb, d, st); break;
         }
       }
     }
@@ -493,10 +520,17 @@ void update_tiles(const Packer& pack, void* param, KKType pt, void* cov, KKType 
     // The whitening walks all m rows per column group: with many rows, reading them in
     // place (m strided streams) defeats the prefetchers, so the tile is packed instead.
     const Acc* h = pack(c0, len, lenp, b, sc.hbuf.data(), &ld, /*allow_direct=*/m <= 8);
-    whiten_tile<Acc>(w, m, h, ld, lenp, sc.dbuf.data(), sc.sbuf.data());
     Acc* pp = stage<Acc>(param, pt, c0, len, sc.pbuf.data());
     Acc* cc = stage<Acc>(cov, ct, c0, len, sc.cbuf.data());
-    finalize<Acc, INFO>(pp, cc, sc.sbuf.data(), sc.dbuf.data(), len, e);
+    // Whitening and elementwise update in sub-blocks, so the streams of H, param and cov
+    // advance together (one long phase per array would restart the prefetchers).
+    constexpr int64_t sub = 4 * kUnit<Acc>;
+    for (int64_t c = 0; c < len; c += sub) {
+      const int64_t sl = std::min(sub, len - c);
+      whiten_tile<Acc>(w, m, h + c, ld, round_up(sl, kUnit<Acc>), sc.dbuf.data() + c,
+                       sc.sbuf.data() + c);
+      finalize<Acc, INFO>(pp + c, cc + c, sc.sbuf.data() + c, sc.dbuf.data() + c, sl, e);
+    }
     unstage<Acc>(pp, param, pt, c0, len);
     unstage<Acc>(cc, cov, ct, c0, len);
   });
