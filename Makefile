@@ -22,7 +22,7 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m kalman_kernels.demo
+	$(VENV)/bin/kalman-clip demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
