@@ -117,6 +117,9 @@ def _extensions_and_cmdclass():
 
     headers = [os.path.join("csrc", f) for f in ("kk_math.h", "kk_kernels.h")]
     headers.append(os.path.join("csrc", "cpu", "kernels_impl.h"))
+    # The per-ISA kernel files are compiled by KKBuildExtension, not listed as sources;
+    # naming them here puts them in source distributions too.
+    headers += [src for src, _ in ISA_SOURCES]
     ext = CppExtension(
         name="kalman_kernels._C",
         sources=["csrc/ops.cpp"],
