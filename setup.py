@@ -38,7 +38,7 @@ SKIP_CPP = _flag("KALMAN_KERNELS_SKIP_CPP")
 # uses `#pragma omp parallel` when torch was built with OpenMP, as the official wheels are;
 # the extension then shares torch's libgomp, so torch.set_num_threads applies).
 COMMON_CXX = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function",
-              "-Wno-unknown-pragmas"]
+              "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 LINK = ["-fopenmp"]
 
 # Per-instruction-set kernel sources and flags (the same source, kernels_impl.h).
