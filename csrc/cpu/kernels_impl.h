@@ -357,6 +357,77 @@ void innovation_tiles(const Packer& pack, const void* cov, KKType ct, int64_t m,
     for (int64_t k = j + 1; k < m; ++k) out[j * m + k] = out[k * m + j];
 }
 
+// Small m (<= 4) with the Jacobian and covariance already in Acc: no tile buffers; the
+// rows of H and P are streamed once, M(M+1)/2 vector accumulators stay in registers and are
+// flushed into float64 every kFlush columns. Same fixed groups as innovation_tiles, so the
+// result does not depend on the thread count either.
+template <typename Acc, int M>
+void innovation_small(const Acc* h, int64_t ld, const Acc* cov, int64_t n, double inv_lam_d,
+                      double q_d, double* out) {
+  constexpr int64_t V = kV<Acc>;
+  constexpr int NP = M * (M + 1) / 2;
+  constexpr int64_t kFlush = 2048;
+  const Acc inv_lam = static_cast<Acc>(inv_lam_d), q = static_cast<Acc>(q_d);
+  const int64_t nblk = divup(n, kFlush);
+  const int64_t ngroups = std::min(nblk, kMaxGroups);
+  std::vector<double> partial(static_cast<size_t>(ngroups * NP), 0.0);
+  run_items(ngroups, n * 8 * M >= kParallelWork, [] { return 0; }, [&](int64_t g, int&) {
+    const Vec<Acc> vinv(inv_lam), vq(q);
+    double* sg = partial.data() + g * NP;
+    const int64_t b0 = nblk * g / ngroups, b1 = nblk * (g + 1) / ngroups;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * kFlush, c1 = std::min(n, c0 + kFlush);
+      Vec<Acc> acc[NP];
+      for (int p = 0; p < NP; ++p) acc[p] = Vec<Acc>(Acc(0));
+      int64_t c = c0;
+      for (; c + V <= c1; c += V) {
+        const Vec<Acc> pm = math::predict(Vec<Acc>::loadu(cov + c), vinv, vq);
+        Vec<Acc> hv[M];
+        for (int j = 0; j < M; ++j) hv[j] = Vec<Acc>::loadu(h + j * ld + c);
+        int p = 0;
+        for (int j = 0; j < M; ++j) {
+          const Vec<Acc> a = hv[j] * pm;
+          for (int k = 0; k <= j; ++k, ++p) acc[p] = at::vec::fmadd(a, hv[k], acc[p]);
+        }
+      }
+      double tail[NP] = {};
+      for (; c < c1; ++c) {
+        const Acc pm = math::predict(cov[c], inv_lam, q);
+        int p = 0;
+        for (int j = 0; j < M; ++j)
+          for (int k = 0; k <= j; ++k, ++p)
+            tail[p] += static_cast<double>(h[j * ld + c] * pm * h[k * ld + c]);
+      }
+      for (int p = 0; p < NP; ++p) sg[p] += hsum<Acc>(acc[p]) + tail[p];
+    }
+  });
+  std::fill(out, out + M * M, 0.0);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    int p = 0;
+    for (int j = 0; j < M; ++j)
+      for (int k = 0; k <= j; ++k, ++p) out[j * M + k] += partial[g * NP + p];
+  }
+  for (int j = 0; j < M; ++j)
+    for (int k = j + 1; k < M; ++k) out[j * M + k] = out[k * M + j];
+}
+
+template <typename Acc>
+bool try_innovation_small(const void* jac, KKType jt, int64_t ld, const void* cov, KKType ct,
+                          int64_t m, int64_t n, double inv_lam, double q, double* out) {
+  if (m > 4 || m < 1 || n == 0 || jt != acc_kktype<Acc>() || ct != acc_kktype<Acc>()) {
+    return false;
+  }
+  const Acc* h = static_cast<const Acc*>(jac);
+  const Acc* c = static_cast<const Acc*>(cov);
+  switch (m) {
+    case 1: innovation_small<Acc, 1>(h, ld, c, n, inv_lam, q, out); break;
+    case 2: innovation_small<Acc, 2>(h, ld, c, n, inv_lam, q, out); break;
+    case 3: innovation_small<Acc, 3>(h, ld, c, n, inv_lam, q, out); break;
+    default: innovation_small<Acc, 4>(h, ld, c, n, inv_lam, q, out); break;
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------
 // Fused update over one packed tile: G' = F' H_tile with F' = [F; coef] ((m+1) x m, rows
 // padded to a multiple of 4), d = sum_{l<m} G'[l]^2, step = G'[m]; then the elementwise
@@ -619,8 +690,10 @@ inline bool is64(KKType t) { return t == KKType::F64; }
 void innovation_dense(const void* jac, KKType jt, int64_t ld, const void* cov, KKType ct,
                       int64_t m, int64_t n, double inv_lam, double q, bool acc64, double* out) {
   if (acc64) {
+    if (try_innovation_small<double>(jac, jt, ld, cov, ct, m, n, inv_lam, q, out)) return;
     innovation_tiles<double>(DensePacker<double>{jac, jt, ld, m}, cov, ct, m, n, inv_lam, q, out);
   } else {
+    if (try_innovation_small<float>(jac, jt, ld, cov, ct, m, n, inv_lam, q, out)) return;
     innovation_tiles<float>(DensePacker<float>{jac, jt, ld, m}, cov, ct, m, n, inv_lam, q, out);
   }
 }
