@@ -119,6 +119,8 @@ class KalmanNGD(torch.optim.Optimizer):
         self.last_info: Optional[KalmanInfo] = None
         self._captures: Dict[nn.Linear, _LinearCapture] = {}
         self._warned: set = set()
+        self._quad = None            # accumulator of g^T P- g filled during backward
+        self._quad_hyper: list = []
         super().__init__(params, defaults)
         self.state[_FILTER] = {"steps": 0, "skipped_steps": 0,
                                "obs_noise": obs_noise if isinstance(obs_noise, float) else None}
@@ -229,6 +231,29 @@ class KalmanNGD(torch.optim.Optimizer):
                              "of this optimizer")
         return self
 
+    def reduce_in_backward(self) -> "KalmanNGD":
+        """Loss mode, fused: sum g^T P- g during the backward pass (DESIGN 2.2).
+
+        After this call the closure runs ``loss.backward()`` itself (the usual PyTorch
+        closure) and returns ``loss.detach()``. A post-accumulate-grad hook adds each
+        parameter's share of g^T P- g while its fresh gradient is still in cache, so the step
+        itself streams parameter, gradient and covariance once (5 streams instead of 7).
+        It needs exactly one backward per step: with gradient accumulation, or after a
+        group's ``forgetting`` / ``process_noise`` changed, the step recomputes the sum (and
+        warns once).
+        """
+        if self._quad is not None:
+            return self
+        from .backends.loss_hooks import QuadFormAccumulator, attach_quad_form_hooks
+        acc = QuadFormAccumulator()
+        for group in self.param_groups:
+            attach_quad_form_hooks([p for p in group["params"] if p.requires_grad],
+                                   lambda p, g=group: self._cov(p, g), group["forgetting"],
+                                   group["process_noise"], self.backend, acc)
+        self._quad_hyper = [(g["forgetting"], g["process_noise"]) for g in self.param_groups]
+        self._quad = acc
+        return self
+
     def untrack(self) -> None:
         """Remove every hook installed by :meth:`track`."""
         for capture in self._captures.values():
@@ -248,6 +273,8 @@ class KalmanNGD(torch.optim.Optimizer):
         for capture in self._captures.values():
             capture.calls.clear()
             capture.armed = True
+        if self._quad is not None:
+            self._quad.reset()
         try:
             with torch.enable_grad():
                 out = closure()
@@ -298,7 +325,14 @@ class KalmanNGD(torch.optim.Optimizer):
         pairs = self._params()
         params = [p for p, _ in pairs]
         if loss.requires_grad:
-            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+            except RuntimeError as exc:
+                if "second time" not in str(exc):
+                    raise
+                raise ValueError("the closure already called loss.backward(): return "
+                                 "loss.detach() so KalmanNGD reads the .grad it left, or do not "
+                                 "call backward (KalmanNGD differentiates the loss)") from exc
         else:
             grads = [p.grad for p in params]
             if all(g is None for g in grads):
@@ -307,12 +341,23 @@ class KalmanNGD(torch.optim.Optimizer):
                                  "(KalmanNGD differentiates it)")
         used = [(p, g, grad) for (p, g), grad in zip(pairs, grads) if grad is not None]
         loss_value = float(loss.detach())
+        quad_form = None
+        if self._quad is not None and not loss.requires_grad:
+            unchanged = self._quad_hyper == [(g["forgetting"], g["process_noise"])
+                                             for g in self.param_groups]
+            if unchanged and self._quad.count == len(used):
+                quad_form = self._quad.value
+            else:
+                self._warn_once("quad", "KalmanNGD.reduce_in_backward: the backward pass did not "
+                                "give one fresh gradient per parameter (gradient accumulation?) "
+                                "or forgetting / process_noise changed; g^T P g is recomputed "
+                                "after backward instead")
         info = ops.loss_observation_step_(
             [p for p, _, _ in used], [grad.detach() for _, _, grad in used],
             [self._cov(p, g) for p, g, _ in used], [self._hyper(g) for _, g, _ in used],
             loss_value, float(self._current_obs_noise()), gate=self.gate,
             backend=self.backend, adaptive_rate=self.adaptive_obs_noise,
-            process_group=self.process_group)
+            quad_form=quad_form, process_group=self.process_group)
         if not info.skipped:
             self._predict_only_([(p, g) for (p, g), grad in zip(pairs, grads) if grad is None])
         self._record(info)

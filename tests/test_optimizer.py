@@ -333,3 +333,58 @@ def test_unavailable_backend_fails_at_construction_with_reason():
         if not ok:
             with pytest.raises(RuntimeError, match="not available"):
                 kk.KalmanNGD(nn.Linear(2, 2).parameters(), backend=name)
+
+
+def test_reduce_in_backward_equals_the_two_pass_loss_step(rng):
+    x = torch.tensor(rng.standard_normal((16, 3)))
+    y = torch.tensor(rng.standard_normal((16, 2)))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fused = copy.deepcopy(plain)
+    opt_p = kk.KalmanNGD(plain.parameters(), init_cov=0.1, obs_noise=0.05, forgetting=0.97,
+                         process_noise=1e-4)
+    opt_f = kk.KalmanNGD(fused.parameters(), init_cov=0.1, obs_noise=0.05, forgetting=0.97,
+                         process_noise=1e-4).reduce_in_backward()
+
+    def fused_closure():
+        fused.zero_grad()
+        loss = ((fused(x) - y) ** 2).mean()
+        loss.backward()
+        return loss.detach()
+
+    for _ in range(5):
+        opt_p.step(lambda: ((plain(x) - y) ** 2).mean())
+        opt_f.step(fused_closure)
+        assert opt_f._quad.count == 4          # the hooks, not a recomputation, gave g^T P g
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        assert rel_err(b, a) <= 1e-12
+        assert rel_err(opt_f.covariance(b), opt_p.covariance(a)) <= 1e-12
+
+    def accumulated_closure():        # two backward passes: the hook sums are not g^T P g
+        fused.zero_grad()
+        for half in (slice(0, 8), slice(8, 16)):
+            (((fused(x[half]) - y[half]) ** 2).mean() / 2).backward()
+        return (((fused(x) - y) ** 2).mean()).detach()
+
+    shadow = copy.deepcopy(fused)
+    shadow_opt = kk.KalmanNGD(shadow.parameters(), init_cov=0.1, obs_noise=0.05,
+                              forgetting=0.97, process_noise=1e-4)
+    shadow_opt.load_state_dict(copy.deepcopy(opt_f.state_dict()))
+    with pytest.warns(RuntimeWarning, match="recomputed"):
+        opt_f.step(accumulated_closure)
+    shadow_opt.step(lambda: ((shadow(x) - y) ** 2).mean())
+    for a, b in zip(shadow.parameters(), fused.parameters()):
+        assert rel_err(b, a) <= 1e-10
+
+
+def test_closure_that_called_backward_and_returned_the_graph_is_explained():
+    model = nn.Linear(3, 1)
+    opt = kk.KalmanNGD(model.parameters())
+
+    def closure():
+        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="already called loss.backward"):
+        opt.step(closure)
