@@ -8,7 +8,7 @@ from cpp_helpers import (F64, ISAS, assert_sym_close, cov_dtype_for, cpp_backend
 
 JAC_DTYPES = [torch.float32, F64, torch.bfloat16, torch.float16]
 SIZES_N = [1, 7, 1023, 4099]
-SIZES_M = [1, 3, 32]
+SIZES_M = [1, 3, 6, 8, 32]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_bad_inputs_raise(cpp):
         cpp.innovation_cov_kron(torch.randn(3, 4), torch.randn(3, 5), torch.rand(4, 5))
 
 
-@pytest.mark.parametrize("m,n", [(32, 100_003), (3, 1_000_001)])
+@pytest.mark.parametrize("m,n", [(32, 100_003), (3, 1_000_001), (7, 300_007)])
 def test_dense_result_independent_of_thread_count(cpp, m, n):
     """Fixed tiles and tile groups, summed in order: bitwise the same for 1 and 2 threads."""
     jac = randn((m, n), torch.float32)

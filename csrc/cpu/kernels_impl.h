@@ -357,56 +357,82 @@ void innovation_tiles(const Packer& pack, const void* cov, KKType ct, int64_t m,
     for (int64_t k = j + 1; k < m; ++k) out[j * m + k] = out[k * m + j];
 }
 
-// Small m (<= 4) with the Jacobian and covariance already in Acc: no tile buffers; the
-// rows of H and P are streamed once, M(M+1)/2 vector accumulators stay in registers and are
-// flushed into float64 every kFlush columns. Same fixed groups as innovation_tiles, so the
+// Small m (<= 8) with the Jacobian and covariance already in Acc: no tile buffers; the
+// rows of H and P are streamed once and the accumulators of S stay in registers, flushed
+// into float64 every kFlush columns. For m > 4 each block of kFlush columns is walked twice
+// (pairs with k < 4, then pairs with k >= 4; the second walk hits L1/L2), so the
+// accumulators still fit the register file. Same fixed groups as innovation_tiles, so the
 // result does not depend on the thread count either.
 template <typename Acc, int M>
 void innovation_small(const Acc* h, int64_t ld, const Acc* cov, int64_t n, double inv_lam_d,
                       double q_d, double* out) {
   constexpr int64_t V = kV<Acc>;
-  constexpr int NP = M * (M + 1) / 2;
+  constexpr int KA = M < 4 ? M : 4;                     // k < KA in the first walk
+  constexpr int NA = KA * (KA + 1) / 2 + (M - KA) * KA;  // pairs (j >= k, k < KA)
+  constexpr int NB = (M - KA) * (M - KA + 1) / 2;        // pairs (j >= k >= KA)
   constexpr int64_t kFlush = 2048;
   const Acc inv_lam = static_cast<Acc>(inv_lam_d), q = static_cast<Acc>(q_d);
   const int64_t nblk = divup(n, kFlush);
   const int64_t ngroups = std::min(nblk, kMaxGroups);
-  std::vector<double> partial(static_cast<size_t>(ngroups * NP), 0.0);
-  run_items(ngroups, n * 8 * M >= kParallelWork, [] { return 0; }, [&](int64_t g, int&) {
+  std::vector<double> partial(static_cast<size_t>(ngroups * M * M), 0.0);
+  auto make_scratch = [] { return std::vector<Acc>(static_cast<size_t>(kFlush)); };
+  run_items(ngroups, n * 8 * M >= kParallelWork, make_scratch,
+            [&](int64_t g, std::vector<Acc>& pbuf) {
     const Vec<Acc> vinv(inv_lam), vq(q);
-    double* sg = partial.data() + g * NP;
+    double* sg = partial.data() + g * M * M;
+    Acc* pmb = pbuf.data();
     const int64_t b0 = nblk * g / ngroups, b1 = nblk * (g + 1) / ngroups;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t c0 = blk * kFlush, c1 = std::min(n, c0 + kFlush);
-      Vec<Acc> acc[NP];
-      for (int p = 0; p < NP; ++p) acc[p] = Vec<Acc>(Acc(0));
-      int64_t c = c0;
-      for (; c + V <= c1; c += V) {
-        const Vec<Acc> pm = math::predict(Vec<Acc>::loadu(cov + c), vinv, vq);
-        Vec<Acc> hv[M];
-        for (int j = 0; j < M; ++j) hv[j] = Vec<Acc>::loadu(h + j * ld + c);
-        int p = 0;
-        for (int j = 0; j < M; ++j) {
-          const Vec<Acc> a = hv[j] * pm;
-          for (int k = 0; k <= j; ++k, ++p) acc[p] = at::vec::fmadd(a, hv[k], acc[p]);
+      const int64_t cv_end = c0 + (c1 - c0) / V * V;
+      {  // walk 1: pairs with k < KA (P- is kept for walk 2)
+        Vec<Acc> acc[NA];
+        for (int p = 0; p < NA; ++p) acc[p] = Vec<Acc>(Acc(0));
+        for (int64_t c = c0; c < cv_end; c += V) {
+          const Vec<Acc> pm = math::predict(Vec<Acc>::loadu(cov + c), vinv, vq);
+          if (M > KA) pm.store(pmb + (c - c0));
+          Vec<Acc> hk[KA];
+          for (int k = 0; k < KA; ++k) hk[k] = Vec<Acc>::loadu(h + k * ld + c);
+          int p = 0;
+          for (int j = 0; j < M; ++j) {
+            const Vec<Acc> a = (j < KA ? hk[j] : Vec<Acc>::loadu(h + j * ld + c)) * pm;
+            for (int k = 0; k <= j && k < KA; ++k, ++p) acc[p] = at::vec::fmadd(a, hk[k], acc[p]);
+          }
         }
-      }
-      double tail[NP] = {};
-      for (; c < c1; ++c) {
-        const Acc pm = math::predict(cov[c], inv_lam, q);
         int p = 0;
         for (int j = 0; j < M; ++j)
-          for (int k = 0; k <= j; ++k, ++p)
-            tail[p] += static_cast<double>(h[j * ld + c] * pm * h[k * ld + c]);
+          for (int k = 0; k <= j && k < KA; ++k, ++p) sg[j * M + k] += hsum<Acc>(acc[p]);
       }
-      for (int p = 0; p < NP; ++p) sg[p] += hsum<Acc>(acc[p]) + tail[p];
+      if (NB > 0) {  // walk 2: pairs with j >= k >= KA
+        Vec<Acc> acc[NB > 0 ? NB : 1];
+        for (int p = 0; p < NB; ++p) acc[p] = Vec<Acc>(Acc(0));
+        for (int64_t c = c0; c < cv_end; c += V) {
+          const Vec<Acc> pm = Vec<Acc>::loadu(pmb + (c - c0));
+          Vec<Acc> hv[M > KA ? M - KA : 1];
+          for (int j = KA; j < M; ++j) hv[j - KA] = Vec<Acc>::loadu(h + j * ld + c);
+          int p = 0;
+          for (int j = KA; j < M; ++j) {
+            const Vec<Acc> a = hv[j - KA] * pm;
+            for (int k = KA; k <= j; ++k, ++p)
+              acc[p] = at::vec::fmadd(a, hv[k - KA], acc[p]);
+          }
+        }
+        int p = 0;
+        for (int j = KA; j < M; ++j)
+          for (int k = KA; k <= j; ++k, ++p) sg[j * M + k] += hsum<Acc>(acc[p]);
+      }
+      for (int64_t c = cv_end; c < c1; ++c) {  // fewer than V columns
+        const Acc pm = math::predict(cov[c], inv_lam, q);
+        for (int j = 0; j < M; ++j)
+          for (int k = 0; k <= j; ++k)
+            sg[j * M + k] += static_cast<double>(h[j * ld + c] * pm * h[k * ld + c]);
+      }
     }
   });
   std::fill(out, out + M * M, 0.0);
-  for (int64_t g = 0; g < ngroups; ++g) {
-    int p = 0;
+  for (int64_t g = 0; g < ngroups; ++g)
     for (int j = 0; j < M; ++j)
-      for (int k = 0; k <= j; ++k, ++p) out[j * M + k] += partial[g * NP + p];
-  }
+      for (int k = 0; k <= j; ++k) out[j * M + k] += partial[g * M * M + j * M + k];
   for (int j = 0; j < M; ++j)
     for (int k = j + 1; k < M; ++k) out[j * M + k] = out[k * M + j];
 }
@@ -414,7 +440,7 @@ void innovation_small(const Acc* h, int64_t ld, const Acc* cov, int64_t n, doubl
 template <typename Acc>
 bool try_innovation_small(const void* jac, KKType jt, int64_t ld, const void* cov, KKType ct,
                           int64_t m, int64_t n, double inv_lam, double q, double* out) {
-  if (m > 4 || m < 1 || n == 0 || jt != acc_kktype<Acc>() || ct != acc_kktype<Acc>()) {
+  if (m > 8 || m < 1 || n == 0 || jt != acc_kktype<Acc>() || ct != acc_kktype<Acc>()) {
     return false;
   }
   const Acc* h = static_cast<const Acc*>(jac);
@@ -423,7 +449,11 @@ bool try_innovation_small(const void* jac, KKType jt, int64_t ld, const void* co
     case 1: innovation_small<Acc, 1>(h, ld, c, n, inv_lam, q, out); break;
     case 2: innovation_small<Acc, 2>(h, ld, c, n, inv_lam, q, out); break;
     case 3: innovation_small<Acc, 3>(h, ld, c, n, inv_lam, q, out); break;
-    default: innovation_small<Acc, 4>(h, ld, c, n, inv_lam, q, out); break;
+    case 4: innovation_small<Acc, 4>(h, ld, c, n, inv_lam, q, out); break;
+    case 5: innovation_small<Acc, 5>(h, ld, c, n, inv_lam, q, out); break;
+    case 6: innovation_small<Acc, 6>(h, ld, c, n, inv_lam, q, out); break;
+    case 7: innovation_small<Acc, 7>(h, ld, c, n, inv_lam, q, out); break;
+    default: innovation_small<Acc, 8>(h, ld, c, n, inv_lam, q, out); break;
   }
   return true;
 }
