@@ -88,7 +88,7 @@ def _check(cpp_param, cpp_cov, exp_param, exp_cov, p_scale, c_scale, pdtype, cdt
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("pdtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("information", [False, True], ids=["kalman", "information"])
-@pytest.mark.parametrize("m", [1, 3, 32])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 32])
 @pytest.mark.parametrize("n", [1, 7, 1023, 4099])
 def test_dense_matches_reference(cpp, isa, pdtype, information, m, n):
     cdtype = cov_dtype_for(pdtype)

@@ -767,13 +767,84 @@ void update_dispatch(const Packer& pack, void* param, KKType pt, void* cov, KKTy
   }
 }
 
+// Small m (<= 4) with param, cov and Jacobian all in Acc: one loop streams the m rows of H,
+// param and cov once; F, coef and the whitened values stay in registers (no tile buffers).
+template <typename Acc, bool INFO, int M>
+void update_small(Acc* param, Acc* cov, const Acc* h, int64_t ld, int64_t n, const double* coef,
+                  const double* f, const UpdateScalars& s) {
+  constexpr int64_t V = kV<Acc>;
+  constexpr int64_t kItem = 16384;   // columns per work item
+  const ElemScalars<Acc> e(s);
+  Acc fa[M][M], ca[M];
+  for (int l = 0; l < M; ++l) {
+    ca[l] = static_cast<Acc>(coef[l]);
+    for (int k = 0; k < M; ++k) fa[l][k] = static_cast<Acc>(f[l * M + k]);
+  }
+  const int64_t items = divup(n, kItem);
+  run_items(items, n * 8 * M >= kParallelWork, [] { return 0; }, [&](int64_t it, int&) {
+    const Vec<Acc> vinv(e.inv_lam), vq(e.q), vlo(e.lo), vhi(e.hi), one(Acc(1));
+    const int64_t c0 = it * kItem, c1 = std::min(n, c0 + kItem);
+    int64_t c = c0;
+    for (; c + V <= c1; c += V) {
+      Vec<Acc> hv[M];
+      for (int k = 0; k < M; ++k) hv[k] = Vec<Acc>::loadu(h + k * ld + c);
+      Vec<Acc> d(Acc(0)), st(Acc(0));
+      for (int l = 0; l < M; ++l) {
+        Vec<Acc> g(Acc(0));
+        for (int k = 0; k < M; ++k) g = at::vec::fmadd(Vec<Acc>(fa[l][k]), hv[k], g);
+        d = at::vec::fmadd(g, g, d);
+        st = at::vec::fmadd(Vec<Acc>(ca[l]), hv[l], st);
+      }
+      const Vec<Acc> pm = math::predict(Vec<Acc>::loadu(cov + c), vinv, vq);
+      math::mean_step(Vec<Acc>::loadu(param + c), pm, st).store(param + c);
+      math::cov_rule<INFO>(pm, d, one, vlo, vhi).store(cov + c);
+    }
+    for (; c < c1; ++c) {
+      Acc d = Acc(0), st = Acc(0);
+      for (int l = 0; l < M; ++l) {
+        Acc g = Acc(0);
+        for (int k = 0; k < M; ++k) g += fa[l][k] * h[k * ld + c];
+        d += g * g;
+        st += ca[l] * h[l * ld + c];
+      }
+      const Acc pm = math::predict(cov[c], e.inv_lam, e.q);
+      param[c] = math::mean_step(param[c], pm, st);
+      cov[c] = math::cov_rule<INFO>(pm, d, Acc(1), e.lo, e.hi);
+    }
+  });
+}
+
+template <typename Acc>
+bool try_update_small(void* param, KKType pt, void* cov, KKType ct, const void* jac, KKType jt,
+                      int64_t ld, int64_t m, int64_t n, const double* coef, const double* f,
+                      const UpdateScalars& s) {
+  constexpr KKType A = acc_kktype<Acc>();
+  if (m < 1 || m > 4 || n == 0 || pt != A || ct != A || jt != A) return false;
+  Acc* p = static_cast<Acc*>(param);
+  Acc* c = static_cast<Acc*>(cov);
+  const Acc* h = static_cast<const Acc*>(jac);
+#define KK_UPDATE_SMALL(M)                                                      \
+  (s.information ? update_small<Acc, true, M>(p, c, h, ld, n, coef, f, s)       \
+                 : update_small<Acc, false, M>(p, c, h, ld, n, coef, f, s))
+  switch (m) {
+    case 1: KK_UPDATE_SMALL(1); break;
+    case 2: KK_UPDATE_SMALL(2); break;
+    case 3: KK_UPDATE_SMALL(3); break;
+    default: KK_UPDATE_SMALL(4); break;
+  }
+#undef KK_UPDATE_SMALL
+  return true;
+}
+
 void update_dense(void* param, KKType pt, void* cov, KKType ct, const void* jac, KKType jt,
                   int64_t ld, int64_t m, int64_t n, const double* coef, const double* f,
                   const UpdateScalars& s) {
   if (s.acc64) {
+    if (try_update_small<double>(param, pt, cov, ct, jac, jt, ld, m, n, coef, f, s)) return;
     update_dispatch<double>(DensePacker<double>{jac, jt, ld, m}, param, pt, cov, ct, m, n, coef,
                             f, s);
   } else {
+    if (try_update_small<float>(param, pt, cov, ct, jac, jt, ld, m, n, coef, f, s)) return;
     update_dispatch<float>(DensePacker<float>{jac, jt, ld, m}, param, pt, cov, ct, m, n, coef, f,
                            s);
   }
