@@ -7,8 +7,8 @@ The extension (the ``cpp`` backend, csrc/) is built with torch.utils.cpp_extensi
 ninja. Its kernels (csrc/cpu/kernels_impl.h) are compiled three times, for a baseline
 x86-64 ISA, for AVX2 and for AVX-512, each with the matching ``CPU_CAPABILITY`` macro (as
 PyTorch does for its own CPU kernels); the operator layer picks one at run time from
-``torch.backends.cpu.get_cpu_capability()``. ``-march=native`` is never used: a wheel
-built that way dies with SIGILL on an older CPU.
+``torch.backends.cpu.get_cpu_capability()``. ``-march`` is never tuned to the build
+host's own CPU: a wheel built that way dies with SIGILL on an older CPU.
 
 Environment variables:
   KALMAN_KERNELS_REQUIRE_CPP=1  a failed extension build fails the install (CI sets it);
