@@ -419,10 +419,10 @@ def kalman_update_(blocks: Sequence[Block], residual: torch.Tensor, obs_noise, *
                 cov_ceiling=cov_ceiling, cov_update=cov_update)
     hp = StepHyper(float(lr), float(forgetting), float(process_noise), float(cov_floor),
                    float(cov_ceiling), cov_update == "information")
-    blocks = list(blocks) if not isinstance(blocks, (DenseBlock, KronBlock)) else blocks
-    n_blocks = len(blocks) if isinstance(blocks, list) else 1
-    info = kalman_step_(blocks, [hp] * n_blocks, residual, obs_noise, gate=gate,
-                        backend=backend)
+    if not isinstance(blocks, (DenseBlock, KronBlock)):   # a lone block is refused below
+        blocks = list(blocks)
+    info = kalman_step_(blocks, [hp] * (len(blocks) if isinstance(blocks, list) else 1),
+                        residual, obs_noise, gate=gate, backend=backend)
     if info.skipped:
         warnings.warn(f"kalman_update_: step skipped ({info.reason}); parameters and "
                       f"covariances are unchanged", RuntimeWarning, stacklevel=2)
