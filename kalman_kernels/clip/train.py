@@ -169,6 +169,18 @@ def _batches(n: int, labels: torch.Tensor, batch: int, gen: torch.Generator):
             yield perm[s:s + batch]
 
 
+def _training_free_result(name: str, hparams: dict, score, task: Task, t0: float) -> MethodResult:
+    """Evaluate a fixed scorer (optionally temperature-calibrated on val) as a MethodResult."""
+    tau = task.tau
+    if getattr(task, "calibrate", False):
+        tau = _fit_temperature(score(task.val), task.val.labels, task.tau)
+    metrics, p = _evaluate(score, task, tau)
+    metrics["val"] = M.classification_metrics(torch.softmax(tau * score(task.val).double(), 1),
+                                              task.val.labels)
+    return MethodResult(name, hparams, metrics, [], time.time() - t0, tau,
+                        M.reliability(p, task.test.labels))
+
+
 def run_zero_shot(task: Task) -> MethodResult:
     t0 = time.time()
     text = F.normalize(task.text, dim=-1)
@@ -176,14 +188,7 @@ def run_zero_shot(task: Task) -> MethodResult:
     def score(fs):
         return F.normalize(fs.embed.float(), dim=-1) @ text.t()
 
-    tau = task.tau
-    if getattr(task, "calibrate", False):
-        tau = _fit_temperature(score(task.val), task.val.labels, task.tau)
-    metrics, p = _evaluate(score, task, tau)
-    metrics["val"] = M.classification_metrics(torch.softmax(tau * score(task.val).double(), 1),
-                                              task.val.labels)
-    return MethodResult("zero-shot", {}, metrics, [], time.time() - t0, tau,
-                        M.reliability(p, task.test.labels))
+    return _training_free_result("zero-shot", {}, score, task, t0)
 
 
 def run_gda(task: Task, shrinkages=(0.1, 0.3, 0.6, 0.9), scales=(0.25, 0.5, 1.0, 2.0, 4.0)) -> MethodResult:
@@ -225,14 +230,8 @@ def run_gda(task: Task, shrinkages=(0.1, 0.3, 0.6, 0.9), scales=(0.25, 0.5, 1.0,
             if best is None or v < best[0]:
                 best = (v, a, sc_, sc)
     _, alpha, scale, score = best
-    tau = task.tau
-    if getattr(task, "calibrate", False):
-        tau = _fit_temperature(score(task.val), task.val.labels, task.tau)
-    metrics, p = _evaluate(score, task, tau)
-    metrics["val"] = M.classification_metrics(torch.softmax(tau * score(task.val).double(), 1),
-                                              task.val.labels)
-    return MethodResult("gda", {"shrinkage": alpha, "variance_scale": scale}, metrics, [],
-                        time.time() - t0, tau, M.reliability(p, task.test.labels))
+    return _training_free_result("gda", {"shrinkage": alpha, "variance_scale": scale}, score,
+                                 task, t0)
 
 
 def finetune(task: Task, cfg: TrainConfig, progress: bool = True, desc: str = "") -> MethodResult:
