@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from . import reference as ref
-from .backends import resolve
+from .. import reference as ref
+from ..backends import resolve
 
 __all__ = ["DenseBlock", "KronBlock", "KalmanInfo", "kalman_update_", "loss_update_",
            "kalman_step_", "loss_observation_step_", "StepHyper"]
