@@ -12,17 +12,25 @@ Notation (DESIGN section 2): ``P`` is the diagonal covariance, ``P-`` the predic
 Two groups of functions live here:
 
 * the equations, used by :mod:`kalman_kernels.ops` for the small m x m work that every
-  backend shares (factor, whiten, gate, adaptive noise), and by the tests;
+  backend shares (factor, whiten, gate, adaptive noise), and by the tests. They take and
+  return tensors and never read a tensor's value on the host, so a step runs on any device
+  without a synchronisation, under ``torch.compile(fullgraph=True)`` and on ``meta`` tensors;
 * the *kernel entry points* (``innovation_cov_dense``, ``innovation_cov_kron``,
-  ``fused_update_dense_``, ``fused_update_kron_``, ``loss_quad_form``, ``loss_step_``):
-  the per-parameter passes that compiled backends replace. Their signatures are the
-  backend contract documented in ``kalman_kernels/backends/README.md``.
+  ``fused_update_dense_``, ``fused_update_kron_``, ``loss_quad_form``, ``loss_step_``,
+  ``step_terms_dense``, ``step_terms_kron``, ``apply_terms_``): the per-parameter passes
+  that compiled backends replace. Their signatures are the backend contract documented in
+  ``kalman_kernels/backends/README.md``; the in-place ones take a 0-d boolean ``ok`` and
+  leave their outputs bit-for-bit unchanged when it is false.
+
+Kronecker blocks are *sample-grouped* (DESIGN 2.1, issue 12): inputs A (B, d_in) hold one
+row per sample and grad_outputs D (B, K, d_out) the K observations of each sample, so
+observation (j, k) has the Jacobian row vec(D[j, k] A[j]^T), in row-major (j, k) order.
+K = 1 (grad_outputs (B, d_out)) is the plain block of one observation per input row.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -35,6 +43,8 @@ JITTER_LADDER = (1e-10, 1e-8, 1e-6)
 #: Lower bound of the adaptive observation noise (DESIGN 2.3): keeps r > 0 when the
 #: residuals are smaller than the predicted spread.
 ADAPTIVE_NOISE_FLOOR = 1e-8
+
+Scalar = Union[float, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------
@@ -53,21 +63,39 @@ def innovation_cov_dense(jac: torch.Tensor, cov: torch.Tensor, forgetting: float
     """H diag(P-) H^T for a dense block; ``jac`` is (m, n), ``cov`` holds n elements."""
     h = jac.reshape(jac.shape[0], -1).to(F64)
     p = predict_cov(cov.reshape(-1).to(F64), forgetting, process_noise)
-    return (h * p) @ h.T
+    return _symmetric((h * p) @ h.T)
+
+
+def _symmetric(s: torch.Tensor) -> torch.Tensor:
+    """(S + S^T) / 2: exactly symmetric whatever order the matmul summed in."""
+    return 0.5 * (s + s.T)
+
+
+def grouped(grad_outputs: torch.Tensor) -> torch.Tensor:
+    """grad_outputs as (B, K, d_out): a 2-D (B, d_out) block is K = 1."""
+    return grad_outputs.unsqueeze(1) if grad_outputs.dim() == 2 else grad_outputs
+
+
+def pair_products(inputs: torch.Tensor) -> torch.Tensor:
+    """Ap[j, j', i] = a_j,i a_j',i (B, B, d_in): the inner dimension of the grouped forms."""
+    a = inputs.to(F64)
+    return a[:, None, :] * a[None, :, :]
 
 
 def innovation_cov_kron(inputs: torch.Tensor, grad_outputs: torch.Tensor, cov: torch.Tensor,
                         forgetting: float = 1.0, process_noise: float = 0.0) -> torch.Tensor:
-    """S_jk = sum_{o,i} P-[o,i] D[j,o] D[k,o] A[j,i] A[k,i] (DESIGN 2.1), without building H.
+    """H diag(P-) H^T of a sample-grouped Kronecker block, without building H (DESIGN 2.1).
 
-    ``inputs`` A is (m, d_in), ``grad_outputs`` D is (m, d_out), ``cov`` is (d_out, d_in).
+    ``inputs`` A is (B, d_in), ``grad_outputs`` D is (B, K, d_out) (or (B, d_out): K = 1),
+    ``cov`` is (d_out, d_in). With Q[j, j', o] = sum_i P-[o, i] a_j,i a_j',i:
+    S[(j, k), (j', k')] = sum_o D[j, k, o] D[j', k', o] Q[j, j', o], an (B K, B K) matrix.
     """
-    a = inputs.to(F64)
-    d = grad_outputs.to(F64)
+    d = grouped(grad_outputs).to(F64)
+    batch, k = d.shape[0], d.shape[1]
     p = predict_cov(cov.to(F64), forgetting, process_noise)
-    dd = d[:, None, :] * d[None, :, :]          # (m, m, d_out): D_j (.) D_k
-    aa = a[:, None, :] * a[None, :, :]          # (m, m, d_in):  A_j (.) A_k
-    return torch.einsum("jko,oi,jki->jk", dd, p, aa)
+    q = pair_products(inputs) @ p.T                              # (B, B, d_out)
+    s = torch.einsum("jko,JKo,jJo->jkJK", d, d, q)
+    return _symmetric(s.reshape(batch * k, batch * k))
 
 
 def add_obs_noise(hph: torch.Tensor, obs_noise: torch.Tensor) -> torch.Tensor:
@@ -83,26 +111,37 @@ def add_obs_noise(hph: torch.Tensor, obs_noise: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Step 3: Cholesky with the jitter ladder
 # --------------------------------------------------------------------------------------
-def cholesky_with_jitter(s: torch.Tensor):
+def cholesky_with_jitter(s: torch.Tensor, *, batched: Optional[bool] = None):
     """Factor S = L L^T in float64, adding eps * trace(S)/m * I on failure.
 
-    Returns ``(L, jitter)`` where ``jitter`` is the eps that succeeded (0.0 for none), or
-    ``(None, None)`` when every rung of the ladder failed: the caller skips the step.
+    Returns ``(L, jitter, ok)`` as tensors: ``jitter`` the eps that succeeded (0 for none),
+    ``ok`` a 0-d bool, false when S is not finite or every rung of the ladder failed (the
+    caller then skips the step; L is meaningless). ``batched`` factors every rung at once
+    and picks the first success on the device (no host read: GPUs, torch.compile, meta
+    tensors); the default does so everywhere but for eager CPU tensors, where reading
+    ``info`` costs nothing and the rungs are tried one after the other.
     """
     s = s.to(F64)
-    if not bool(torch.isfinite(s).all()):
-        return None, None
-    factor, info = torch.linalg.cholesky_ex(s)
-    if int(info) == 0:
-        return factor, 0.0
-    m = s.shape[0]
-    scale = float(torch.diagonal(s).sum()) / m
+    m = s.shape[-1]
+    finite = torch.isfinite(s).all()
+    eps = torch.tensor((0.0,) + JITTER_LADDER, dtype=F64, device=s.device)
+    scale = torch.diagonal(s).sum() / m
     eye = torch.eye(m, dtype=F64, device=s.device)
-    for eps in JITTER_LADDER:
-        factor, info = torch.linalg.cholesky_ex(s + (eps * scale) * eye)
+    # A non-finite S is factored as the identity (the result is discarded): the factor
+    # never holds NaN/Inf that could leak into anything the caller computes from it.
+    s = torch.where(finite, s, eye)
+    if batched is None:
+        batched = s.device.type != "cpu" or torch.compiler.is_compiling()
+    if batched:
+        factors, info = torch.linalg.cholesky_ex(s + (eps * scale)[:, None, None] * eye)
+        good = info == 0
+        first = torch.argmax(good.to(torch.int8))               # first success (0 if none)
+        return factors[first], eps[first], finite & good.any()
+    for rung in range(eps.shape[0]):
+        factor, info = torch.linalg.cholesky_ex(s + (eps[rung] * scale) * eye)
         if int(info) == 0:
-            return factor, eps
-    return None, None
+            return factor, eps[rung], finite.clone()
+    return factor, eps[-1], torch.zeros((), dtype=torch.bool, device=s.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -114,9 +153,9 @@ def whiten(factor: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor, e, upper=False).reshape(-1)
 
 
-def mahalanobis(z: torch.Tensor) -> float:
-    """d2 = z^T z = e^T S^-1 e."""
-    return float(z @ z)
+def mahalanobis(z: torch.Tensor) -> torch.Tensor:
+    """d2 = z^T z = e^T S^-1 e (a 0-d tensor)."""
+    return z @ z
 
 
 def solve_from_whitened(factor: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -133,46 +172,92 @@ def whitening_matrix(factor: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Step 5: gate
 # --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1024)
+def _gammainc_lower(a: float, x: float) -> float:
+    """Regularised lower incomplete gamma P(a, x) in plain floats (series below a + 1,
+    Lentz's continued fraction for Q above)."""
+    if x <= 0.0:
+        return 0.0
+    log_front = a * math.log(x) - x - math.lgamma(a)
+    if x < a + 1.0:
+        term = total = 1.0 / a
+        denom = a
+        for _ in range(10_000):
+            denom += 1.0
+            term *= x / denom
+            total += term
+            if abs(term) < abs(total) * 1e-17:
+                break
+        return min(1.0, total * math.exp(log_front))
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c = 1.0 / tiny
+    d = 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-16:
+            break
+    return max(0.0, 1.0 - math.exp(log_front) * h)
+
+
+_CHI2_CACHE: dict = {}
+
+
 def chi2_quantile(prob: float, dof: int) -> float:
     """The chi-square quantile at ``prob`` for ``dof`` degrees of freedom.
 
-    Solved by bisection on the regularised lower incomplete gamma function, so that no
-    SciPy is needed at run time (the tests compare it with ``scipy.stats.chi2.ppf``).
+    Plain-float bisection on the regularised incomplete gamma function (no SciPy at run
+    time; the tests compare with ``scipy.stats.chi2.ppf``). Host arithmetic on Python
+    numbers only: it never touches a tensor, so it costs no device synchronisation.
     """
+    key = (float(prob), int(dof))
+    if key in _CHI2_CACHE:
+        return _CHI2_CACHE[key]
     if not 0.0 < prob < 1.0:
         raise ValueError(f"gate must be a probability in (0, 1), got {prob}")
-    k = torch.tensor(dof / 2.0, dtype=F64)
-
-    def cdf(x: float) -> float:
-        return float(torch.special.gammainc(k, torch.tensor(x / 2.0, dtype=F64)))
-
+    k = dof / 2.0
     lo, hi = 0.0, max(1.0, float(dof))
-    while cdf(hi) < prob:
+    while _gammainc_lower(k, hi / 2.0) < prob:
         hi *= 2.0
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if cdf(mid) < prob:
+        if _gammainc_lower(k, mid / 2.0) < prob:
             lo = mid
         else:
             hi = mid
         if hi - lo <= 1e-13 * hi:
             break
-    return 0.5 * (lo + hi)
+    _CHI2_CACHE[key] = value = 0.5 * (lo + hi)
+    return value
 
 
-def gate_scale(d2: float, tau: Optional[float]) -> float:
-    """s = 1 without gating, else min(1, sqrt(tau / d2))."""
-    if tau is None or d2 <= tau:
-        return 1.0
-    return math.sqrt(tau / d2)
+if hasattr(torch, "_dynamo") and hasattr(torch._dynamo, "assume_constant_result"):
+    # A host-side constant for torch.compile: evaluated once while tracing, never traced.
+    chi2_quantile = torch._dynamo.assume_constant_result(chi2_quantile)
+
+
+def gate_scale(d2: torch.Tensor, tau: Optional[float]) -> torch.Tensor:
+    """s = 1 without gating, else min(1, sqrt(tau / d2)) (a 0-d float64 tensor)."""
+    d2 = torch.as_tensor(d2, dtype=F64)
+    one = torch.ones((), dtype=F64, device=d2.device)
+    if tau is None:
+        return one
+    return torch.where(d2 > tau, torch.sqrt(tau / d2), one)
 
 
 # --------------------------------------------------------------------------------------
 # Steps 6 and 7: mean step and covariance update
 # --------------------------------------------------------------------------------------
 def mean_step(param: torch.Tensor, cov_pred: torch.Tensor, direction: torch.Tensor,
-              step_scale: float) -> torch.Tensor:
+              step_scale: Scalar) -> torch.Tensor:
     """mu + alpha * s * P- (.) direction, where ``direction`` = H^T S^-1 e."""
     return param.to(F64) + step_scale * cov_pred.to(F64) * direction.to(F64)
 
@@ -207,111 +292,123 @@ def dense_diag_term(jac: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
 
 def kron_step_direction(inputs: torch.Tensor, grad_outputs: torch.Tensor,
                         coef: torch.Tensor) -> torch.Tensor:
-    """H^T c = D^T diag(c) A, shaped like the weight (DESIGN 2.1)."""
-    return grad_outputs.to(F64).T @ (coef.to(F64)[:, None] * inputs.to(F64))
+    """H^T c = sum_j (sum_k c_jk D[j, k]) A[j]^T, shaped like the weight (DESIGN 2.1)."""
+    d = grouped(grad_outputs).to(F64)
+    c = coef.to(F64).reshape(d.shape[0], d.shape[1])
+    dc = torch.einsum("jk,jko->jo", c, d)                       # (B, d_out)
+    return dc.T @ inputs.to(F64)
 
 
 def kron_diag_term(inputs: torch.Tensor, grad_outputs: torch.Tensor,
                    whitening: torch.Tensor) -> torch.Tensor:
-    """diag(H^T W H)[o,i] = sum_{j,k} W_jk D[j,o] D[k,o] A[j,i] A[k,i], W = F^T F."""
-    a = inputs.to(F64)
-    d = grad_outputs.to(F64)
+    """diag(H^T W H)[o, i] = sum_{j,j'} G[j, j', o] a_j,i a_j',i with W = F^T F and
+    G[j, j', o] = sum_{k,k'} W[(j, k), (j', k')] D[j, k, o] D[j', k', o]."""
+    d = grouped(grad_outputs).to(F64)
+    batch, k = d.shape[0], d.shape[1]
     f = whitening.to(F64)
-    w = f.T @ f
-    m = a.shape[0]
-    dd = (d[:, None, :] * d[None, :, :]).reshape(m * m, -1)     # rows D_j (.) D_k
-    aa = (a[:, None, :] * a[None, :, :]).reshape(m * m, -1)     # rows A_j (.) A_k
-    return (dd * w.reshape(-1, 1)).T @ aa
+    w = (f.T @ f).reshape(batch, k, batch, k)
+    g = torch.einsum("jkJK,jko,JKo->jJo", w, d, d)              # (B, B, d_out)
+    return torch.einsum("jJo,jJi->oi", g, pair_products(inputs))
 
 
 # --------------------------------------------------------------------------------------
 # Kernel entry points (the backend contract; see kalman_kernels/backends/README.md)
 # --------------------------------------------------------------------------------------
-def _write_(out: torch.Tensor, value: torch.Tensor) -> None:
-    out.copy_(value.reshape(out.shape).to(out.dtype))
+def _write_(out: torch.Tensor, value: torch.Tensor, ok: torch.Tensor) -> None:
+    """out <- value where ok, else out unchanged bit for bit (a device-side predicate)."""
+    new = value.reshape(out.shape).to(out.dtype)
+    out.copy_(torch.where(torch.as_tensor(ok, device=out.device), new, out))
 
 
 def fused_update_dense_(param: torch.Tensor, cov: torch.Tensor, jac: torch.Tensor,
-                        coef: torch.Tensor, whitening: torch.Tensor, forgetting: float,
-                        process_noise: float, cov_floor: float, cov_ceiling: float,
-                        information: bool) -> None:
-    """In place: param += P- (.) H^T coef ; cov = rule(P-, ||F H_i||^2) clamped.
+                        coef: torch.Tensor, whitening: torch.Tensor, ok: torch.Tensor,
+                        forgetting: float, process_noise: float, cov_floor: float,
+                        cov_ceiling: float, information: bool) -> None:
+    """In place, when ``ok``: param += P- (.) H^T coef ; cov = rule(P-, ||F H_i||^2) clamped.
 
     ``coef`` already carries lr * gate_scale * S^-1 e.
     """
     p_pred = predict_cov(cov.reshape(-1).to(F64), forgetting, process_noise)
     new_param = mean_step(param.reshape(-1), p_pred, dense_step_direction(jac, coef), 1.0)
     new_cov = cov_update(p_pred, dense_diag_term(jac, whitening), cov_floor, cov_ceiling, information)
-    _write_(param, new_param)
-    _write_(cov, new_cov)
+    _write_(param, new_param, ok)
+    _write_(cov, new_cov, ok)
 
 
 def fused_update_kron_(weight: torch.Tensor, cov: torch.Tensor, inputs: torch.Tensor,
                        grad_outputs: torch.Tensor, coef: torch.Tensor, whitening: torch.Tensor,
-                       forgetting: float, process_noise: float, cov_floor: float,
-                       cov_ceiling: float, information: bool) -> None:
-    """The Kronecker-block form of :func:`fused_update_dense_` for an (d_out, d_in) weight."""
+                       ok: torch.Tensor, forgetting: float, process_noise: float,
+                       cov_floor: float, cov_ceiling: float, information: bool) -> None:
+    """The sample-grouped Kronecker form of :func:`fused_update_dense_` for a (d_out, d_in)
+    weight; ``coef`` has B K entries in (j, k) order, ``whitening`` is (B K, B K)."""
     p_pred = predict_cov(cov.to(F64), forgetting, process_noise)
     new_weight = mean_step(weight, p_pred, kron_step_direction(inputs, grad_outputs, coef), 1.0)
     diag = kron_diag_term(inputs, grad_outputs, whitening)
     new_cov = cov_update(p_pred, diag, cov_floor, cov_ceiling, information)
-    _write_(weight, new_weight)
-    _write_(cov, new_cov)
+    _write_(weight, new_weight, ok)
+    _write_(cov, new_cov, ok)
 
 
 def step_terms_dense(jac: torch.Tensor, coef: torch.Tensor, whitening: torch.Tensor):
-    """(H^T c, diag(H^T F^T F H)) of a dense block, for the all-reduced update of 2.5."""
+    """(H^T c, diag(H^T F^T F H)) of a dense block, flat (n,), for the all-reduced update
+    of DESIGN 2.5."""
     return dense_step_direction(jac, coef), dense_diag_term(jac, whitening)
 
 
 def step_terms_kron(inputs, grad_outputs, coef, whitening):
-    """(D^T diag(c) A, kron diag term) of a Kronecker block, for the update of 2.5."""
+    """(H^T c, diag(H^T F^T F H)) of a Kronecker block, each (d_out, d_in) (DESIGN 2.5)."""
     return (kron_step_direction(inputs, grad_outputs, coef),
             kron_diag_term(inputs, grad_outputs, whitening))
 
 
 def apply_terms_(param: torch.Tensor, cov: torch.Tensor, direction: torch.Tensor,
-                 diag_term: torch.Tensor, step_scale: float, forgetting: float,
+                 diag_term: torch.Tensor, ok: torch.Tensor, forgetting: float,
                  process_noise: float, cov_floor: float, cov_ceiling: float,
                  information: bool) -> None:
-    """param += step_scale * P- (.) direction ; cov = rule(P-, diag_term) (DESIGN 2.5)."""
+    """In place, when ``ok``: param += P- (.) direction ; cov = rule(P-, diag_term)
+    (DESIGN 2.5; ``direction`` already carries lr * s)."""
     p_pred = predict_cov(cov.reshape(-1).to(F64), forgetting, process_noise)
-    new_param = mean_step(param.reshape(-1), p_pred, direction.reshape(-1), step_scale)
+    new_param = mean_step(param.reshape(-1), p_pred, direction.reshape(-1), 1.0)
     new_cov = cov_update(p_pred, diag_term.reshape(-1).to(F64), cov_floor, cov_ceiling, information)
-    _write_(param, new_param)
-    _write_(cov, new_cov)
+    _write_(param, new_param, ok)
+    _write_(cov, new_cov, ok)
 
 
 # --------------------------------------------------------------------------------------
 # Loss-observation mode (DESIGN 2.2)
 # --------------------------------------------------------------------------------------
 def loss_quad_form(grads: Sequence[torch.Tensor], covs: Sequence[torch.Tensor],
-                   forgetting: float = 1.0, process_noise: float = 0.0) -> float:
-    """g^T P- g summed over every parameter tensor (the one reduction of 2.2)."""
-    total = 0.0
+                   forgetting: float = 1.0, process_noise: float = 0.0) -> torch.Tensor:
+    """g^T P- g summed over every parameter tensor (the one reduction of 2.2), a 0-d
+    float64 tensor."""
+    total = None
     for g, c in zip(grads, covs):
         g64 = g.to(F64)
-        total += float((g64 * g64 * predict_cov(c.to(F64), forgetting, process_noise)).sum())
+        part = (g64 * g64 * predict_cov(c.to(F64), forgetting, process_noise)).sum()
+        total = part if total is None else total + part
+    if total is None:
+        return torch.zeros((), dtype=F64)
     return total
 
 
 def loss_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-               covs: Sequence[torch.Tensor], coef: float, weight: float, forgetting: float,
-               process_noise: float, cov_floor: float, cov_ceiling: float,
+               covs: Sequence[torch.Tensor], coef: Scalar, weight: Scalar, ok: torch.Tensor,
+               forgetting: float, process_noise: float, cov_floor: float, cov_ceiling: float,
                information: bool) -> None:
-    """In place over every tensor: mu += coef * P- (.) g ; P = rule(P-, weight * g^2).
+    """In place over every tensor, when ``ok``: mu += coef * P- (.) g ; P = rule(P-, weight g^2).
 
     With S = g^T P- g + r and e = y - L: coef = lr * s * e / S; weight = 1/S for the Kalman
-    rule, 1/r for the information rule.
+    rule, 1/r for the information rule. ``coef`` and ``weight`` are 0-d float64 tensors on
+    the parameters' device (or Python floats).
     """
     for p, g, c in zip(params, grads, covs):
         g64 = g.to(F64)
         p_pred = predict_cov(c.to(F64), forgetting, process_noise)
-        _write_(p, mean_step(p, p_pred, g64, coef))
-        _write_(c, cov_update(p_pred, weight * g64 * g64, cov_floor, cov_ceiling, information))
+        _write_(p, mean_step(p, p_pred, g64, coef), ok)
+        _write_(c, cov_update(p_pred, weight * g64 * g64, cov_floor, cov_ceiling, information), ok)
 
 
-def loss_innovation(quad_form: float, obs_noise: float) -> float:
+def loss_innovation(quad_form: Scalar, obs_noise: Scalar) -> Scalar:
     """S = g^T P- g + r (a scalar: one observation)."""
     return quad_form + obs_noise
 
@@ -319,14 +416,18 @@ def loss_innovation(quad_form: float, obs_noise: float) -> float:
 # --------------------------------------------------------------------------------------
 # Adaptive observation noise (DESIGN 2.3)
 # --------------------------------------------------------------------------------------
-def adapt_obs_noise(obs_noise: float, rate: float, residual: torch.Tensor,
-                    predicted_spread: float, floor: float = ADAPTIVE_NOISE_FLOOR) -> float:
-    """r <- (1 - beta) r + beta * max(r_min, mean(e^2) - mean(diag(H P- H^T)))."""
+def adapt_obs_noise(obs_noise: Scalar, rate: float, residual: torch.Tensor,
+                    predicted_spread: Scalar, floor: float = ADAPTIVE_NOISE_FLOOR):
+    """r <- (1 - beta) r + beta * max(r_min, mean(e^2) - mean(diag(H P- H^T))).
+
+    Tensors in, a 0-d float64 tensor out (Python floats in, a float out)."""
     if rate == 0.0:
         return obs_noise
-    e = residual.to(F64)
-    innovation_excess = float((e * e).mean()) - predicted_spread
-    return (1.0 - rate) * obs_noise + rate * max(floor, innovation_excess)
+    e = torch.as_tensor(residual).to(F64)
+    excess = (e * e).mean() - predicted_spread
+    if not isinstance(obs_noise, torch.Tensor) and not isinstance(predicted_spread, torch.Tensor):
+        return (1.0 - rate) * obs_noise + rate * max(floor, float(excess))
+    return (1.0 - rate) * obs_noise + rate * torch.clamp(excess, min=floor)
 
 
 # --------------------------------------------------------------------------------------

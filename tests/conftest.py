@@ -26,3 +26,14 @@ def rel_err(actual, expected) -> float:
 def rng():
     """A fresh, unseeded generator every run (inputs differ from run to run)."""
     return np.random.default_rng()
+
+
+from kernel_backends import params as _kernel_backend_params  # noqa: E402
+
+
+@pytest.fixture(params=_kernel_backend_params())
+def kb(request):
+    """One kernel backend variant (tests/kernel_backends.py); skips when unavailable."""
+    backend = request.param
+    backend.module  # skip / fail now, with the reason
+    return backend

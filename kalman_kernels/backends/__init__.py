@@ -1,11 +1,20 @@
 """Backend registry: which kernel implementations exist here, and why the others do not.
 
-A backend is a module exposing the kernel entry points of the contract in
-``kalman_kernels/backends/README.md`` (the signatures of the functions of the same name
-in :mod:`kalman_kernels.reference`). Backends are loaded lazily and the failure reason
-of one that cannot load is kept, so that ``backend="cpp"`` on a machine where the
-extension did not build raises with that reason instead of silently running something
-else.
+A backend is a module ``kalman_kernels/backends/<name>_backend.py`` exposing the kernel
+entry points of the contract (``kalman_kernels/backends/README.md``; the signatures of the
+functions of the same name in :mod:`kalman_kernels.reference`) and declaring itself:
+
+* ``NAME``: its name;
+* ``DEVICES``: ``{device type: priority}``; ``backend="auto"`` takes, for a tensor's
+  device type, the available backend with the highest priority. A priority of ``None``
+  serves that device only when asked for by name (e.g. the Triton interpreter on CPU, a
+  test tool). ``"*"`` matches every device type;
+* ``UNAVAILABLE_REASON`` (optional): set when the module imports but cannot run here;
+* ``HOW_TO_GET`` (optional): what a user does to get it.
+
+The registry has no per-backend rules. Backends load lazily and the failure reason of one
+that cannot load is kept, so ``backend="cpp"`` on a machine where the extension did not
+build raises with that reason instead of silently running something else.
 """
 from __future__ import annotations
 
@@ -20,15 +29,10 @@ NAMES = ("reference", "cpp", "triton", "cuda")
 
 # name -> (module or None, reason it is unavailable or None)
 _loaded: Dict[str, Tuple[Optional[ModuleType], Optional[str]]] = {}
+_how_to_get: Dict[str, str] = {}
 
-_HOW_TO_GET = {
-    "cpp": "reinstall with `pip install --no-build-isolation -e .` after torch, with a C++ "
-           "compiler and ninja on PATH, and check the build log",
-    "triton": "the Triton backend is not part of this release yet; use backend='reference' "
-              "or 'auto'",
-    "cuda": "the CUDA backend is not part of this release yet; use backend='reference' or "
-            "'auto'",
-}
+_DEFAULT_HOW_TO_GET = ("reinstall with `pip install --no-build-isolation -e .` after torch and "
+                       "read the build output")
 
 
 def _load(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
@@ -36,11 +40,13 @@ def _load(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
         return _loaded[name]
     try:
         module = importlib.import_module(f"kalman_kernels.backends.{name}_backend")
+        if getattr(module, "HOW_TO_GET", None):
+            _how_to_get[name] = module.HOW_TO_GET
         reason = getattr(module, "UNAVAILABLE_REASON", None)
         result = (None, reason) if reason else (module, None)
     except ModuleNotFoundError as exc:
         if exc.name == f"kalman_kernels.backends.{name}_backend":
-            result = (None, f"the {name} backend is not built in this installation")
+            result = (None, f"the {name} backend is not part of this installation")
         else:
             result = (None, f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # a broken build must not break `import kalman_kernels`
@@ -59,35 +65,50 @@ def backend_errors() -> Dict[str, str]:
     return {name: _load(name)[1] for name in NAMES if _load(name)[0] is None}
 
 
-def _supports_device(name: str, device: torch.device) -> bool:
-    if name in ("reference",):
-        return True
-    if name == "cpp":
-        return device.type == "cpu"
-    return device.type == "cuda"
+def _priority(module: ModuleType, device_type: str):
+    """(serves this device?, auto priority or None)."""
+    devices = getattr(module, "DEVICES", {})
+    if device_type in devices:
+        return True, devices[device_type]
+    if "*" in devices:
+        return True, devices["*"]
+    return False, None
 
 
-# Fastest first, per device type.
-_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+def auto_order(device_type: str):
+    """Available backends that ``backend="auto"`` would consider for ``device_type``,
+    highest priority first."""
+    ranked = []
+    for name in NAMES:
+        module, _ = _load(name)
+        if module is None:
+            continue
+        serves, prio = _priority(module, device_type)
+        if serves and prio is not None:
+            ranked.append((prio, name))
+    return [name for _, name in sorted(ranked, key=lambda t: -t[0])]
 
 
 def resolve(name: str, device: torch.device) -> ModuleType:
     """The backend module for ``name`` ("auto" picks the fastest available for ``device``)."""
+    device = torch.device(device)
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            module, _ = _load(candidate)
-            if module is not None and _supports_device(candidate, device):
-                return module
-        return _load("reference")[0]
+        order = auto_order(device.type)
+        if not order:
+            raise RuntimeError(f"no backend serves {device.type} tensors")
+        return _load(order[0])[0]
     if name not in NAMES:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
     module, reason = _load(name)
     if module is None:
-        raise RuntimeError(f"backend={name!r} is not available: {reason}. "
-                           f"To get it: {_HOW_TO_GET.get(name, '')}")
-    if not _supports_device(name, device):
-        raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors; use "
-                           f"backend='auto' or move the tensors to a supported device")
+        raise RuntimeError(f"backend={name!r} is not available: {reason}. To get it: "
+                           f"{_how_to_get.get(name, _DEFAULT_HOW_TO_GET)}")
+    serves, _ = _priority(module, device.type)
+    if not serves:
+        served = sorted(getattr(module, "DEVICES", {}))
+        raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors (it serves "
+                           f"{', '.join(served) or 'no device here'}); use backend='auto' or "
+                           f"move the tensors to a supported device")
     return module
 
 
@@ -99,7 +120,8 @@ def _require_cpp_if_asked() -> None:
         module, reason = _load("cpp")
         if module is None:
             raise ImportError(f"KALMAN_KERNELS_REQUIRE_CPP is set but the cpp backend cannot "
-                              f"load: {reason}. To get it: {_HOW_TO_GET['cpp']}")
+                              f"load: {reason}. To get it: "
+                              f"{_how_to_get.get('cpp', _DEFAULT_HOW_TO_GET)}")
 
 
 _require_cpp_if_asked()
