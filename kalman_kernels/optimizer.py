@@ -5,10 +5,17 @@ observation of the model:
 
 * batch-observation mode: ``closure() -> (pred, target)`` with shapes (m,) or (m, K).
   The m*K predictions (flattened row-major) are the observations; their Jacobian is
-  computed inside by batched autograd, or through Kronecker blocks for ``nn.Linear``
-  layers registered with :meth:`KalmanNGD.track`.
+  computed inside by batched autograd, or through sample-grouped Kronecker blocks for
+  ``nn.Linear`` layers registered with :meth:`KalmanNGD.track` (:mod:`.observations`).
 * loss-observation mode: ``closure() -> loss`` (a scalar tensor). The loss itself is one
-  observation with target 0 (DESIGN 2.2); the optimizer differentiates it.
+  observation with target 0 (DESIGN 2.2). The closure may follow torch.optim's convention
+  (zero the gradients, call ``loss.backward()``, return the loss: the gradients backward
+  left are used) or return the loss with its graph (the optimizer differentiates it).
+
+Like ``torch.optim.AdamW`` this class gathers state and calls a functional step
+(:mod:`kalman_kernels.ops`); the step reads no device value on the host (DESIGN 4), so its
+counters (``steps``, ``skipped_steps``) and the adaptive noise live in device tensors and
+``last_info`` converts to Python numbers only when read.
 
 Hyper-parameters that belong to a parameter (``lr``, ``init_cov``, ``process_noise``,
 ``forgetting``, ``cov_floor``, ``cov_ceiling``, ``cov_update``) may differ between param
@@ -21,13 +28,17 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from . import ops
-from .ops import DenseBlock, KalmanInfo, KronBlock, StepHyper
+from ._deferred import PendingFlags, compiling
+from .backends import resolve
+from .observations import LinearCapture, batch_observation
+from .ops import KalmanInfo, StepHyper
 
 _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "cov_ceiling",
                "cov_update")
@@ -37,31 +48,6 @@ _FILTER = "filter"   # key of the optimizer-wide state (a string, so state_dict 
 
 def _cov_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-class _LinearCapture:
-    """Forward hook of one tracked nn.Linear: keeps its input and output of this step."""
-
-    def __init__(self, layer: nn.Linear):
-        self.layer = layer
-        self.calls: List[tuple] = []
-        self.handle = layer.register_forward_hook(self._hook)
-        self.armed = False
-
-    def _hook(self, module, args, output):
-        if self.armed and torch.is_grad_enabled():
-            self.calls.append((args[0], output))
-
-    def usable(self) -> Optional[str]:
-        """None if the capture gives a Kronecker block, else why it does not."""
-        if len(self.calls) != 1:
-            return f"called {len(self.calls)} times in one closure"
-        a, out = self.calls[0]
-        if a.dim() != 2:
-            return f"its input has shape {tuple(a.shape)} (a sequence per sample), not (batch, d_in)"
-        if not out.requires_grad:
-            return "its output does not require grad"
-        return None
 
 
 class KalmanNGD(torch.optim.Optimizer):
@@ -107,7 +93,7 @@ class KalmanNGD(torch.optim.Optimizer):
         if adaptive_obs_noise > 0 and isinstance(obs_noise, torch.Tensor):
             raise ValueError("adaptive_obs_noise needs a scalar obs_noise; it cannot adapt an "
                              "(m,) or (m, m) tensor")
-        ops._check_gate(gate)
+        ops.check_gate(gate)
         if backend not in ("auto",) + _backend_names():
             raise ValueError(f"backend must be one of {('auto',) + _backend_names()}, got "
                              f"{backend!r}")
@@ -117,16 +103,22 @@ class KalmanNGD(torch.optim.Optimizer):
         self.process_group = process_group
         self.backend = backend
         self.last_info: Optional[KalmanInfo] = None
-        self._captures: Dict[nn.Linear, _LinearCapture] = {}
+        self._captures: Dict[nn.Linear, LinearCapture] = {}
         self._warned: set = set()
-        self._quad = None            # accumulator of g^T P- g filled during backward
-        self._quad_hyper: list = []
+        self._pending = PendingFlags()
+        self._quad = None            # QuadFormAccumulator when reduce_in_backward() is on
+        self._hooked: Dict[int, object] = {}
+        self._in_closure = False
+        self._backward_calls = 0
         super().__init__(params, defaults)
-        self.state[_FILTER] = {"steps": 0, "skipped_steps": 0,
-                               "obs_noise": obs_noise if isinstance(obs_noise, float) else None}
+        device = self._device()
+        self.state[_FILTER] = {
+            "steps": torch.zeros((), dtype=torch.int64, device=device),
+            "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
+            "obs_noise": (torch.tensor(obs_noise, dtype=torch.float64, device=device)
+                          if isinstance(obs_noise, float) else None)}
         if backend != "auto":
-            from .backends import resolve
-            resolve(backend, self._device())   # fail now, with the reason, not at step 1
+            resolve(backend, device)   # fail now, with the reason, not at step 1
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -170,11 +162,18 @@ class KalmanNGD(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
+        """Steps skipped so far (a non-finite observation or a failed factorisation)."""
+        self._pending.poll(wait=True)
         return int(self.state[_FILTER]["skipped_steps"])
+
+    @property
+    def steps_taken(self) -> int:
+        """Steps applied so far."""
+        return int(self.state[_FILTER]["steps"])
 
     def _current_obs_noise(self):
         r = self.state[_FILTER].get("obs_noise")
-        return r if r is not None else self.obs_noise
+        return r if (r is not None and self.adaptive_obs_noise > 0) else self.obs_noise
 
     @staticmethod
     def _hyper(group: dict) -> StepHyper:
@@ -206,59 +205,84 @@ class KalmanNGD(torch.optim.Optimizer):
             self.state[p]["cov"] = cov.detach().to(device=p.device,
                                                    dtype=torch.promote_types(cov.dtype, _cov_dtype(p)),
                                                    copy=True)
-        self.state[_FILTER] = dict(state_dict["state"].get(_FILTER, self.state.get(_FILTER, {})))
+        device = self._device()
+        saved = dict(state_dict["state"].get(_FILTER, {}))
+        filt = {}
+        for key in ("steps", "skipped_steps"):
+            filt[key] = torch.as_tensor(saved.get(key, 0), dtype=torch.int64).to(device).clone()
+        r = saved.get("obs_noise")
+        filt["obs_noise"] = (None if r is None else
+                             torch.as_tensor(r, dtype=torch.float64).to(device).clone())
+        self.state[_FILTER] = filt
         for group in self.param_groups:
             _check_group(group, where="loaded param group")
 
     # ------------------------------------------------------------------ tracking
-    def track(self, module: nn.Module) -> "KalmanNGD":
-        """Use Kronecker blocks (DESIGN 2.1) for ``module``'s nn.Linear weights in batch mode.
+    def track(self, module: nn.Module, verify: str = "first") -> "KalmanNGD":
+        """Use sample-grouped Kronecker blocks (DESIGN 2.1) for ``module``'s nn.Linear
+        weights in batch mode.
 
         Valid when observation (j, k) depends on a tracked layer only through batch row j
-        of its input and output (e.g. K class scores per image from a per-image feature);
-        this is checked at every step from the output Jacobian, and a violation raises.
-        A layer called more than once per closure, or fed a sequence per sample, falls back
-        to the dense Jacobian with a warning.
+        of its input and output (e.g. K class scores per image from a per-image feature).
+        ``verify`` says when that is checked from the output Jacobian (a violation raises):
+        ``"first"`` (default) on a layer's first batch step, ``"always"`` at every step
+        (it doubles the probe backward passes and reads a device value on the host), or
+        ``"never"``. A layer called more than once per closure, or fed a sequence per
+        sample, falls back to the dense Jacobian with a warning.
         """
+        if verify not in ("first", "always", "never"):
+            raise ValueError(f"verify must be 'first', 'always' or 'never', got {verify!r}")
         ours = {id(p) for g in self.param_groups for p in g["params"]}
         found = 0
         for layer in module.modules():
             if isinstance(layer, nn.Linear) and id(layer.weight) in ours and layer not in self._captures:
-                self._captures[layer] = _LinearCapture(layer)
+                self._captures[layer] = LinearCapture(layer, verify)
                 found += 1
         if found == 0 and not any(layer in self._captures for layer in module.modules()):
             raise ValueError("track(module): module has no nn.Linear whose weight is a parameter "
                              "of this optimizer")
         return self
 
-    def reduce_in_backward(self) -> "KalmanNGD":
-        """Loss mode, fused: sum g^T P- g during the backward pass (DESIGN 2.2).
-
-        After this call the closure runs ``loss.backward()`` itself (the usual PyTorch
-        closure) and returns ``loss.detach()``. A post-accumulate-grad hook adds each
-        parameter's share of g^T P- g while its fresh gradient is still in cache, so the step
-        itself streams parameter, gradient and covariance once (5 streams instead of 7).
-        It needs exactly one backward per step: with gradient accumulation, or after a
-        group's ``forgetting`` / ``process_noise`` changed, the step recomputes the sum (and
-        warns once).
-        """
-        if self._quad is not None:
-            return self
-        from .backends.loss_hooks import QuadFormAccumulator, attach_quad_form_hooks
-        acc = QuadFormAccumulator()
-        for group in self.param_groups:
-            attach_quad_form_hooks([p for p in group["params"] if p.requires_grad],
-                                   lambda p, g=group: self._cov(p, g), group["forgetting"],
-                                   group["process_noise"], self.backend, acc)
-        self._quad_hyper = [(g["forgetting"], g["process_noise"]) for g in self.param_groups]
-        self._quad = acc
-        return self
-
     def untrack(self) -> None:
         """Remove every hook installed by :meth:`track`."""
         for capture in self._captures.values():
-            capture.handle.remove()
+            capture.remove()
         self._captures.clear()
+
+    def reduce_in_backward(self) -> "KalmanNGD":
+        """Loss mode, fused: sum g^T P- g during the backward pass (DESIGN 2.2).
+
+        The closure then runs ``loss.backward()`` itself (the usual PyTorch closure). A
+        post-accumulate-grad hook adds each parameter's share of g^T P- g while its fresh
+        gradient is still in cache, so the step itself streams parameter, gradient and
+        covariance once (5 streams instead of 7). It needs exactly one backward per step:
+        with gradient accumulation the step recomputes the sum (and warns once).
+        """
+        if self._quad is None:
+            from .backends.loss_hooks import QuadFormAccumulator
+            self._quad = QuadFormAccumulator()
+        return self
+
+    def _install_grad_hooks(self) -> None:
+        """One post-accumulate-grad hook per parameter: it records that backward ran inside
+        the closure (torch.optim's closure convention) and, with reduce_in_backward(), adds
+        the parameter's g^T P- g while the gradient is fresh."""
+        me = weakref.ref(self)
+        for p, group in self._params():
+            if id(p) in self._hooked:
+                continue
+
+            def hook(param, group=group):
+                opt = me()
+                if opt is None or not opt._in_closure:
+                    return
+                opt._backward_calls += 1
+                if opt._quad is not None and param.grad is not None:
+                    kernels = resolve(opt.backend, param.device)
+                    opt._quad.add(kernels, param.grad, opt._cov(param, group),
+                                  float(group["forgetting"]), float(group["process_noise"]))
+
+            self._hooked[id(p)] = p.register_post_accumulate_grad_hook(hook)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable] = None):
@@ -270,22 +294,27 @@ class KalmanNGD(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("KalmanNGD.step needs a closure: closure() -> (pred, target) for "
                              "batch observations, or closure() -> scalar loss tensor")
+        self._pending.poll()
+        self._install_grad_hooks()
         for capture in self._captures.values():
             capture.calls.clear()
             capture.armed = True
         if self._quad is not None:
             self._quad.reset()
+        self._backward_calls = 0
+        self._in_closure = True
         try:
             with torch.enable_grad():
                 out = closure()
         finally:
+            self._in_closure = False
             for capture in self._captures.values():
                 capture.armed = False
         try:
             if isinstance(out, (tuple, list)) and len(out) == 2:
                 return self._batch_step(*out)
-            if isinstance(out, torch.Tensor) and out.numel() == 1:
-                return self._loss_step(out)
+            if isinstance(out, torch.Tensor):
+                return self._loss_step(out, self._backward_calls > 0)
             raise TypeError(f"closure must return (pred, target) tensors or a scalar loss "
                             f"tensor, got {_describe(out)}")
         finally:
@@ -293,30 +322,44 @@ class KalmanNGD(torch.optim.Optimizer):
                 capture.calls.clear()
 
     def _record(self, info: KalmanInfo) -> None:
+        """Counters and adaptive noise on the device; the skip warning once the flag has
+        reached the host (see :mod:`kalman_kernels._deferred`)."""
         self.last_info = info
         filt = self.state[_FILTER]
-        if info.skipped:
-            filt["skipped_steps"] += 1
-            if "skip" not in self._warned:
+        skipped = info.skipped_tensor.to(filt["steps"].device)
+        filt["skipped_steps"].add_(skipped.to(torch.int64))
+        filt["steps"].add_((~skipped).to(torch.int64))
+        if self.adaptive_obs_noise > 0 and info.obs_noise_tensor is not None:
+            filt["obs_noise"] = info.obs_noise_tensor.detach().to(torch.float64).reshape(())
+        if "skip" in self._warned:
+            return
+
+        def callback(was_skipped: bool, info=info) -> None:
+            if was_skipped and "skip" not in self._warned:
                 self._warned.add("skip")
                 warnings.warn(f"KalmanNGD: step skipped ({info.reason}); parameters and "
                               f"covariances are unchanged. Further skips are counted in "
                               f"optimizer.skipped_steps without a warning.", RuntimeWarning,
-                              stacklevel=3)
-            return
-        filt["steps"] += 1
-        if self.adaptive_obs_noise > 0 and info.obs_noise is not None:
-            filt["obs_noise"] = float(info.obs_noise)
+                              stacklevel=5)
 
-    def _predict_only_(self, pairs) -> None:
-        """Parameters the observation does not touch still go through the predict step."""
+        self._pending.add(info.skipped_tensor, callback)
+
+    def _predict_only_(self, pairs, ok: torch.Tensor) -> None:
+        """Parameters the observation does not touch still go through the predict step
+        (when the step is applied)."""
         for p, g in pairs:
             hp = self._hyper(g)
             cov = self._cov(p, g)
-            if hp.forgetting != 1.0 or hp.process_noise != 0.0 or hp.cov_floor > 0 or math.isfinite(hp.cov_ceiling):
-                cov.div_(hp.forgetting).add_(hp.process_noise).clamp_(hp.cov_floor, hp.cov_ceiling)
+            if hp.forgetting != 1.0 or hp.process_noise != 0.0 or hp.cov_floor > 0 or \
+                    math.isfinite(hp.cov_ceiling):
+                new = (cov / hp.forgetting + hp.process_noise).clamp_(hp.cov_floor, hp.cov_ceiling)
+                cov.copy_(torch.where(ok.to(cov.device), new, cov))
 
-    def _loss_step(self, loss: torch.Tensor):
+    def _loss_step(self, loss: torch.Tensor, backward_seen: bool):
+        if loss.numel() != 1:
+            raise TypeError(f"closure returned a loss of shape {tuple(loss.shape)}; in "
+                            f"loss-observation mode it must be a scalar (reduce it, e.g. "
+                            f".mean()), or return (pred, target) for batch-observation mode")
         if not loss.is_floating_point():
             raise TypeError(f"closure returned a {loss.dtype} loss; it must be a floating tensor")
         if isinstance(self.obs_noise, torch.Tensor):
@@ -324,42 +367,39 @@ class KalmanNGD(torch.optim.Optimizer):
                              "observation per step), got a tensor")
         pairs = self._params()
         params = [p for p, _ in pairs]
-        if loss.requires_grad:
-            try:
-                grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-            except RuntimeError as exc:
-                if "second time" not in str(exc):
-                    raise
-                raise ValueError("the closure already called loss.backward(): return "
-                                 "loss.detach() so KalmanNGD reads the .grad it left, or do not "
-                                 "call backward (KalmanNGD differentiates the loss)") from exc
+        if backward_seen:
+            grads = [p.grad for p in params]          # torch.optim's closure convention
+        elif loss.requires_grad:
+            grads = list(torch.autograd.grad(loss.reshape(()), params, allow_unused=True))
         else:
             grads = [p.grad for p in params]
             if all(g is None for g in grads):
                 raise ValueError("closure returned a loss that does not require grad and no "
-                                 "parameter has a .grad: return the loss tensor with its graph "
-                                 "(KalmanNGD differentiates it)")
+                                 "parameter has a .grad: call loss.backward() in the closure, or "
+                                 "return the loss tensor with its graph (KalmanNGD then "
+                                 "differentiates it)")
+        if all(g is None for g in grads):
+            raise ValueError("the loss does not depend on any parameter of this optimizer (no "
+                             "gradient reached them); check the closure and the params given "
+                             "to KalmanNGD")
         used = [(p, g, grad) for (p, g), grad in zip(pairs, grads) if grad is not None]
-        loss_value = float(loss.detach())
         quad_form = None
-        if self._quad is not None and not loss.requires_grad:
-            unchanged = self._quad_hyper == [(g["forgetting"], g["process_noise"])
-                                             for g in self.param_groups]
-            if unchanged and self._quad.count == len(used):
+        if self._quad is not None:
+            if backward_seen and self._quad.count == len(used):
                 quad_form = self._quad.value
             else:
-                self._warn_once("quad", "KalmanNGD.reduce_in_backward: the backward pass did not "
-                                "give one fresh gradient per parameter (gradient accumulation?) "
-                                "or forgetting / process_noise changed; g^T P g is recomputed "
-                                "after backward instead")
+                self._warn_once("quad", "KalmanNGD.reduce_in_backward: the closure did not run "
+                                "exactly one backward pass over the parameters (no backward, "
+                                "or gradient accumulation); g^T P g is recomputed after "
+                                "backward instead")
         info = ops.loss_observation_step_(
             [p for p, _, _ in used], [grad.detach() for _, _, grad in used],
             [self._cov(p, g) for p, g, _ in used], [self._hyper(g) for _, g, _ in used],
-            loss_value, float(self._current_obs_noise()), gate=self.gate,
+            loss.detach(), self._current_obs_noise(), gate=self.gate,
             backend=self.backend, adaptive_rate=self.adaptive_obs_noise,
             quad_form=quad_form, process_group=self.process_group)
-        if not info.skipped:
-            self._predict_only_([(p, g) for (p, g), grad in zip(pairs, grads) if grad is None])
+        self._predict_only_([(p, g) for (p, g), grad in zip(pairs, grads) if grad is None],
+                            ~info.skipped_tensor)
         self._record(info)
         return loss.detach()
 
@@ -379,66 +419,20 @@ class KalmanNGD(torch.optim.Optimizer):
         if not pred.requires_grad:
             raise ValueError("pred does not require grad: the closure must compute it from the "
                              "parameters with autograd enabled")
-        rows_per_sample = 1 if pred.dim() == 1 else pred.shape[1]
-        flat = pred.reshape(-1)
-        m = flat.shape[0]
-        residual = target.detach().reshape(-1).to(torch.float64) - flat.detach().to(torch.float64)
-        if self.process_group is None and not bool(torch.isfinite(residual).all()):
-            # (With a process group every rank must still join the step's collectives;
-            # kalman_step_ then skips on all ranks together.)
-            info = KalmanInfo(float("nan"), 0.0, True, None, None,
-                              "non-finite values in pred or target", m)
-            self._record(info)
-            return residual.square().mean()
-
-        pairs = self._params()
-        kron_layers = []
-        for layer, capture in self._captures.items():
-            why = capture.usable()
-            if why is None:
-                kron_layers.append((layer, capture))
-            elif capture.calls or layer.weight.requires_grad:
-                self._warn_once(f"dense:{id(layer)}",
-                                f"KalmanNGD.track: {layer} {why}; using the dense Jacobian for it")
-        kron_ids = {id(layer.weight) for layer, _ in kron_layers}
-        kron_ids |= {id(layer.bias) for layer, _ in kron_layers if layer.bias is not None}
-        dense_pairs = [(p, g) for p, g in pairs if id(p) not in kron_ids]
-        outputs = [capture.calls[0][1] for _, capture in kron_layers]
-
-        dense_jacs = _batched_jacobian(flat, [p for p, _ in dense_pairs])
-        blocks, hypers, untouched = [], [], []
-        for (p, g), jac in zip(dense_pairs, dense_jacs):
-            if jac is None:
-                untouched.append((p, g))
-                continue
-            blocks.append(DenseBlock(p, self._cov(p, g), jac.detach()))
-            hypers.append(self._hyper(g))
-        groups_of = {id(p): g for p, g in pairs}
-        per_sample = pred.reshape(-1, rows_per_sample)
-        output_grads = _per_sample_output_grads(per_sample, outputs, [l for l, _ in kron_layers])
-        rows = torch.arange(m, device=flat.device) // rows_per_sample
-        for (layer, capture), grad_outputs in zip(kron_layers, output_grads):
-            inputs = capture.calls[0][0].detach()[rows]
-            g = groups_of[id(layer.weight)]
-            blocks.append(KronBlock(layer.weight, self._cov(layer.weight, g), inputs, grad_outputs))
-            hypers.append(self._hyper(g))
-            if layer.bias is not None and id(layer.bias) in groups_of:
-                gb = groups_of[id(layer.bias)]
-                blocks.append(DenseBlock(layer.bias, self._cov(layer.bias, gb), grad_outputs))
-                hypers.append(self._hyper(gb))
-        if not blocks:
+        obs = batch_observation(pred, target, self._params(), self._captures, self._cov,
+                                self._hyper, self._warn_once)
+        if not obs.blocks:
             raise ValueError("pred does not depend on any parameter of this optimizer")
-        info = ops.kalman_step_(blocks, hypers, residual, self._current_obs_noise(),
+        info = ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, self._current_obs_noise(),
                                 gate=self.gate, backend=self.backend,
                                 adaptive_rate=self.adaptive_obs_noise,
                                 process_group=self.process_group)
-        if not info.skipped:
-            self._predict_only_(untouched)
+        self._predict_only_(obs.untouched, ~info.skipped_tensor)
         self._record(info)
-        return residual.square().mean()
+        return obs.residual.square().mean()
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
+        if key not in self._warned and not compiling():
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
@@ -454,7 +448,7 @@ class KalmanNGD(torch.optim.Optimizer):
                     cov = self._cov(p, g)
                     noise = torch.randn(p.shape, generator=generator, dtype=cov.dtype,
                                         device=p.device)
-                    p.copy_((p.to(cov.dtype) + cov.sqrt() * noise).to(p.dtype))
+                    p.copy_((p.to(cov.dtype) + cov.clamp_min(0).sqrt() * noise).to(p.dtype))
             yield self
         finally:
             with torch.no_grad():
@@ -486,67 +480,3 @@ def _describe(x) -> str:
     if isinstance(x, (tuple, list)):
         return f"a {type(x).__name__} of length {len(x)}"
     return type(x).__name__
-
-
-def _batched_jacobian(flat_pred: torch.Tensor, inputs: List[torch.Tensor],
-                      eye: Optional[torch.Tensor] = None):
-    """Rows of d flat_pred / d input, one per row of ``eye`` (default: the identity, i.e. the
-    full Jacobian, each (m, *input.shape)); None for an input pred does not depend on."""
-    if not inputs:
-        return []
-    if eye is None:
-        m = flat_pred.shape[0]
-        eye = torch.eye(m, dtype=flat_pred.dtype, device=flat_pred.device)
-    m = eye.shape[0]
-    try:
-        return list(torch.autograd.grad(flat_pred, inputs, grad_outputs=eye, retain_graph=True,
-                                        is_grads_batched=True, allow_unused=True))
-    except RuntimeError:
-        # Some ops have no batching rule for their backward: fall back to one row at a time.
-        rows = [torch.autograd.grad(flat_pred, inputs, grad_outputs=eye[i], retain_graph=True,
-                                    allow_unused=True) for i in range(m)]
-        return [None if rows[0][k] is None else torch.stack([r[k] for r in rows])
-                for k in range(len(inputs))]
-
-
-def _per_sample_output_grads(per_sample: torch.Tensor, outputs: List[torch.Tensor],
-                             layers: List[nn.Module]) -> List[torch.Tensor]:
-    """D for every tracked layer: row (j, k) is d pred[j, k] / d out[j], shape (B*K, d_out).
-
-    When observation (j, k) depends on the layer only through its own sample j, one
-    backward pass per class k (the gradient of sum_j pred[j, k]) yields row j of every
-    D[(j, k)] at once: K passes instead of B*K. A second set of K passes weighted by random
-    per-sample coefficients u_j must then give u_j times the first; any cross-sample
-    dependence (batch norm, attention across the batch) breaks that and raises.
-    """
-    if not outputs:
-        return []
-    batch, k_cls = per_sample.shape
-    for out, layer in zip(outputs, layers):
-        if out.shape[0] != batch:
-            raise ValueError(f"tracked layer {layer} saw a batch of {out.shape[0]} samples but "
-                             f"pred has {batch} rows: track() needs pred's first dimension to be "
-                             f"the layer's batch dimension")
-    gen = torch.Generator().manual_seed(0x6B6B)          # fixed: the probe never moves results
-    u = torch.randn(batch, generator=gen, dtype=torch.float64).to(per_sample.device, per_sample.dtype)
-    probes = torch.zeros((2 * k_cls, batch, k_cls), dtype=per_sample.dtype, device=per_sample.device)
-    cls = torch.arange(k_cls, device=per_sample.device)
-    probes[cls, :, cls] = 1.0
-    probes[k_cls + cls, :, cls] = u
-    grads = _batched_jacobian(per_sample, outputs, probes)
-    result = []
-    for grad, out, layer in zip(grads, outputs, layers):
-        if grad is None:
-            raise ValueError(f"pred does not depend on the output of tracked layer {layer}")
-        grad = grad.detach()
-        plain, weighted = grad[:k_cls], grad[k_cls:]              # (K, B, d_out) each
-        expected = u.reshape(1, -1, 1) * plain
-        scale = float(expected.abs().max()) if expected.numel() else 0.0
-        # Rounding of the probe in low precision: allow a few ulps of the dtype.
-        tol = max(1e-4, 8 * torch.finfo(grad.dtype).eps)
-        if float((weighted - expected).abs().max()) > tol * max(scale, 1e-30):
-            raise ValueError(f"tracked layer {layer}: an observation depends on another sample's "
-                             f"output (e.g. batch normalisation or attention across the batch), "
-                             f"so its Jacobian is not a Kronecker block; do not track this layer")
-        result.append(plain.transpose(0, 1).reshape(batch * k_cls, -1))
-    return result

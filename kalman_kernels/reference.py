@@ -125,18 +125,20 @@ def cholesky_with_jitter(s: torch.Tensor, *, batched: Optional[bool] = None):
     m = s.shape[-1]
     finite = torch.isfinite(s).all()
     eps = torch.tensor((0.0,) + JITTER_LADDER, dtype=F64, device=s.device)
-    scale = torch.diagonal(s).sum() / m
     eye = torch.eye(m, dtype=F64, device=s.device)
     # A non-finite S is factored as the identity (the result is discarded): the factor
     # never holds NaN/Inf that could leak into anything the caller computes from it.
     s = torch.where(finite, s, eye)
+    scale = torch.diagonal(s).sum() / m
     if batched is None:
         batched = s.device.type != "cpu" or torch.compiler.is_compiling()
     if batched:
         factors, info = torch.linalg.cholesky_ex(s + (eps * scale)[:, None, None] * eye)
         good = info == 0
-        first = torch.argmax(good.to(torch.int8))               # first success (0 if none)
-        return factors[first], eps[first], finite & good.any()
+        # the first rung that succeeded (0 if none), picked without a data-dependent shape
+        first = torch.argmax(good.to(torch.int8)).reshape(1)
+        return (factors.index_select(0, first)[0], eps.index_select(0, first)[0],
+                finite & good.any())
     for rung in range(eps.shape[0]):
         factor, info = torch.linalg.cholesky_ex(s + (eps[rung] * scale) * eye)
         if int(info) == 0:
@@ -239,9 +241,10 @@ def chi2_quantile(prob: float, dof: int) -> float:
     return value
 
 
-if hasattr(torch, "_dynamo") and hasattr(torch._dynamo, "assume_constant_result"):
-    # A host-side constant for torch.compile: evaluated once while tracing, never traced.
-    chi2_quantile = torch._dynamo.assume_constant_result(chi2_quantile)
+# A host-side constant for torch.compile: evaluated while tracing, never traced into. This is
+# what torch.compiler.assume_constant_result sets; setting it directly keeps importing this
+# module from importing torch._dynamo (over a second).
+chi2_quantile._dynamo_marked_constant = True
 
 
 def gate_scale(d2: torch.Tensor, tau: Optional[float]) -> torch.Tensor:

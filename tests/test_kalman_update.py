@@ -214,7 +214,7 @@ def test_jitter_ladder_rescues_singular_innovation():
     ("backend", ValueError, "backend must be one of"),
     ("single_block", TypeError, "list"),
     ("kron_inputs", ValueError, "inputs must have shape"),
-    ("duplicate", ValueError, "earlier block"),
+    ("duplicate", ValueError, "share memory"),
 ])
 def test_bad_input_is_named_and_state_unchanged(case, exc, match):
     p = torch.randn(4, 3)

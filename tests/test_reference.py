@@ -52,15 +52,26 @@ def test_kron_innovation_and_terms_equal_dense_rows(rng):
     assert rel_err(ref.kron_diag_term(a, d, f).reshape(-1), ref.dense_diag_term(h, f)) <= 1e-12
 
 
-def test_cholesky_ladder_reports_failure_and_success():
-    assert ref.cholesky_with_jitter(-torch.eye(3, dtype=torch.float64)) == (None, None)
+@pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
+def test_cholesky_ladder_reports_failure_and_success(batched):
+    """Both ways of walking the ladder (host reads on eager CPU, all rungs at once on a
+    device) give the same factor, jitter and verdict."""
+    _, _, ok = ref.cholesky_with_jitter(-torch.eye(3, dtype=torch.float64), batched=batched)
+    assert not bool(ok)
     nan = torch.full((2, 2), float("nan"), dtype=torch.float64)
-    assert ref.cholesky_with_jitter(nan) == (None, None)
+    factor, _, ok = ref.cholesky_with_jitter(nan, batched=batched)
+    assert not bool(ok) and bool(torch.isfinite(factor).all())
     singular = torch.ones(3, 3, dtype=torch.float64)
-    factor, jitter = ref.cholesky_with_jitter(singular)
-    assert factor is not None and jitter in ref.JITTER_LADDER
+    factor, jitter, ok = ref.cholesky_with_jitter(singular, batched=batched)
+    assert bool(ok) and float(jitter) in ref.JITTER_LADDER
+    scale = 1.0   # trace(S) / m
+    rebuilt = factor @ factor.T
+    assert torch.allclose(rebuilt, singular + float(jitter) * scale * torch.eye(3, dtype=torch.float64),
+                          rtol=1e-12, atol=1e-12)
     good = torch.eye(3, dtype=torch.float64) * 2
-    assert ref.cholesky_with_jitter(good)[1] == 0.0
+    factor, jitter, ok = ref.cholesky_with_jitter(good, batched=batched)
+    assert bool(ok) and float(jitter) == 0.0
+    assert torch.equal(factor, torch.linalg.cholesky(good))
 
 
 def test_whitening_gives_mahalanobis_and_solve(rng):
@@ -68,10 +79,10 @@ def test_whitening_gives_mahalanobis_and_solve(rng):
     x = rng.standard_normal((m, m))
     s = torch.tensor(x @ x.T + m * np.eye(m))
     e = torch.tensor(rng.standard_normal(m))
-    factor, _ = ref.cholesky_with_jitter(s)
+    factor, _, _ = ref.cholesky_with_jitter(s)
     z = ref.whiten(factor, e)
     s_inv = np.linalg.inv(s.numpy())
-    assert ref.mahalanobis(z) == pytest.approx(float(e.numpy() @ s_inv @ e.numpy()), rel=1e-12)
+    assert float(ref.mahalanobis(z)) == pytest.approx(float(e.numpy() @ s_inv @ e.numpy()), rel=1e-12)
     assert rel_err(ref.solve_from_whitened(factor, z), s_inv @ e.numpy()) <= 1e-12
     w = ref.whitening_matrix(factor)
     assert rel_err(w.T @ w, s_inv) <= 1e-10

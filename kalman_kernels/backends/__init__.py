@@ -125,3 +125,6 @@ def _require_cpp_if_asked() -> None:
 
 
 _require_cpp_if_asked()
+# Load every backend now (cheap: nothing is compiled at import), so that resolve() under
+# torch.compile only reads the cache: Dynamo cannot trace an import.
+backends()

@@ -6,14 +6,13 @@ A post-accumulate-grad hook computes each tensor's partial sum while its gradien
 (still in cache), so the step itself streams only params, grads and covs once (5 streams
 instead of 7).
 
-    acc = attach_quad_form_hooks(params, covs_getter=opt_cov_lookup, forgetting=1.0,
-                                 process_noise=0.0)
-    loss.backward()                 # hooks fill acc.value
+    acc = attach_quad_form_hooks(params, covs_getter=opt_cov_lookup)
+    loss.backward()                 # hooks fill acc.value (a 0-d float64 device tensor)
     kk.ops.loss_observation_step_(..., quad_form=acc.value)
     acc.reset()
 
-``covs_getter(param)`` returns the covariance tensor of ``param`` (same shape, float32 or
-float64). The partial sums use the backend's ``loss_quad_form`` kernel (cpp when available).
+``covs_getter(param)`` returns the covariance tensor of ``param``. The partial sums use the
+backend's ``loss_quad_form`` kernel and stay on the device (no host read).
 """
 from __future__ import annotations
 
@@ -25,16 +24,24 @@ from . import resolve
 
 
 class QuadFormAccumulator:
-    """Running g^T P- g over the hooked parameters; ``value`` is a Python float."""
+    """Running g^T P- g over the hooked parameters: ``value`` is a 0-d float64 tensor on the
+    parameters' device (None before the first hook call), ``count`` the hook calls."""
 
     def __init__(self):
-        self.value = 0.0
+        self.value: Optional[torch.Tensor] = None
         self.count = 0
         self._handles: List = []
 
+    def add(self, kernels, grad: torch.Tensor, cov: torch.Tensor, forgetting: float,
+            process_noise: float) -> None:
+        with torch.no_grad():
+            part = kernels.loss_quad_form([grad], [cov], forgetting, process_noise)
+        self.value = part if self.value is None else self.value + part
+        self.count += 1
+
     def reset(self) -> None:
         """Zero the sum (call after each step)."""
-        self.value = 0.0
+        self.value = None
         self.count = 0
 
     def remove(self) -> None:
@@ -59,11 +66,8 @@ def attach_quad_form_hooks(params: Iterable[torch.Tensor],
         kernels = resolve(backend, p.device)
 
         def hook(param: torch.Tensor, kernels=kernels) -> None:
-            if param.grad is None:
-                return
-            with torch.no_grad():
-                acc.value += kernels.loss_quad_form([param.grad], [covs_getter(param)], lam, q)
-            acc.count += 1
+            if param.grad is not None:
+                acc.add(kernels, param.grad, covs_getter(param), lam, q)
 
         acc._handles.append(p.register_post_accumulate_grad_hook(hook))
     return acc

@@ -1,0 +1,147 @@
+"""``loss_update_``: the loss-observation step (DESIGN 2.2).
+
+One observation yhat = L with target y (0 by default): H = g^T, S = g^T P- g + r. One
+multi-tensor reduction (g^T P- g), then one elementwise pass over every tensor. As in
+:mod:`.kalman_update`, nothing reads a device value on the host: the loss, the reduction,
+S, the gate and the skip predicate stay tensors (a non-finite loss or gradient always
+reaches the loss or g^T P- g, since NaN * P = NaN and Inf * P > 0 = Inf or NaN).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import reference as ref
+from .._deferred import compiling
+from ..backends import resolve
+from ._common import F64, KalmanInfo, StepHyper, check_cov, check_gate, check_no_overlap, \
+    hyper_from
+from .kalman_update import _all_ranks_ok, _pending, apply_reduced_terms_, warn_if_skipped
+
+
+def runs_by_hyper(hypers: Sequence[StepHyper]):
+    """[(hyper, [indices])] grouping tensors that share hyper-parameters (one multi-tensor
+    kernel call each)."""
+    groups: dict = {}
+    for i, hp in enumerate(hypers):
+        groups.setdefault(hp, []).append(i)
+    return list(groups.items())
+
+
+def _as_tensor(x, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(()).to(device=device, dtype=F64)
+    return torch.tensor(float(x), dtype=F64, device=device)
+
+
+def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor],
+                           covs: List[torch.Tensor], hypers: Sequence[StepHyper], loss,
+                           obs_noise, *, target: float = 0.0, gate: Optional[float] = None,
+                           backend: str = "auto", adaptive_rate: float = 0.0,
+                           quad_form: Optional[torch.Tensor] = None,
+                           process_group=None) -> KalmanInfo:
+    """One loss-observation step; tensors with equal hyper-parameters share one
+    multi-tensor backend call. ``loss`` and ``obs_noise`` are floats or 0-d tensors.
+    ``quad_form`` (g^T P- g, a 0-d tensor) may be supplied when it was accumulated during
+    the backward pass. With ``process_group`` every rank observes its own loss and all ranks
+    apply u = sum_r g_r c_r, d = sum_r w_r g_r^2 (DESIGN 2.5).
+    """
+    device = params[0].device if params else torch.device("cpu")
+    check_gate(gate)
+    kernels = resolve(backend, device)
+    runs = runs_by_hyper(hypers)
+    with torch.no_grad():
+        r = _as_tensor(obs_noise, device)
+        e = _as_tensor(target, device) - _as_tensor(loss, device)
+        if quad_form is None:
+            for hp, idx in runs:
+                part = kernels.loss_quad_form([grads[i] for i in idx], [covs[i] for i in idx],
+                                              hp.forgetting, hp.process_noise)
+                quad_form = part if quad_form is None else quad_form + part
+            if quad_form is None:
+                quad_form = torch.zeros((), dtype=F64, device=device)
+        quad_form = _as_tensor(quad_form, device)
+        finite = torch.isfinite(e) & torch.isfinite(quad_form)
+        if adaptive_rate > 0.0:
+            r = torch.where(finite, ref.adapt_obs_noise(r, adaptive_rate, e.reshape(1), quad_form), r)
+        s_val = ref.loss_innovation(quad_form, r)
+        ok = finite & (s_val > 0)
+        local_ok = ok
+        if process_group is not None:
+            ok = _all_ranks_ok(ok, process_group)
+        d2 = e * e / s_val
+        tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
+        s = ref.gate_scale(d2, tau)
+        if process_group is None:
+            for hp, idx in runs:
+                coef = (hp.lr * s) * e / s_val
+                weight = 1.0 / r if hp.information else 1.0 / s_val
+                kernels.loss_step_([params[i] for i in idx], [grads[i] for i in idx],
+                                   [covs[i] for i in idx], coef, weight, ok, hp.forgetting,
+                                   hp.process_noise, hp.cov_floor, hp.cov_ceiling,
+                                   hp.information)
+        else:
+            terms = []
+            for g, hp in zip(grads, hypers):
+                coef = ((hp.lr * s) * e / s_val).reshape(1)
+                weight = 1.0 / r if hp.information else 1.0 / s_val
+                u, d = kernels.step_terms_dense(g.reshape(1, -1), coef, weight.sqrt().reshape(1, 1))
+                terms += [u, d]
+            apply_reduced_terms_(kernels, list(zip(params, covs)), hypers, terms, ok,
+                                 process_group)
+    nan = torch.full((), float("nan"), dtype=F64, device=device)
+    return KalmanInfo(mahalanobis=torch.where(ok, d2, nan),
+                      gate_scale=torch.where(ok, s, torch.zeros_like(s)), skipped=~ok,
+                      innovation_cov=s_val.reshape(1, 1), jitter=torch.zeros_like(s),
+                      obs_noise=r, num_obs=1, nonfinite=~finite,
+                      remote=None if process_group is None else (local_ok & ~ok))
+
+
+def loss_update_(params: List[torch.Tensor], grads: List[torch.Tensor], covs: List[torch.Tensor],
+                 loss, obs_noise: float, *, target: float = 0.0, lr: float = 1.0,
+                 forgetting: float = 1.0, process_noise: float = 0.0, cov_floor: float = 0.0,
+                 cov_ceiling: float = float("inf"), gate: Optional[float] = None,
+                 cov_update: str = "kalman", backend: str = "auto") -> KalmanInfo:
+    """Functional loss-observation step (DESIGN 2.2): one observation yhat = L, target y.
+
+    S = g^T P- g + r; mu += lr * s * P- g (y - L) / S; P = clamp(P- - P-^2 g^2 / S).
+    ``loss`` is a float or a 0-d tensor (read on the device, never on the host).
+    """
+    hp = hyper_from(lr, forgetting, process_noise, cov_floor, cov_ceiling, cov_update)
+    if not (isinstance(obs_noise, (int, float)) and not isinstance(obs_noise, bool)
+            and obs_noise > 0 and math.isfinite(obs_noise)):
+        raise ValueError(f"obs_noise must be a finite float > 0 in loss mode, got {obs_noise!r}")
+    if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)) or \
+            not isinstance(covs, (list, tuple)):
+        raise TypeError("params, grads and covs must be lists of tensors")
+    if not (len(params) == len(grads) == len(covs)) or not params:
+        raise ValueError("params, grads and covs must be non-empty lists of equal length")
+    device = params[0].device
+    for i, (p, g, c) in enumerate(zip(params, grads, covs)):
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(f"params[{i}] must be a floating-point tensor, got "
+                            f"{getattr(p, 'dtype', type(p).__name__)}")
+        if not isinstance(g, torch.Tensor) or g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(getattr(g, 'shape', ()))}, params[{i}] "
+                             f"{tuple(p.shape)}")
+        check_cov(f"covs[{i}]", p, c)
+        if p.device != device or g.device != device or c.device != device:
+            raise ValueError(f"params[{i}], grads[{i}] and covs[{i}] must be on the device of "
+                             f"params[0] ({device})")
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar (one observation), got a tensor of shape "
+                             f"{tuple(loss.shape)}")
+    elif not isinstance(loss, (int, float)) or isinstance(loss, bool):
+        raise TypeError(f"loss must be a float or a 0-d tensor, got {type(loss).__name__}")
+    check_no_overlap([(f"params[{i}]", p) for i, p in enumerate(params)]
+                     + [(f"covs[{i}]", c) for i, c in enumerate(covs)])
+    info = loss_observation_step_(list(params), list(grads), list(covs), [hp] * len(params),
+                                  loss, float(obs_noise), target=target, gate=gate,
+                                  backend=backend)
+    if not compiling():
+        warn_if_skipped(info, _pending, lambda i: f"loss_update_: step skipped ({i.reason}); "
+                                                  f"state unchanged")
+    return info
