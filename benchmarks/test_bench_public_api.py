@@ -1,0 +1,67 @@
+"""What users call (issue 7): KalmanNGD.step in loss mode vs AdamW(fused=True).step and the
+raw ops; ops.kalman_update_ (dense n = 1e6, m = 32; Kronecker 512 x 512) vs its raw ops;
+batch mode with a tracked 512 x 512 layer; issue 12's tracked MLP. The full table with
+ratios: ``python -m benchmarks.report --only public``."""
+import pytest
+import torch
+
+from benchmarks import public_api as P
+from benchmarks.conftest import record
+
+
+@pytest.mark.parametrize("variant", ["KalmanNGD.step", "raw ops", "AdamW(fused=True).step"])
+def test_loss_mode_10m(benchmark, variant):
+    case = P.LossPublicCase(10_000_000)
+    fn = {"KalmanNGD.step": case.public_step(), "raw ops": case.raw_ops(),
+          "AdamW(fused=True).step": case.adamw()}[variant]
+    benchmark.group = "loss mode, 10M params in 4 tensors"
+    benchmark.pedantic(fn, rounds=15, warmup_rounds=1)
+    record(benchmark, case.bytes_full(), None, variant=variant)
+
+
+@pytest.mark.parametrize("variant", ["ops.kalman_update_", "raw ops"])
+def test_dense_update_public(benchmark, variant):
+    from kalman_kernels import ops
+    from kalman_kernels.backends import resolve
+    kernels = resolve("auto", torch.device("cpu"))
+    n, m = 1_000_000, 32
+    h = torch.randn(m, n)
+    param, cov = torch.randn(n), torch.rand(n) * 1e-2 + 1e-3
+    e = torch.randn(m)
+    coef, w = P._filter_terms(kernels.innovation_cov_dense(h, cov, 1.0, 0.0))
+    ok = torch.ones((), dtype=torch.bool)
+
+    def public():
+        ops.kalman_update_([ops.DenseBlock(param, cov, h)], e, 0.1)
+
+    def raw():
+        kernels.innovation_cov_dense(h, cov, 1.0, 0.0)
+        kernels.fused_update_dense_(param, cov, h, coef, w, ok, 1.0, 0.0, 0.0, float("inf"), False)
+
+    benchmark.group = "dense step n=1e6 m=32"
+    benchmark.pedantic(public if variant == "ops.kalman_update_" else raw, rounds=10,
+                       warmup_rounds=1)
+    record(benchmark, None, None, variant=variant)
+
+
+@pytest.mark.parametrize("variant", ["KalmanNGD.step", "forward + build blocks", "raw ops"])
+def test_batch_mode_tracked_512(benchmark, variant):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, 512)
+    model = torch.nn.Sequential(layer, torch.nn.Tanh(),
+                                torch.nn.Linear(512, 10).requires_grad_(False))
+    case = P.TrackedCase(model, 32, 10, 512, params=layer.parameters())
+    fn = {"KalmanNGD.step": case.step, "forward + build blocks": case.build,
+          "raw ops": case.raw()}[variant]
+    benchmark.group = "batch mode, tracked 512x512, B=32 K=10"
+    benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+    record(benchmark, None, None, variant=variant)
+
+
+def test_tracked_mlp_1024_step(benchmark):
+    torch.manual_seed(0)
+    model = P._MLP(d=1024)
+    case = P.TrackedCase(model, 32, 10, 256)
+    benchmark.group = "tracked MLP 256-1024-1024-10, B=32 K=10"
+    benchmark.pedantic(case.step, rounds=5, warmup_rounds=1)
+    record(benchmark, None, None, variant="KalmanNGD.step (batch mode, grouped)")
