@@ -125,9 +125,14 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                         "(default: %(default)s; kalman-paper always uses paired)")
     g.add_argument("--steps", type=int, default=200,
                    help="training steps for adamw / sgd (default: %(default)s)")
-    g.add_argument("--kalman-epochs", type=float, default=KALMAN_DEFAULTS["epochs"],
-                   help="passes over the shots for the Kalman methods (default: %(default)g; "
-                        "0: use --steps)")
+    g.add_argument("--kalman-epochs", type=float, default=None,
+                   help=f"passes over the shots for the Kalman methods (default: "
+                        f"{KALMAN_DEFAULTS['epochs']:g} for kalman, with r multiplied by the "
+                        f"number of passes; 1 for kalman-paper and kalman-loss; 0: use --steps)")
+    g.add_argument("--predictive", choices=["mean", "probit"], default=None,
+                   help="Kalman methods' class probabilities: softmax of the mean scores, or the "
+                        "probit predictive of the Gaussian scores N(mu, H P H^T + r) (default: "
+                        "probit for kalman, mean for kalman-paper and kalman-loss)")
     g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=None,
                    help="step scale (Kalman, default 1 = exact update) or learning rate "
@@ -214,11 +219,13 @@ def _kalman_overrides(args):
     from .train import KALMAN_DEFAULTS
     out = {}
     for m in ("kalman", "kalman-paper", "kalman-loss"):
-        o = {}
-        if args.kalman_epochs and args.kalman_epochs > 0:
-            o["epochs"] = args.kalman_epochs
+        o = {"epochs": KALMAN_DEFAULTS["epochs"] if m == "kalman" else 1.0}
+        if args.kalman_epochs is not None:
+            o["epochs"] = args.kalman_epochs if args.kalman_epochs > 0 else None
         if m == "kalman":
             o["tempered"] = KALMAN_DEFAULTS["tempered"]
+        if getattr(args, "predictive", None) is not None:
+            o["probit"] = args.predictive == "probit"
         if args.obs_noise is not None:
             o["obs_noise"] = args.obs_noise
         if args.adaptive_obs_noise is not None:
@@ -262,9 +269,8 @@ def _plan(args) -> _Plan:
     from .train import TrainConfig
     if args.command == "demo":
         ns = argparse.Namespace(kalman_epochs=None, obs_noise=None, adaptive_obs_noise=None,
-                                gate=None)
+                                gate=None, predictive=None)
         from .train import KALMAN_DEFAULTS
-        ns.kalman_epochs = KALMAN_DEFAULTS["epochs"]
         grids = {"adamw": [{"lr": v} for v in ADAMW_GRID]}
         kg = _kalman_grid(ns, False)
         if kg:

@@ -97,7 +97,9 @@ def test_builtin_dataset_with_ood_folder_and_generated_shifts(tmp_path, checkpoi
     assert res["ood_splits"] == ["ood-ood"]
     k = [r for r in res["runs"] if r["method"] == "kalman"][0]
     assert set(k["metrics"]) == {"test", "val", "ood-ood"}
-    assert k["config"]["steps"] == 1  # one pass over 10 shots with batch 32: one step
+    # the default: 10 tempered passes over 10 shots with batch 32 (one step per pass), r x 10
+    assert k["config"]["steps"] == 10 and k["config"]["tempered"]
+    assert k["config"]["obs_noise"] == pytest.approx(1e-1)
     assert "grid" not in k["config"]  # P0 and r given: nothing selected
     # the generated shapes task, every method of the table
     out3 = tmp_path / "o3"

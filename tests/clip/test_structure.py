@@ -69,11 +69,12 @@ def test_help_texts_state_the_defaults(capsys):
     from kalman_kernels.clip.train import DEFAULT_OBS_NOISE, KALMAN_DEFAULTS, PAPER_PRESET
     with pytest.raises(SystemExit):
         cli.main(["compare", "--help"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert f"default sigma {DEFAULT_DIGITS_NOISE:g}" in out
-    assert f"(default: {DEFAULT_OBS_NOISE:g})" in out
-    assert f"{PAPER_PRESET['gate']} for kalman-paper" in out
-    assert f"default: {KALMAN_DEFAULTS['obs']};" in out
+    out = "".join(capsys.readouterr().out.split())     # argparse wraps lines (also at '-')
+    assert f"defaultsigma{DEFAULT_DIGITS_NOISE:g}" in out
+    assert f"(default:{DEFAULT_OBS_NOISE:g})" in out
+    assert f"{PAPER_PRESET['gate']}forkalman-paper" in out
+    assert f"default:{KALMAN_DEFAULTS['obs']};" in out
+    assert f"default:{KALMAN_DEFAULTS['epochs']:g}forkalman" in out
     assert "kalman-paper" in out and "--adaptive-obs-noise" in out and "--gate" in out
 
 
