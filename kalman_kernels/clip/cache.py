@@ -166,29 +166,41 @@ def has_visual_proj(model) -> bool:
     return isinstance(getattr(model.visual, "proj", None), torch.nn.Parameter)
 
 
+def model_input_size(bundle) -> Optional[int]:
+    """The visual tower's input resolution (shorter side), when the model says it."""
+    size = getattr(bundle.model.visual, "image_size", None)
+    if isinstance(size, (tuple, list)):
+        return int(min(size))
+    return int(size) if isinstance(size, int) else None
+
+
 def extract_features(bundle, imageset, cache: Optional[FeatureCache] = None, batch_size: int = 128,
                      progress: bool = True) -> FeatureSet:
     """Features of every image of ``imageset`` through the frozen backbone, via the cache.
-    Unreadable images are skipped and counted (``n_skipped``, and a warning)."""
-    from .data import load_image
+    Unreadable images are skipped and counted (``n_skipped``, and a warning). Generated
+    shifts of file images are applied at the model's input resolution."""
+    from .data import has_lazy_shifts, load_image
+    from .progress import progress as progress_bar
 
     cache = cache if cache is not None else FeatureCache()
+    size = model_input_size(bundle) if has_lazy_shifts(imageset) else None
     key = {"kind": "image-features", "model": bundle.name, "weights": bundle.weights_id(),
            "dataset": imageset.name, "content": imageset.fingerprint,
            "transform": repr(bundle.preprocess), "n": len(imageset)}
+    if size is not None:
+        key["shift_size"] = size
 
     def build():
-        from tqdm.auto import tqdm
         model, dev = bundle.model, bundle.device
         with_pre = has_visual_proj(model)
         embeds, pres, kept = [], [], []
         n = len(imageset)
-        bar = tqdm(total=n, desc=f"features {imageset.name}", disable=not progress, leave=False,
-                   unit="img")
+        bar = progress_bar(total=n, desc=f"features {imageset.name}", enabled=progress,
+                           unit="img")
         for s in range(0, n, batch_size):
             ims, idx = [], []
             for i in range(s, min(n, s + batch_size)):
-                im = load_image(imageset.sources[i])
+                im = load_image(imageset.sources[i], size)
                 if im is not None:
                     ims.append(bundle.preprocess(im))
                     idx.append(i)

@@ -14,12 +14,13 @@ import argparse
 import os
 import sys
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 DEMO_SHOTS = [1, 4, 16]
-DEMO_METHODS = ["zero-shot", "gda", "adamw", "kalman"]
+DEMO_METHODS = ["zero-shot", "gda", "adamw", "kalman-paper", "kalman"]
+ADAMW_GRID = [1e-3, 1e-2, 1e-1]
 
 
 def _csv(s: str) -> List[str]:
@@ -40,7 +41,20 @@ def _floats(s: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
 
 
+def _gate(s: str) -> float:
+    if s.strip().lower() in ("off", "none", "0"):
+        return 0.0
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability such as 0.999 or 'off', got {s!r}")
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"the gate is a chi-square probability in (0, 1), got {v}")
+    return v
+
+
 def _common(p: argparse.ArgumentParser, demo: bool = False):
+    from .data import BUILTIN_HELP
     g = p.add_argument_group("model and data")
     if not demo:
         g.add_argument("--model", default="kk-tiny-vit",
@@ -49,12 +63,12 @@ def _common(p: argparse.ArgumentParser, demo: bool = False):
                             "(default: %(default)s)")
         g.add_argument("--pretrained", default="standin",
                        help="pretrained tag (e.g. laion2b_s34b_b79k, openai), a checkpoint file, "
-                            "'standin' (offline digits stand-in, tiny configs only) or 'none' "
+                            "'standin' (offline stand-in, tiny configs only) or 'none' "
                             "(default: %(default)s)")
         g.add_argument("--dataset", default="digits-noisy",
-                       help="digits, digits-noisy[:SIGMA] (default: sigma 0.3), textiles "
-                            "(conformal-clip-data), or imagefolder:PATH (one sub-folder per "
-                            "class; PATH/train + PATH/test are used when present)")
+                       help=f"{BUILTIN_HELP} (conformal-clip-data), or imagefolder:PATH (one "
+                            f"sub-folder per class; PATH/train + PATH/test are used when "
+                            f"present) (default: %(default)s)")
         g.add_argument("--ood", action="append", default=[], metavar="PATH",
                        help="an OOD image folder (class sub-folders or flat); repeatable")
         g.add_argument("--template", action="append", default=None, metavar="TEXT",
@@ -64,21 +78,28 @@ def _common(p: argparse.ArgumentParser, demo: bool = False):
                        help="skip the generated OOD shifts of the built-in datasets")
         g.add_argument("--shifts", action="store_true",
                        help="also generate shifted OOD splits for imagefolder datasets")
+    else:
+        g.add_argument("--dataset", default="digits-noisy",
+                       help="the built-in task to run the demo on: digits-noisy, shapes or "
+                            "textiles (default: %(default)s)")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     g.add_argument("--cache-dir", default=None,
                    help="cache folder (default: $KALMAN_KERNELS_CACHE or ~/.cache/kalman_kernels)")
     g.add_argument("--out", default=None, help="output folder (default: runs/<command>-<time>)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bars or progress lines (also for the stand-in pretraining)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
 
 
 def _train_args(p: argparse.ArgumentParser, multi: bool):
+    from .train import DEFAULT_OBS_NOISE, KALMAN_DEFAULTS, OPTIMIZERS, PAPER_PRESET
     g = p.add_argument_group("training")
     if multi:
-        g.add_argument("--methods", type=_csv, default=["zero-shot", "gda", "adamw", "kalman"],
-                       help="comma-separated from kalman, kalman-loss, adamw, sgd, zero-shot, gda "
-                            "(default: zero-shot,gda,adamw,kalman)")
+        g.add_argument("--methods", type=_csv, default=list(DEMO_METHODS),
+                       help=f"comma-separated from {', '.join(OPTIMIZERS)}, zero-shot, gda "
+                            f"(default: {','.join(DEMO_METHODS)})")
         g.add_argument("--shots", type=_ints, default=[1, 4, 16],
                        help="comma-separated shot counts (default: 1,4,16)")
         g.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
@@ -88,34 +109,55 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
         g.add_argument("--sgd-lrs", type=_floats, default=None,
                        help="SGD learning-rate grid, selected on the validation split")
     else:
-        g.add_argument("--optimizer", default="kalman",
-                       choices=["kalman", "kalman-loss", "adamw", "sgd"])
-        g.add_argument("--shots", type=int, default=16)
-        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--optimizer", default="kalman", choices=list(OPTIMIZERS),
+                       help="(default: %(default)s)")
+        g.add_argument("--shots", type=int, default=16, help="(default: %(default)s)")
+        g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
         g.add_argument("--baselines", action="store_true",
                        help="also report zero-shot and GDA")
     g.add_argument("--adapter", default="head", choices=["head", "clip-adapter", "proj"],
                    help="text-initialised linear head, CLIP-Adapter MLP, or visual projection "
-                        "(default: %(default)s)")
-    g.add_argument("--obs", default="logits", choices=["logits", "paired"],
-                   help="Kalman observation model (default: %(default)s)")
+                        "(default: %(default)s; kalman-paper always uses clip-adapter)")
+    g.add_argument("--obs", default=KALMAN_DEFAULTS["obs"],
+                   choices=["logits", "cosine-logits", "paired"],
+                   help="Kalman observation model: class logits (plain head), class logits with "
+                        "the head's rows normalised (cosine), or the paired image-text cosine "
+                        "(default: %(default)s; kalman-paper always uses paired)")
     g.add_argument("--steps", type=int, default=200,
                    help="training steps for adamw / sgd (default: %(default)s)")
-    g.add_argument("--kalman-epochs", type=float, default=1.0,
-                   help="passes over the shots for kalman / kalman-loss (default: 1: every image "
-                        "observed once, as the filter assumes; 0: use --steps)")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--kalman-epochs", type=float, default=None,
+                   help=f"passes over the shots for the Kalman methods (default: "
+                        f"{KALMAN_DEFAULTS['epochs']:g} for kalman, with r multiplied by the "
+                        f"number of passes; 1 for kalman-paper and kalman-loss; 0: use --steps)")
+    g.add_argument("--predictive", choices=["mean", "probit"], default=None,
+                   help="Kalman methods' class probabilities: softmax of the mean scores, or the "
+                        "probit predictive of the Gaussian scores N(mu, H P H^T + r) (default: "
+                        "probit for kalman, mean for kalman-paper and kalman-loss)")
+    g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=None,
                    help="step scale (Kalman, default 1 = exact update) or learning rate "
                         "(AdamW 1e-3, SGD 1e-1)")
     g.add_argument("--init-cov", type=float, default=None,
                    help="Kalman prior covariance P0 (default: 1e-3 for head and proj, 1e-1 for "
                         "clip-adapter)")
-    g.add_argument("--obs-noise", type=float, default=1e-2, help="Kalman observation noise r")
-    g.add_argument("--forgetting", type=float, default=1.0, help="Kalman forgetting factor")
-    g.add_argument("--process-noise", type=float, default=0.0, help="Kalman process noise q")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW/SGD weight decay")
-    g.add_argument("--eval-every", type=int, default=20)
+    g.add_argument("--obs-noise", type=float, default=None,
+                   help=f"Kalman observation noise r (its starting value with adaptive noise) "
+                        f"(default: {DEFAULT_OBS_NOISE:g})")
+    g.add_argument("--adaptive-obs-noise", type=float, default=None, metavar="BETA",
+                   help=f"Kalman: EMA rate of the innovation-based observation noise (DESIGN "
+                        f"2.3), 0 = off (default: {KALMAN_DEFAULTS['adaptive_obs_noise']:g} for "
+                        f"kalman, {PAPER_PRESET['adaptive_obs_noise']:g} for kalman-paper)")
+    g.add_argument("--gate", type=_gate, default=None, metavar="PROB",
+                   help=f"Kalman: Mahalanobis gate, a chi-square probability such as 0.999, or "
+                        f"'off' (default: {KALMAN_DEFAULTS['gate'] or 'off'} for kalman, "
+                        f"{PAPER_PRESET['gate']} for kalman-paper)")
+    g.add_argument("--forgetting", type=float, default=1.0,
+                   help="Kalman forgetting factor (default: %(default)s)")
+    g.add_argument("--process-noise", type=float, default=0.0,
+                   help="Kalman process noise q (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW/SGD weight decay (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=20, help="(default: %(default)s)")
     g.add_argument("--calibrate", action="store_true",
                    help="fit the softmax temperature on the validation split (all methods)")
     g.add_argument("--mc-samples", type=int, default=0,
@@ -142,15 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run several methods and shot counts side by side.")
     _common(pc)
     _train_args(pc, multi=True)
-    pd = sub.add_parser("demo", help="the offline default, end to end (stand-in CLIP, noisy digits)",
-                        description="Offline demo: pretrain (or load the cached) stand-in CLIP on "
-                                    "scikit-learn digits, then 1/4/16-shot adaptation on noisy "
-                                    "digits: kalman vs adamw vs zero-shot vs GDA, in and out of "
-                                    "distribution. A STAND-IN for real CLIP weights.")
+    pd = sub.add_parser("demo", help="the offline default, end to end (stand-in CLIP)",
+                        description="Offline demo: pretrain (or load the cached) stand-in CLIP, "
+                                    "then 1/4/16-shot adaptation on a built-in task (noisy "
+                                    "digits by default): kalman vs kalman-paper vs adamw vs "
+                                    "zero-shot vs GDA, in and out of distribution. A STAND-IN "
+                                    "for real CLIP weights.")
     _common(pd, demo=True)
     pd.add_argument("--seeds", type=_ints, default=[0, 1, 2],
                     help="comma-separated seeds (default: 0,1,2)")
-    pd.add_argument("--steps", type=int, default=200)
+    pd.add_argument("--steps", type=int, default=200,
+                    help="training steps for adamw (default: %(default)s)")
     return p
 
 
@@ -164,39 +208,95 @@ def _base_cfg(args):
     from .train import TrainConfig
     return TrainConfig(adapter=args.adapter, obs=args.obs, steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, init_cov=args.init_cov,
-                       obs_noise=args.obs_noise, forgetting=args.forgetting,
-                       process_noise=args.process_noise, weight_decay=args.weight_decay,
-                       eval_every=args.eval_every, mc_samples=args.mc_samples,
-                       backend=args.backend)
+                       forgetting=args.forgetting, process_noise=args.process_noise,
+                       weight_decay=args.weight_decay, eval_every=args.eval_every,
+                       mc_samples=args.mc_samples, backend=args.backend)
 
 
 def _kalman_overrides(args):
-    if args.kalman_epochs and args.kalman_epochs > 0:
-        return {"kalman": {"epochs": args.kalman_epochs},
-                "kalman-loss": {"epochs": args.kalman_epochs}}
-    return {}
+    """Per-method settings of the Kalman methods from the command line (only what was given
+    explicitly overrides a method's own defaults)."""
+    from .train import KALMAN_DEFAULTS
+    out = {}
+    for m in ("kalman", "kalman-paper", "kalman-loss"):
+        o = {"epochs": KALMAN_DEFAULTS["epochs"] if m == "kalman" else 1.0}
+        if args.kalman_epochs is not None:
+            o["epochs"] = args.kalman_epochs if args.kalman_epochs > 0 else None
+        if m == "kalman":
+            o["tempered"] = KALMAN_DEFAULTS["tempered"]
+        if getattr(args, "predictive", None) is not None:
+            o["probit"] = args.predictive == "probit"
+        if args.obs_noise is not None:
+            o["obs_noise"] = args.obs_noise
+        if args.adaptive_obs_noise is not None:
+            o["adaptive_obs_noise"] = args.adaptive_obs_noise
+        if args.gate is not None:
+            o["gate"] = args.gate or 0.0     # 'off' -> 0: no gate (None means the default)
+        out[m] = o
+    return out
 
 
-def _run(args) -> int:
-    import torch
-    from . import run as R
-    from .data import DIGIT_TEMPLATES
-    from .train import TrainConfig
+def _kalman_grid(args, explicit: bool):
+    """The validation-selected grid of the default ``kalman`` (none when the user fixed P0 or
+    r on the command line)."""
+    from .train import KALMAN_DEFAULTS
+    if explicit or not KALMAN_DEFAULTS["grid"]:
+        return None
+    return [dict(p) for p in KALMAN_DEFAULTS["grid"]]
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = not args.quiet
-    t0 = time.time()
+
+@dataclass
+class _Plan:
+    methods: List[str]
+    shots: List[int]
+    seeds: List[int]
+    base: object
+    grids: Dict[str, List[Dict]]
+    calibrate: bool
+    overrides: Dict[str, Dict]
+
+
+def _inputs(args):
+    """(model, pretrained, dataset, ood, templates, shifts) of a command."""
     if args.command == "demo":
-        model, pretrained, dataset, ood, templates = "kk-tiny-vit", "standin", "digits-noisy", [], None
-        shifts = None
-    else:
-        model, pretrained, dataset, ood, templates = (args.model, args.pretrained, args.dataset,
-                                                      args.ood, args.template)
-        shifts = False if args.no_shifts else (True if args.shifts else None)
-    prep = R.prepare(model, pretrained, dataset, ood_paths=ood, device=args.device,
-                     cache_dir=args.cache_dir, templates=templates, progress=progress,
-                     generated_shifts=shifts)
+        return "kk-tiny-vit", "standin", args.dataset, [], None, None
+    shifts = False if args.no_shifts else (True if args.shifts else None)
+    return args.model, args.pretrained, args.dataset, args.ood, args.template, shifts
+
+
+def _plan(args) -> _Plan:
+    """What to run: methods x shots x seeds, configs, selection grids (validation only)."""
+    from .train import TrainConfig
+    if args.command == "demo":
+        ns = argparse.Namespace(kalman_epochs=None, obs_noise=None, adaptive_obs_noise=None,
+                                gate=None, predictive=None)
+        from .train import KALMAN_DEFAULTS
+        grids = {"adamw": [{"lr": v} for v in ADAMW_GRID]}
+        kg = _kalman_grid(ns, False)
+        if kg:
+            grids["kalman"] = kg
+        return _Plan(list(DEMO_METHODS), list(DEMO_SHOTS), list(args.seeds),
+                     TrainConfig(steps=args.steps, obs=KALMAN_DEFAULTS["obs"]), grids, False,
+                     _kalman_overrides(ns))
+    base = _base_cfg(args)
+    explicit = args.init_cov is not None or args.obs_noise is not None
+    grids = {}
+    kg = _kalman_grid(args, explicit)
+    if kg:
+        grids["kalman"] = kg
+    if args.command == "compare":
+        if args.adamw_lrs:
+            grids["adamw"] = [{"lr": v} for v in args.adamw_lrs]
+        if args.sgd_lrs:
+            grids["sgd"] = [{"lr": v} for v in args.sgd_lrs]
+        return _Plan(list(args.methods), list(args.shots), list(args.seeds), base, grids,
+                     args.calibrate, _kalman_overrides(args))
+    methods = (["zero-shot", "gda"] if args.baselines else []) + [args.optimizer]
+    return _Plan(methods, [args.shots], [args.seed], base, grids, args.calibrate,
+                 _kalman_overrides(args))
+
+
+def _describe_prepared(prep, R) -> None:
     if prep.bundle.standin:
         print(R.STANDIN_BANNER)
     for note in prep.bundle.notes:
@@ -208,51 +308,59 @@ def _run(args) -> int:
           f"test {len(prep.test)}, OOD splits {len(prep.ood)}"
           + (f" ({', '.join(prep.ood)})" if prep.ood else ""))
 
-    if args.command == "demo":
-        base = TrainConfig(steps=args.steps)
-        methods, shots, seeds = DEMO_METHODS, DEMO_SHOTS, args.seeds
-        grid = {"adamw": [1e-3, 1e-2, 1e-1]}
-        calibrate = False
-        overrides = {"kalman": {"epochs": 1.0}}
-    elif args.command == "compare":
-        base = _base_cfg(args)
-        methods, shots, seeds = args.methods, args.shots, args.seeds
-        grid = {}
-        if args.adamw_lrs:
-            grid["adamw"] = args.adamw_lrs
-        if args.sgd_lrs:
-            grid["sgd"] = args.sgd_lrs
-        calibrate = args.calibrate
-        overrides = _kalman_overrides(args)
-    else:
-        base = _base_cfg(args)
-        methods = ([("zero-shot"), "gda"] if args.baselines else []) + [args.optimizer]
-        shots, seeds, grid, calibrate = [args.shots], [args.seed], {}, args.calibrate
-        overrides = _kalman_overrides(args)
-    records = R.run_methods(prep, methods, shots, seeds, base, grid, progress=progress,
-                            calibrate=calibrate, overrides=overrides)
-    rows = R.aggregate(records)
-    wall = time.time() - t0
-    out = _out_dir(args, args.command)
-    extra = {"command": " ".join(["kalman-clip"] + sys.argv[1:]) if sys.argv else args.command,
-             "wall_seconds": wall, "threads": torch.get_num_threads(),
-             "seeds": list(seeds), "shots": list(shots), "methods": list(methods),
-             "lr_grid": grid, "overrides": overrides,
-             "train_config": vars(base) if hasattr(base, "__dict__") else {}}
-    path, files = R.write_outputs(prep, records, rows, out, extra, plots=not args.no_plots)
+
+def _report(prep, R, plan: _Plan, rows, path, files, wall: float, load) -> None:
     print()
     print(f"{prep.ds.name}: ID = test split; OOD = mean over {len(prep.ood)} shifted/OOD splits; "
-          f"mean over seeds {list(seeds)}")
+          f"mean over seeds {plan.seeds}")
     print(R.format_table(rows))
     if prep.ds.ood_severity:
-        print("\nOOD by shift kind (mean over severities " + ", ".join(
+        print("\nOOD by shift kind (acc/NLL/ECE, mean over severities " + ", ".join(
             f"{k}: {sorted({lv for kk, lv in prep.ds.ood_severity.values() if kk == k})}"
             for k in sorted({k for k, _ in prep.ds.ood_severity.values()})) + ")")
         print(R.format_shift_table(rows, prep.ds.ood_severity))
     if prep.bundle.standin:
         print(R.STANDIN_BANNER)
     print(f"\nresults: {path}" + (f"\nplots: {', '.join(files)}" if files else ""))
-    print(f"wall time: {wall:.1f} s")
+    print(f"wall time: {wall:.1f} s on {os.cpu_count()} CPUs, {_threads()} torch threads, "
+          f"load average {load[0]:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
+          f"(other work on the machine slows every figure)")
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _run(args) -> int:
+    import torch
+    from . import run as R
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    load = os.getloadavg()
+    t0 = time.time()
+    model, pretrained, dataset, ood, templates, shifts = _inputs(args)
+    prep = R.prepare(model, pretrained, dataset, ood_paths=ood, device=args.device,
+                     cache_dir=args.cache_dir, templates=templates, progress=progress,
+                     generated_shifts=shifts, verbose=progress)
+    _describe_prepared(prep, R)
+    plan = _plan(args)
+    records = R.run_methods(prep, plan.methods, plan.shots, plan.seeds, plan.base, plan.grids,
+                            progress_bar=progress, calibrate=plan.calibrate,
+                            overrides=plan.overrides)
+    rows = R.aggregate(records)
+    wall = time.time() - t0
+    extra = {"command": " ".join(["kalman-clip"] + sys.argv[1:]) if sys.argv else args.command,
+             "wall_seconds": wall, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+             "load_average_start": list(load), "load_average_end": list(os.getloadavg()),
+             "seeds": plan.seeds, "shots": plan.shots, "methods": plan.methods,
+             "grids": plan.grids, "overrides": plan.overrides,
+             "train_config": vars(plan.base)}
+    path, files = R.write_outputs(prep, records, rows, _out_dir(args, args.command), extra,
+                                  plots=not args.no_plots)
+    _report(prep, R, plan, rows, path, files, wall, load)
     return 0
 
 

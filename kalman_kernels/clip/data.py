@@ -1,4 +1,5 @@
-"""Datasets: built-in digits (scikit-learn) and textiles (conformal-clip-data), ImageFolder,
+"""Datasets: built-in digits (scikit-learn), shapes (generated) and textiles
+(conformal-clip-data), ImageFolder,
 generated OOD shifts, and few-shot / validation sampling.
 
 Every dataset is an ``ImageSet``: a list of image sources (a file path or an in-memory float
@@ -26,11 +27,15 @@ TEXTILE_CLASSES = ["nominal textile", "textile with a local defect",
                    "textile with a global defect"]
 DEFAULT_TEMPLATE = "a photo of a {}."
 DATA_VERSION = "1"
+BUILTIN_DATASETS = ("digits-noisy", "shapes", "textiles")
 
 # The downstream domain of the demo: digits with gaussian pixel noise of this sigma. The
 # stand-in's zero-shot accuracy there is mediocre (measured 0.44; 0.95 on clean digits), which
 # leaves room for few-shot adaptation; at sigma 0.3 its features are close to useless (0.15).
 DEFAULT_DIGITS_NOISE = 0.15
+
+BUILTIN_HELP = ("digits, digits-noisy[:SIGMA] (default sigma %g), shapes, textiles"
+                % DEFAULT_DIGITS_NOISE)
 
 # digits split (fixed, seed 0): stand-in pretraining / downstream test / few-shot pool
 DIGITS_PRETRAIN = 800
@@ -45,7 +50,7 @@ SHIFTS_DIGITS = {
 }
 SHIFTS_LARGE = {
     "noise": [0.1, 0.2, 0.3],
-    "blur": [2.0, 4.0, 8.0],
+    "blur": [2.0, 4.0, 8.0],       # sigma in pixels of a 256-pixel image (scaled to the size)
     "rotation": [30.0, 60.0, 90.0],
     "inversion": [0.75, 1.0],
 }
@@ -139,11 +144,13 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
 
 
 def _blur(arr: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable gaussian blur of an HxW or HxWxC float image, as two small matrix products."""
+    """Separable gaussian blur of an HxW or HxWxC float image: one (H x H) product along the
+    rows, one (W x W) along the columns (O(H W (H + W)) per channel, BLAS)."""
     bh, bw = _blur_matrix(arr.shape[0], float(sigma)), _blur_matrix(arr.shape[1], float(sigma))
     if arr.ndim == 2:
         return bh @ arr @ bw.T
-    return np.einsum("ij,jkc,lk->ilc", bh, arr, bw)
+    rows = np.tensordot(bh, arr, axes=(1, 0))                  # (H, W, C)
+    return np.tensordot(rows, bw, axes=(1, 1)).transpose(0, 2, 1)  # (H, C, W) -> (H, W, C)
 
 
 def apply_shift(arr: np.ndarray, kind: str, level: float, rng: np.random.RandomState) -> np.ndarray:
@@ -226,6 +233,128 @@ def digits_dataset(noise: float = 0.0, shifts: Optional[Dict[str, List[float]]] 
             ood[nm] = _digits_set(idx["test"], noise, f"{tag}/ood-{nm}", shift=(kind, lv))
             sev[nm] = (kind, lv)
     return DatasetSplits(tag, pool, test, ood, digits_classnames(), list(DIGIT_TEMPLATES), sev)
+
+
+# ----------------------------------------------------------------------------------------
+# shapes (generated)
+# ----------------------------------------------------------------------------------------
+SHAPE_CLASSES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "arrow"]
+SHAPE_TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a {} shape.",
+                   "an image of a {}."]
+SHAPES_SIZE = 32
+TASK_NOISE = 0.1
+SHAPES_VERSION = "3"      # bump when the rendering changes (part of the cache key)
+SHAPES_PRETRAIN_PER_CLASS = 100   # stand-in pretraining only (clean style)
+SHAPES_POOL_PER_CLASS = 60        # few-shot pool (shots + validation), task style
+SHAPES_TEST_PER_CLASS = 100       # test split, task style
+SHIFTS_SHAPES = {
+    "noise": [0.1, 0.2, 0.3],
+    "blur": [0.75, 1.5, 2.5],
+    "inversion": [0.75, 1.0],
+}
+
+
+def _shape_outline(kind: str) -> np.ndarray:
+    """Unit-size polygon (N, 2) of a shape class, centred at 0."""
+    def ring(n, r=1.0, phase=0.0):
+        t = phase + 2 * np.pi * np.arange(n) / n
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    if kind == "circle":
+        return ring(48)
+    if kind == "square":
+        return ring(4, 1.0, np.pi / 4)
+    if kind == "triangle":
+        return ring(3, 1.0, -np.pi / 2)
+    if kind == "star":
+        out = ring(10, 1.0, -np.pi / 2)
+        out[1::2] *= 0.42
+        return out
+    if kind == "cross":
+        w = 0.34
+        return np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
+                         [-w, w], [-1, w], [-1, -w], [-w, -w]], dtype=float)
+    if kind == "diamond":
+        return np.array([[0, -1], [0.55, 0], [0, 1], [-0.55, 0]], dtype=float)
+    if kind == "hexagon":
+        return ring(6)
+    if kind == "arrow":
+        return np.array([[-1, -0.28], [0.15, -0.28], [0.15, -0.7], [1, 0], [0.15, 0.7],
+                         [0.15, 0.28], [-1, 0.28]], dtype=float)
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def render_shape(kind: str, rng: np.random.RandomState, style: str = "task",
+                 size: int = SHAPES_SIZE) -> np.ndarray:
+    """One shape image (size x size x 3, floats in [0, 1]), drawn 4x supersampled.
+
+    ``style="clean"`` (the stand-in's pretraining images): a filled bright shape on a dark
+    plain background. ``style="task"`` (the downstream few-shot task): the same rendering plus
+    gaussian pixel noise (sigma TASK_NOISE), a shifted domain as for noisy digits."""
+    from PIL import Image, ImageDraw
+    ss = 4 * size
+    pts = _shape_outline(kind)
+    theta = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    radius = rng.uniform(0.28, 0.42) * ss
+    centre = ss / 2 + rng.uniform(-0.08, 0.08, size=2) * ss
+    poly = [tuple(p) for p in (pts @ rot.T) * radius + centre]
+    colour = tuple(int(c) for c in rng.randint(140, 256, size=3))
+    if style == "clean":
+        bg = tuple(int(c) for c in rng.randint(0, 50, size=3))
+        img = Image.new("RGB", (ss, ss), bg)
+        ImageDraw.Draw(img).polygon(poly, fill=colour)
+        return np.asarray(img.resize((size, size), Image.BOX)).astype(np.float32) / 255.0
+    if style != "task":
+        raise ValueError(f"unknown shape style {style!r}")
+    arr = render_shape(kind, rng, "clean", size)
+    return np.clip(arr + TASK_NOISE * rng.randn(*arr.shape).astype(np.float32), 0, 1)
+
+
+def shapes_arrays(split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Generated shapes of one split (``pretrain``: clean style; ``pool`` / ``test``: task
+    style), class-balanced, deterministic (seeded per split and image)."""
+    per = {"pretrain": SHAPES_PRETRAIN_PER_CLASS, "pool": SHAPES_POOL_PER_CLASS,
+           "test": SHAPES_TEST_PER_CLASS}[split]
+    key = ("shapes", split)
+    if key not in _DIGITS_CACHE:
+        style = "clean" if split == "pretrain" else "task"
+        imgs, labels = [], []
+        for i in range(per):
+            for c, kind in enumerate(SHAPE_CLASSES):
+                imgs.append(render_shape(kind, _rng_for(0, "shape", split, i, c), style))
+                labels.append(c)
+        _DIGITS_CACHE[key] = (np.stack(imgs), np.asarray(labels, dtype=np.int64))
+    return _DIGITS_CACHE[key]
+
+
+def _shapes_set(split: str, name: str, shift: Optional[Tuple[str, float]] = None) -> ImageSet:
+    x, y = shapes_arrays(split)
+    srcs = []
+    for i in range(len(x)):
+        a = x[i]
+        if shift is not None:
+            a = apply_shift(a, shift[0], shift[1], _rng_for(0, "shape-shift", name, i))
+        srcs.append(a.astype(np.float32))
+    fp = hashlib.sha1(f"shapes:v{SHAPES_VERSION}:{TASK_NOISE}:{name}:{split}:{shift}:{len(x)}".encode()
+                      ).hexdigest()
+    return ImageSet(name, srcs, y.copy(), list(SHAPE_CLASSES), list(SHAPE_TEMPLATES), fp,
+                    {"shift": shift})
+
+
+def shapes_dataset(shifts: Optional[Dict[str, List[float]]] = None) -> DatasetSplits:
+    """Generated shapes as a downstream task (8 classes with real names: circle, square,
+    triangle, star, cross, diamond, hexagon, arrow): outlines on noisy gradient backgrounds.
+    The stand-in saw only the clean filled style during pretraining (its own split)."""
+    pool = _shapes_set("pool", "shapes/pool")
+    test = _shapes_set("test", "shapes/test")
+    ood, sev = {}, {}
+    for kind, levels in (shifts if shifts is not None else SHIFTS_SHAPES).items():
+        for lv in levels:
+            nm = f"{kind}{lv:g}"
+            ood[nm] = _shapes_set("test", f"shapes/ood-{nm}", shift=(kind, lv))
+            sev[nm] = (kind, lv)
+    return DatasetSplits("shapes", pool, test, ood, list(SHAPE_CLASSES), list(SHAPE_TEMPLATES),
+                         sev)
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,25 +444,47 @@ def _shifted_file_sets(base: ImageSet, shifts: Dict[str, List[float]], tag: str,
 
 
 class _LazyShift:
-    """A file image with a generated shift applied when it is loaded."""
+    """A file image with a generated shift applied when it is loaded.
+
+    With ``size`` (the model's input resolution) the image is first resized so that its
+    shorter side is ``size`` (as CLIP's preprocessing does next anyway), and the shift is
+    applied there: a blur costs O(size^3) instead of O(side^3) of the file's resolution, and
+    its sigma means the same thing for every model. Blur sigmas of folder datasets are given
+    for a 256-pixel image and scaled to the size they are applied at.
+    """
 
     def __init__(self, src, kind, level, key):
         self.src, self.kind, self.level, self.key = src, kind, level, key
 
-    def load(self):
+    def load(self, size: Optional[int] = None):
+        from PIL import Image
         im = to_pil(self.src)
         if im is None:
             return None
+        if size:
+            w, h = im.size
+            scale = size / min(w, h)
+            if scale < 1:
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                               Image.BICUBIC)
         arr = np.asarray(im).astype(np.float32) / 255.0
-        arr = apply_shift(arr, self.kind, self.level, _rng_for(0, self.key, self.kind, self.level))
+        level = self.level
+        if self.kind == "blur":
+            level = self.level * min(arr.shape[:2]) / 256.0
+        arr = apply_shift(arr, self.kind, level, _rng_for(0, self.key, self.kind, self.level))
         return to_pil(arr)
 
 
-def load_image(src):
-    """PIL RGB image for any source, or None when unreadable."""
+def load_image(src, size: Optional[int] = None):
+    """PIL RGB image for any source, or None when unreadable. ``size``: the model's input
+    resolution, at which generated shifts of file images are applied."""
     if isinstance(src, _LazyShift):
-        return src.load()
+        return src.load(size)
     return to_pil(src)
+
+
+def has_lazy_shifts(imageset: "ImageSet") -> bool:
+    return any(isinstance(s, _LazyShift) for s in imageset.sources[:1])
 
 
 def textiles_dataset(test_frac: float = 0.4, shifts=None) -> DatasetSplits:
@@ -393,8 +544,8 @@ def imagefolder_dataset(path, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
 
 def get_dataset(spec: str, *, templates: Optional[Sequence[str]] = None,
                 ood_paths: Sequence[str] = (), generated_shifts: Optional[bool] = None) -> DatasetSplits:
-    """``digits``, ``digits-noisy`` (sigma 0.15) or ``digits-noisy:SIGMA``, ``textiles``,
-    ``imagefolder:PATH``."""
+    """``digits``, ``digits-noisy`` (sigma DEFAULT_DIGITS_NOISE) or ``digits-noisy:SIGMA``,
+    ``shapes``, ``textiles``, ``imagefolder:PATH``."""
     spec = spec.strip()
     extra_ood = {}
     for p in ood_paths:
@@ -406,14 +557,15 @@ def get_dataset(spec: str, *, templates: Optional[Sequence[str]] = None,
         ds = digits_dataset(noise)
     elif spec == "textiles":
         ds = textiles_dataset()
+    elif spec == "shapes":
+        ds = shapes_dataset()
     elif spec.startswith("imagefolder:"):
         return imagefolder_dataset(spec[len("imagefolder:"):], templates or (DEFAULT_TEMPLATE,),
                                    ood_paths=ood_paths, generated_shifts=bool(generated_shifts))
     else:
         if os.path.isdir(spec):
             raise DatasetError(f"dataset {spec!r}: did you mean imagefolder:{spec}?")
-        raise DatasetError(f"unknown dataset {spec!r}; use digits, digits-noisy[:SIGMA], textiles "
-                           f"or imagefolder:PATH")
+        raise DatasetError(f"unknown dataset {spec!r}; use {BUILTIN_HELP} or imagefolder:PATH")
     if templates:
         ds.templates = list(templates)
         for s in [ds.pool, ds.test, *ds.ood.values()]:

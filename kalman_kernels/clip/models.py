@@ -8,7 +8,8 @@
   * ``name="local-dir:PATH"`` (``open_clip_config.json`` + weights in one folder; ``pretrained``
     is ignored);
   * ``pretrained="standin"`` for the tiny registered configs (``kk-tiny-vit``): the offline
-    stand-in, pretrained contrastively on scikit-learn digits and cached (see ``standin.py``);
+    stand-in, pretrained contrastively on scikit-learn digits and generated shapes and cached
+    (see ``standin.py``);
   * ``pretrained=None``: random weights (features are useless for few-shot work; a warning says so).
 """
 from __future__ import annotations
@@ -26,73 +27,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ._paths import cache_root
+from .registry import (TINY_CONFIGS, expected_random_init, open_clip_module,  # noqa: F401
+                       register_tiny_configs, save_clip)
+from .standin import standin_checkpoint
 
-# Tiny ViT CLIPs for the offline stand-in and the tests (DESIGN section 8). Average pooling of
-# the patch tokens (instead of the class token): measured here, the class-token variant sat on a
-# loss plateau for ~250 steps of contrastive pretraining, average pooling left it in < 50.
-TINY_CONFIGS: Dict[str, Dict[str, Any]] = {
-    "kk-tiny-vit": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                       "patch_size": 4, "mlp_ratio": 4.0, "pool_type": "avg"},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
-                     "layers": 2},
-    },
-    "kk-micro-vit": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16,
-                       "patch_size": 8, "mlp_ratio": 2.0, "pool_type": "avg"},
-        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1},
-    },
-}
-# Preprocessing for the tiny configs: images are upscaled 8x8 digits, keep CLIP's mean/std.
 STANDIN_TAG = "standin"
-
-_registered = False
-_registry_lock = threading.Lock()
 
 
 class ModelLoadError(RuntimeError):
     """Raised when a model or its weights cannot be loaded; the message says what to pass."""
-
-
-def _open_clip():
-    try:
-        import open_clip  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("kalman_kernels.clip needs open_clip_torch: pip install "
-                          "'kalman-kernels[clip]' (or pip install open_clip_torch)") from e
-    return open_clip
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def register_tiny_configs(cache_dir=None) -> List[str]:
-    """Register the tiny configs (``kk-tiny-vit``, ``kk-micro-vit``) with open_clip.
-
-    open_clip's ``add_model_config`` reads JSON files, so the configs are written into
-    ``<cache>/model_configs`` (atomically) and that folder is added once. Returns the names.
-    """
-    global _registered
-    open_clip = _open_clip()
-    with _registry_lock:
-        if not _registered or any(n not in open_clip.list_models() for n in TINY_CONFIGS):
-            folder = cache_root(cache_dir) / "model_configs"
-            for name, cfg in TINY_CONFIGS.items():
-                p = folder / f"{name}.json"
-                text = json.dumps(cfg, indent=2, sort_keys=True)
-                if not p.is_file() or p.read_text() != text:
-                    _atomic_write_text(p, text)
-            open_clip.add_model_config(folder)
-            _registered = True
-    return list(TINY_CONFIGS)
 
 
 @dataclass
@@ -222,127 +165,144 @@ def load_clip(name: str, pretrained: Optional[str] = None, device="cpu", *, cach
     or ``HF_HUB_OFFLINE=1``) with weights that are not cached, this raises ``ModelLoadError``
     at once instead of waiting on the network.
     """
-    open_clip = _open_clip()
+    open_clip = open_clip_module()
     register_tiny_configs(cache_dir)
     device = torch.device(device)
-    notes: List[str] = []
     if pretrained is not None and str(pretrained).strip().lower() in ("", "none", "random"):
         pretrained = None
-
     if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):]).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(f"local-dir: folder not found: {path}")
-        cfg_file = path / "open_clip_config.json"
-        if not cfg_file.is_file():
-            raise ModelLoadError(f"local-dir:{path} has no open_clip_config.json (it needs "
-                                 f"{{'model_cfg': ..., 'preprocess_cfg': ...}} and a weights file)")
-        try:
-            full = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from e
-        if not any(path.glob(ext) for ext in ("*.safetensors", "*.bin", "*.pth")):
-            raise ModelLoadError(f"local-dir:{path} has a config but no weights file "
-                                 f"(*.safetensors, *.bin or *.pth)")
-        if pretrained:
-            warnings.warn(f"pretrained={pretrained!r} is ignored for {name!r}", UserWarning)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            f"local-dir:{path}", device=device, precision=precision)
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-        model_cfg = full.get("model_cfg", full)
-        bundle = ClipBundle(model, preprocess, tokenizer, name, None, model_cfg,
-                            full.get("preprocess_cfg", {}), device,
-                            standin=bool(full.get("kalman_kernels", {}).get("standin", False)),
-                            notes=notes)
-        return _finish(bundle)
-
+        return _load_local_dir(name, pretrained, device, precision)
     if name.startswith("hf-hub:"):
-        if _is_offline() or not _network_reachable():
-            raise ModelLoadError(f"{name}: no network (or HF_HUB_OFFLINE=1). Download the repo "
-                                 f"once and pass 'local-dir:PATH', or pass a checkpoint file.")
-        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device,
-                                                                     precision=precision)
-        tokenizer = open_clip.get_tokenizer(name)
-        cfg = open_clip.get_model_config(name) or {}
-        return _finish(ClipBundle(model, preprocess, tokenizer, name, None, cfg, {}, device,
-                                  notes=notes))
-
+        return _load_hf_hub(name, device, precision)
     known = open_clip.list_models()
     if name not in known:
         raise _unknown_model(name, known)
-    model_cfg = open_clip.get_model_config(name)
-
     if pretrained is not None and pretrained.lower() == STANDIN_TAG:
-        if name not in TINY_CONFIGS:
-            raise ModelLoadError(f"pretrained='standin' is the offline digits stand-in and exists "
-                                 f"only for the tiny configs ({', '.join(TINY_CONFIGS)}), not {name!r}")
-        from .standin import standin_checkpoint
-        ckpt_dir = standin_checkpoint(name, cache_dir=cache_dir, verbose=verbose,
-                                      **(standin_kwargs or {}))
-        bundle = load_clip(f"local-dir:{ckpt_dir}", device=device, cache_dir=cache_dir,
-                           precision=precision)
-        bundle.name, bundle.pretrained, bundle.standin = name, STANDIN_TAG, True
-        bundle.notes.append("STAND-IN weights: a tiny CLIP pretrained for ~1 minute on "
-                            "scikit-learn digits, not real pretrained CLIP weights")
-        return bundle
-
-    force_pp = None
-    ckpt = None
+        return _load_standin(name, device, cache_dir, precision, standin_kwargs, verbose)
     if pretrained is None:
-        warnings.warn(f"{name}: no pretrained weights given, the model is randomly initialised "
-                      f"(its features are useless for few-shot work). Pass a pretrained tag, a "
-                      f"checkpoint file, or pretrained='standin' for the tiny configs.",
-                      UserWarning, stacklevel=2)
-        torch.manual_seed(0)
-    elif os.path.isfile(os.path.expanduser(pretrained)):
-        ckpt = os.path.expanduser(pretrained)
-    else:
-        pcfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if not pcfg:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            others = [m for m in open_clip.list_pretrained_models_by_tag(pretrained)]
-            msg = (f"pretrained={pretrained!r} is neither a checkpoint file nor a known tag for "
-                   f"{name!r}. Tags for {name}: {', '.join(tags) if tags else '(none)'}.")
-            if others:
-                msg += f" Models with tag {pretrained!r}: {', '.join(others[:8])}."
-            raise ModelLoadError(msg)
-        _check_quickgelu(name, pretrained, model_cfg, pcfg)
-        ckpt = _cached_tag_file(pcfg, None)
-        if ckpt is None:
-            if _is_offline() or not _network_reachable():
-                raise ModelLoadError(
-                    f"weights {name}:{pretrained} are not cached and there is no network "
-                    f"(or HF_HUB_OFFLINE=1). Either run once online to cache them, or pass a "
-                    f"local checkpoint file (--pretrained /path/open_clip_pytorch_model.bin), or "
-                    f"--model local-dir:PATH, or use the offline stand-in "
-                    f"(--model kk-tiny-vit --pretrained standin).")
-            ckpt = None  # let open_clip download it
-        # keep the tag's preprocessing (mean/std, interpolation) when loading a cached file
-        force_pp = {k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
-                    if k in pcfg} or None
-        if ckpt is None:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=device, precision=precision)
-            tokenizer = open_clip.get_tokenizer(name)
-            return _finish(ClipBundle(model, preprocess, tokenizer, name, pretrained, model_cfg,
-                                      force_pp or {}, device, notes=notes))
+        return _load_random(name, device, precision)
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        return _create(name, pretrained, os.path.expanduser(pretrained), None, device, precision)
+    return _load_tag(name, pretrained, device, precision)
+
+
+def _load_local_dir(name: str, pretrained: Optional[str], device, precision) -> ClipBundle:
+    """``local-dir:PATH``: open_clip_config.json + a weights file in one folder."""
+    open_clip = open_clip_module()
+    path = Path(name[len("local-dir:"):]).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"local-dir: folder not found: {path}")
+    cfg_file = path / "open_clip_config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"local-dir:{path} has no open_clip_config.json (it needs "
+                             f"{{'model_cfg': ..., 'preprocess_cfg': ...}} and a weights file)")
     try:
-        pp_kw = {}
-        for k, kw in (("mean", "image_mean"), ("std", "image_std"),
-                      ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):
-            if force_pp and k in force_pp:
-                pp_kw[kw] = force_pp[k]
+        full = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not any(path.glob(ext) for ext in ("*.safetensors", "*.bin", "*.pth")):
+        raise ModelLoadError(f"local-dir:{path} has a config but no weights file "
+                             f"(*.safetensors, *.bin or *.pth)")
+    if pretrained:
+        warnings.warn(f"pretrained={pretrained!r} is ignored for {name!r}", UserWarning)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        f"local-dir:{path}", device=device, precision=precision)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    model_cfg = full.get("model_cfg", full)
+    return _finish(ClipBundle(model, preprocess, tokenizer, name, None, model_cfg,
+                              full.get("preprocess_cfg", {}), device,
+                              standin=bool(full.get("kalman_kernels", {}).get("standin", False))))
+
+
+def _load_hf_hub(name: str, device, precision) -> ClipBundle:
+    open_clip = open_clip_module()
+    if _is_offline() or not _network_reachable():
+        raise ModelLoadError(f"{name}: no network (or HF_HUB_OFFLINE=1). Download the repo "
+                             f"once and pass 'local-dir:PATH', or pass a checkpoint file.")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device,
+                                                                 precision=precision)
+    tokenizer = open_clip.get_tokenizer(name)
+    cfg = open_clip.get_model_config(name) or {}
+    return _finish(ClipBundle(model, preprocess, tokenizer, name, None, cfg, {}, device))
+
+
+def _load_standin(name: str, device, cache_dir, precision, standin_kwargs, verbose) -> ClipBundle:
+    """The offline stand-in: pretrained (or taken from the cache) by ``standin.py``."""
+    if name not in TINY_CONFIGS:
+        raise ModelLoadError(f"pretrained='standin' is the offline digits stand-in and exists "
+                             f"only for the tiny configs ({', '.join(TINY_CONFIGS)}), not {name!r}")
+    ckpt_dir = standin_checkpoint(name, cache_dir=cache_dir, verbose=verbose,
+                                  **(standin_kwargs or {}))
+    bundle = _load_local_dir(f"local-dir:{ckpt_dir}", None, device, precision)
+    bundle.name, bundle.pretrained, bundle.standin = name, STANDIN_TAG, True
+    bundle.notes.append("STAND-IN weights: a tiny CLIP pretrained on scikit-learn digits and "
+                        "generated shapes, not real pretrained CLIP weights")
+    return bundle
+
+
+def _load_random(name: str, device, precision) -> ClipBundle:
+    warnings.warn(f"{name}: no pretrained weights given, the model is randomly initialised "
+                  f"(its features are useless for few-shot work). Pass a pretrained tag, a "
+                  f"checkpoint file, or pretrained='standin' for the tiny configs.",
+                  UserWarning, stacklevel=3)
+    torch.manual_seed(0)
+    with expected_random_init():
+        return _create(name, None, None, None, device, precision)
+
+
+def _load_tag(name: str, tag: str, device, precision) -> ClipBundle:
+    """A pretrained tag: the cached file when there is one, else open_clip downloads it
+    (online only; offline this fails at once with what to pass instead)."""
+    open_clip = open_clip_module()
+    model_cfg = open_clip.get_model_config(name)
+    pcfg = open_clip.get_pretrained_cfg(name, tag)
+    if not pcfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        others = list(open_clip.list_pretrained_models_by_tag(tag))
+        msg = (f"pretrained={tag!r} is neither a checkpoint file nor a known tag for "
+               f"{name!r}. Tags for {name}: {', '.join(tags) if tags else '(none)'}.")
+        if others:
+            msg += f" Models with tag {tag!r}: {', '.join(others[:8])}."
+        raise ModelLoadError(msg)
+    _check_quickgelu(name, tag, model_cfg, pcfg)
+    ckpt = _cached_tag_file(pcfg, None)
+    if ckpt is None and (_is_offline() or not _network_reachable()):
+        raise ModelLoadError(
+            f"weights {name}:{tag} are not cached and there is no network "
+            f"(or HF_HUB_OFFLINE=1). Either run once online to cache them, or pass a "
+            f"local checkpoint file (--pretrained /path/open_clip_pytorch_model.bin), or "
+            f"--model local-dir:PATH, or use the offline stand-in "
+            f"(--model kk-tiny-vit --pretrained standin).")
+    # keep the tag's preprocessing (mean/std, interpolation) when loading a cached file
+    force_pp = {k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
+                if k in pcfg} or None
+    if ckpt is None:   # online: let open_clip download it
+        return _create(name, tag, tag, force_pp, device, precision, download=True)
+    return _create(name, tag, ckpt, force_pp, device, precision)
+
+
+def _create(name: str, tag: Optional[str], weights: Optional[str], force_pp, device, precision,
+            download: bool = False) -> ClipBundle:
+    """open_clip.create_model_and_transforms with a checkpoint file (or a tag to download,
+    or nothing), a one-line error for a checkpoint that does not fit the architecture."""
+    open_clip = open_clip_module()
+    pp_kw = {}
+    for k, kw in (("mean", "image_mean"), ("std", "image_std"),
+                  ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):
+        if force_pp and k in force_pp and not download:
+            pp_kw[kw] = force_pp[k]
+    try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=ckpt, device=device, precision=precision, **pp_kw)
+            name, pretrained=weights, device=device, precision=precision, **pp_kw)
     except RuntimeError as e:
-        if ckpt is not None and ("size mismatch" in str(e) or "Missing key" in str(e)
-                                 or "Unexpected key" in str(e)):
-            raise ModelLoadError(f"checkpoint {ckpt} does not match architecture {name!r}: "
+        if weights is not None and not download and (
+                "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e)):
+            raise ModelLoadError(f"checkpoint {weights} does not match architecture {name!r}: "
                                  f"{str(e).splitlines()[0]}") from e
         raise
     tokenizer = open_clip.get_tokenizer(name)
-    return _finish(ClipBundle(model, preprocess, tokenizer, name, pretrained, model_cfg,
-                              force_pp or {}, device, notes=notes))
+    return _finish(ClipBundle(model, preprocess, tokenizer, name, tag,
+                              open_clip.get_model_config(name), force_pp or {}, device))
 
 
 def _finish(bundle: ClipBundle) -> ClipBundle:
@@ -350,35 +310,6 @@ def _finish(bundle: ClipBundle) -> ClipBundle:
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     return bundle
-
-
-def save_clip(model: torch.nn.Module, path, model_cfg: Dict[str, Any],
-              preprocess_cfg: Optional[Dict[str, Any]] = None,
-              extra: Optional[Dict[str, Any]] = None) -> Path:
-    """Save ``model`` so that ``load_clip`` can load it again.
-
-    ``path`` ending in ``.pt``/``.pth``/``.bin``: one state-dict file, load it with
-    ``load_clip(name, pretrained=path)``. Otherwise ``path`` is a folder in the ``local-dir``
-    layout (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``), load it with
-    ``load_clip("local-dir:" + path)``. Writes are atomic (temp file + rename).
-    """
-    path = Path(path)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if path.suffix in (".pt", ".pth", ".bin"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".open_clip_pytorch_model.bin.{os.getpid()}.tmp"
-    torch.save(sd, tmp)
-    os.replace(tmp, path / "open_clip_pytorch_model.bin")
-    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
-    if extra:
-        cfg["kalman_kernels"] = extra
-    _atomic_write_text(path / "open_clip_config.json", json.dumps(cfg, indent=2, sort_keys=True))
-    return path
 
 
 @torch.no_grad()

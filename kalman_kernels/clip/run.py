@@ -16,11 +16,13 @@ import torch
 from .cache import FeatureCache, FeatureSet, extract_features, has_visual_proj
 from .data import DatasetSplits, few_shot_indices, get_dataset
 from .models import ClipBundle, load_clip, text_features
+from .progress import progress as _bar
 from .train import BASELINES, OPTIMIZERS, Task, TrainConfig, finetune, run_gda, run_zero_shot
 from ._paths import cache_root
 
 STANDIN_BANNER = ("NOTE: these numbers come from the offline STAND-IN: a tiny CLIP pretrained for "
-                  "about a minute on scikit-learn digits, not real pretrained CLIP weights.")
+                  "about a minute on scikit-learn digits and generated shapes, not real "
+                  "pretrained CLIP weights.")
 
 
 @dataclass
@@ -44,9 +46,11 @@ def prepare(model: str = "kk-tiny-vit", pretrained: Optional[str] = "standin",
                      generated_shifts=generated_shifts)
     bundle = load_clip(model, pretrained, device=device, cache_dir=cache_dir, verbose=verbose)
     cache = FeatureCache(cache_root(cache_dir) / "features")
-    pool = extract_features(bundle, ds.pool, cache, progress=progress)
-    test = extract_features(bundle, ds.test, cache, progress=progress)
-    ood = {k: extract_features(bundle, v, cache, progress=progress) for k, v in ds.ood.items()}
+    sets = [ds.pool, ds.test, *ds.ood.values()]
+    feats = [extract_features(bundle, s, cache, progress=False)
+             for s in _bar(sets, desc=f"features {ds.name}", unit="split",
+                                   enabled=progress)]
+    pool, test, ood = feats[0], feats[1], dict(zip(ds.ood, feats[2:]))
     text = text_features(bundle, ds.classnames, ds.templates)
     proj = bundle.model.visual.proj.detach().float().cpu() if has_visual_proj(bundle.model) else None
     skipped = {s.name: s.n_skipped for s in [pool, test, *ood.values()] if s.n_skipped}
@@ -56,48 +60,57 @@ def prepare(model: str = "kk-tiny-vit", pretrained: Optional[str] = "standin",
 def make_task(prep: Prepared, shots: int, seed: int, calibrate: bool = False) -> Task:
     k = len(prep.ds.classnames)
     tr, va = few_shot_indices(prep.pool.labels.numpy(), shots, seed, k)
-    task = Task(prep.pool.index(tr), prep.pool.index(va), prep.test, prep.ood, prep.text,
-                prep.bundle.logit_scale(), prep.proj, k)
-    task.calibrate = calibrate
-    task.device = prep.bundle.device
-    return task
+    return Task(prep.pool.index(tr), prep.pool.index(va), prep.test, prep.ood, prep.text,
+                prep.bundle.logit_scale(), prep.proj, k, calibrate=calibrate,
+                device=prep.bundle.device)
 
 
 def run_methods(prep: Prepared, methods: Sequence[str], shots_list: Sequence[int],
-                seeds: Sequence[int], base: TrainConfig, lr_grid: Optional[Dict[str, List[float]]] = None,
-                progress: bool = True, calibrate: bool = False,
-                overrides: Optional[Dict[str, Dict]] = None) -> List[Dict]:
-    """Every method x shots x seed. Gradient baselines with a grid in ``lr_grid`` get the lr
-    with the best validation NLL (the test split is never used for selection).
+                seeds: Sequence[int], base: TrainConfig,
+                grids: Optional[Dict[str, List[Dict]]] = None, progress_bar: bool = True,
+                calibrate: bool = False, overrides: Optional[Dict[str, Dict]] = None,
+                **legacy) -> List[Dict]:
+    """Every method x shots x seed. A method with a grid in ``grids`` (a list of TrainConfig
+    field overrides, e.g. ``[{"lr": 1e-3}, {"lr": 1e-2}]``) runs every point and keeps the
+    one with the best validation NLL (the test split is never used for selection).
     ``overrides``: per-method TrainConfig fields (e.g. {"kalman": {"epochs": 1}})."""
-    from tqdm.auto import tqdm
+    if "progress" in legacy:
+        progress_bar = legacy.pop("progress")
+    if "lr_grid" in legacy:       # the older form: method -> list of learning rates
+        grids = {m: [{"lr": v} for v in lrs] for m, lrs in (legacy.pop("lr_grid") or {}).items()}
+    if legacy:
+        raise TypeError(f"unexpected arguments {sorted(legacy)}")
     for m in methods:
         if m not in OPTIMIZERS and m not in BASELINES:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(OPTIMIZERS + BASELINES)}")
     records = []
     jobs = [(s, sd, m) for s in shots_list for sd in seeds for m in methods]
-    bar = tqdm(jobs, desc="runs", disable=not progress, unit="run")
+    bar = _bar(jobs, desc="runs", enabled=progress_bar, unit="run", item_lines=True)
     for shots, seed, m in bar:
         bar.set_postfix_str(f"{m} {shots}-shot seed {seed}")
         task = make_task(prep, shots, seed, calibrate)
-        if m == "zero-shot":
-            r = run_zero_shot(task)
-        elif m == "gda":
-            r = run_gda(task)
-        else:
-            cfg = replace(base, optimizer=m, seed=seed, calibrate=calibrate,
-                          **(overrides or {}).get(m, {}))
-            grid = (lr_grid or {}).get(m)
-            if grid:
-                cands = [finetune(task, replace(cfg, lr=lr), progress=False) for lr in grid]
-                r = min(cands, key=lambda c: c.metrics["val"]["nll"])
-                r.config["lr_grid"] = list(grid)
-                r.config["lr_selected_on"] = "validation NLL"
-            else:
-                r = finetune(task, cfg, progress=progress, desc=f"{m} {shots}-shot")
-        rec = {"method": m, "shots": shots, "seed": seed, **r.to_json()}
-        records.append(rec)
+        r = _run_one(task, m, seed, base, grids or {}, overrides or {}, calibrate, progress_bar)
+        records.append({"method": m, "shots": shots, "seed": seed, **r.to_json()})
     return records
+
+
+def _run_one(task: Task, m: str, seed: int, base: TrainConfig, grids, overrides, calibrate,
+             progress_bar: bool):
+    if m == "zero-shot":
+        return run_zero_shot(task)
+    if m == "gda":
+        return run_gda(task)
+    cfg = replace(base, optimizer=m, seed=seed, calibrate=calibrate, **overrides.get(m, {}))
+    grid = grids.get(m)
+    if not grid:
+        return finetune(task, cfg, progress_bar=progress_bar, desc=f"{m}")
+    cands = [finetune(task, replace(cfg, **point), progress_bar=False) for point in grid]
+    best = min(range(len(cands)), key=lambda i: cands[i].metrics["val"]["nll"])
+    r = cands[best]
+    r.config["grid"] = [dict(p) for p in grid]
+    r.config["selected"] = dict(grid[best])
+    r.config["selected_on"] = "validation NLL"
+    return r
 
 
 # ----------------------------------------------------------------------------------------
@@ -131,7 +144,8 @@ def aggregate(records: List[Dict]) -> List[Dict]:
                                  for k in keys}
         row["seconds"] = float(np.mean([r["seconds"] for r in rs]))
         rows.append(row)
-    order = {m: i for i, m in enumerate(["zero-shot", "gda", "adamw", "sgd", "kalman-loss", "kalman"])}
+    order = {m: i for i, m in enumerate(["zero-shot", "gda", "adamw", "sgd", "kalman-loss",
+                                         "kalman-paper", "kalman"])}
     rows.sort(key=lambda r: (r["shots"], order.get(r["method"], 99)))
     return rows
 
@@ -187,90 +201,118 @@ def format_shift_table(rows: List[Dict], severity: Dict, markdown: bool = False)
     return "\n".join(out + ["  ".join(c.rjust(w[i]) for i, c in enumerate(l)) for l in lines])
 
 
-def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: Path) -> List[str]:
+def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: Path,
+               dataset: str = "") -> List[str]:
+    """curves.png, reliability.png and ood_severity.png; every title says which data, shot
+    count and seeds it shows."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
     shots_max = max(r["shots"] for r in records)
-    seed0 = min(r["seed"] for r in records)
-    sel = [r for r in records if r["shots"] == shots_max and r["seed"] == seed0]
+    seeds = sorted({r["seed"] for r in records})
+    files = [_plot_curves(records, shots_max, seeds[0], out_dir, dataset),
+             _plot_reliability(records, shots_max, seeds, out_dir, dataset),
+             _plot_severity(rows, severity, shots_max, seeds, out_dir, dataset)]
+    return [f for f in files if f]
 
-    # 1. validation accuracy and NLL against steps per optimizer
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_curves(records, shots, seed, out_dir: Path, dataset: str) -> Optional[str]:
+    """Validation accuracy and NLL against training images seen (log axis; the prior, i.e.
+    before the first step, is the dashed line), one seed."""
+    import matplotlib.pyplot as plt
+    sel = [r for r in records if r["shots"] == shots and r["seed"] == seed]
     trained = [r for r in sel if r["history"]]
-    if trained:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        for r in trained:
-            st = [h.get("images_seen", h["step"]) for h in r["history"]]
-            ax[0].plot(st, [h.get("val_acc", np.nan) for h in r["history"]], label=r["method"])
-            ax[1].plot(st, [h.get("val_nll", np.nan) for h in r["history"]], label=r["method"])
-        for r in sel:
-            if not r["history"] and "val" in r["metrics"]:
-                ax[0].axhline(r["metrics"]["val"]["acc"], ls="--", lw=1, label=r["method"],
-                              color="gray" if r["method"] == "zero-shot" else "k")
-                ax[1].axhline(r["metrics"]["val"]["nll"], ls="--", lw=1, label=r["method"],
-                              color="gray" if r["method"] == "zero-shot" else "k")
-        for a in ax:
-            a.set_xscale("symlog", linthresh=10)
-            a.set_xlim(left=0)
-        ax[0].set(xlabel="training images seen (steps x batch)", ylabel="validation accuracy",
-                  title=f"{shots_max}-shot, seed {seed0}")
-        ax[1].set(xlabel="training images seen (steps x batch)", ylabel="validation NLL")
-        ax[0].legend()
-        fig.tight_layout()
-        p = out_dir / "curves.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        files.append(str(p))
+    if not trained:
+        return None
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for r in trained:
+        pts = [h for h in r["history"] if h.get("images_seen", h["step"]) > 0]
+        x = [h.get("images_seen", h["step"]) for h in pts]
+        for a, key in zip(ax, ("val_acc", "val_nll")):
+            line, = a.plot(x, [h.get(key, np.nan) for h in pts], marker=".", label=r["method"])
+            a.axhline(r["history"][0].get(key, np.nan), ls=":", lw=1, color=line.get_color())
+    for r in sel:
+        if not r["history"] and "val" in r["metrics"]:
+            for a, key in zip(ax, ("acc", "nll")):
+                a.axhline(r["metrics"]["val"][key], ls="--", lw=1, label=r["method"],
+                          color="gray" if r["method"] == "zero-shot" else "k")
+    for a in ax:
+        a.set_xscale("log")
+        a.set_xlabel("training images seen (steps x batch, log scale)")
+    ax[0].set(ylabel="validation accuracy",
+              title=f"{dataset} {shots}-shot, seed {seed}: validation curves")
+    ax[1].set(ylabel="validation NLL",
+              title="dotted: each method's start (step 0); dashed: training-free")
+    ax[0].legend(fontsize=8)
+    return _save(fig, out_dir / "curves.png")
 
-    # 2. reliability diagrams (test split)
-    rel = [r for r in sel if r.get("reliability")]
-    if rel:
-        fig, axes = plt.subplots(1, len(rel), figsize=(3.2 * len(rel), 3.3), squeeze=False)
-        for a, r in zip(axes[0], rel):
-            rb = r["reliability"]
-            edges = np.asarray(rb["edges"], dtype=float)
-            centers = 0.5 * (edges[1:] + edges[:-1])
-            acc = np.asarray([np.nan if v is None else v for v in rb["accuracy"]], dtype=float)
-            a.bar(centers, np.nan_to_num(acc), width=edges[1] - edges[0], edgecolor="k", alpha=0.7)
-            a.plot([0, 1], [0, 1], "r--", lw=1)
-            a.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence",
-                  title=f"{r['method']} ECE {r['metrics']['test']['ece']:.3f}")
-        axes[0][0].set_ylabel("accuracy")
-        fig.tight_layout()
-        p = out_dir / "reliability.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        files.append(str(p))
 
-    # 3. accuracy against OOD severity (one panel per shift kind), mean over seeds
-    if severity:
-        kinds = sorted({k for k, _ in severity.values()})
-        fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.3), squeeze=False)
-        rows_max = [r for r in rows if r["shots"] == shots_max]
-        for a, kind in zip(axes[0], kinds):
-            splits = sorted([s for s, (k, _) in severity.items() if k == kind],
-                            key=lambda s: severity[s][1])
-            lv = [0.0] + [severity[s][1] for s in splits]
-            for r in rows_max:
-                ys = [r["splits"]["test"]["acc"]["mean"]] + [
-                    r["splits"].get(s, {}).get("acc", {}).get("mean", np.nan) for s in splits]
-                a.plot(lv, ys, marker="o", label=r["method"])
-            a.set(xlabel=f"{kind} severity", title=kind, ylim=(0, 1))
-        axes[0][0].set_ylabel(f"accuracy ({shots_max}-shot)")
-        axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "ood_severity.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        files.append(str(p))
-    return files
+def _plot_reliability(records, shots, seeds, out_dir: Path, dataset: str) -> Optional[str]:
+    """Test-split reliability diagrams at the largest shot count, bins pooled over seeds; the
+    ECE in each title is the mean over seeds (the table's value)."""
+    import matplotlib.pyplot as plt
+    methods = list(dict.fromkeys(r["method"] for r in records
+                                 if r["shots"] == shots and r.get("reliability")))
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.5), squeeze=False)
+    for a, m in zip(axes[0], methods):
+        rs = [r for r in records if r["shots"] == shots and r["method"] == m]
+        edges = np.asarray(rs[0]["reliability"]["edges"], dtype=float)
+        count = np.zeros(len(edges) - 1)
+        correct = np.zeros(len(edges) - 1)
+        for r in rs:
+            c = np.asarray(r["reliability"]["count"], dtype=float)
+            acc = np.asarray([0.0 if v is None else v for v in r["reliability"]["accuracy"]])
+            count += c
+            correct += c * acc
+        acc = np.divide(correct, count, out=np.zeros_like(count), where=count > 0)
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        a.bar(centers, acc, width=edges[1] - edges[0], edgecolor="k", alpha=0.7)
+        a.plot([0, 1], [0, 1], "r--", lw=1)
+        ece = np.mean([r["metrics"]["test"]["ece"] for r in rs])
+        a.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{m}: ECE {ece:.3f}")
+    axes[0][0].set_ylabel("accuracy")
+    fig.suptitle(f"{dataset} test split, {shots}-shot: bins pooled over seeds "
+                 f"{','.join(map(str, seeds))}; ECE = mean over seeds", fontsize=9)
+    return _save(fig, out_dir / "reliability.png")
+
+
+def _plot_severity(rows, severity, shots, seeds, out_dir: Path, dataset: str) -> Optional[str]:
+    """Accuracy against OOD severity, one panel per shift kind, mean over seeds."""
+    import matplotlib.pyplot as plt
+    if not severity:
+        return None
+    kinds = sorted({k for k, _ in severity.values()})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.5), squeeze=False)
+    rows_max = [r for r in rows if r["shots"] == shots]
+    for a, kind in zip(axes[0], kinds):
+        splits = sorted([s for s, (k, _) in severity.items() if k == kind],
+                        key=lambda s: severity[s][1])
+        lv = [0.0] + [severity[s][1] for s in splits]
+        for r in rows_max:
+            ys = [r["splits"]["test"]["acc"]["mean"]] + [
+                r["splits"].get(s, {}).get("acc", {}).get("mean", np.nan) for s in splits]
+            a.plot(lv, ys, marker="o", label=r["method"])
+        a.set(xlabel=f"{kind} severity (0 = ID test)", title=kind, ylim=(0, 1))
+    axes[0][0].set_ylabel(f"test accuracy ({shots}-shot)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{dataset}: accuracy under generated shifts, {shots}-shot, mean over seeds "
+                 f"{','.join(map(str, seeds))}", fontsize=9)
+    return _save(fig, out_dir / "ood_severity.png")
 
 
 def write_outputs(prep: Prepared, records, rows, out_dir: Path, extra: Dict, plots: bool = True):
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = make_plots(records, rows, prep.ds.ood_severity, out_dir) if plots else []
+    files = make_plots(records, rows, prep.ds.ood_severity, out_dir, prep.ds.name) if plots else []
     blob = {"model": prep.bundle.name, "pretrained": prep.bundle.pretrained,
             "standin": prep.bundle.standin, "notes": prep.bundle.notes,
             "dataset": prep.ds.name, "classes": prep.ds.classnames,

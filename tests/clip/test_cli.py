@@ -45,7 +45,8 @@ def test_compare_end_to_end(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
     rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
                    "--dataset", f"imagefolder:{data}", "--ood", str(ood),
-                   "--methods", "zero-shot,gda,adamw,kalman,kalman-loss", "--shots", "1,2",
+                   "--methods", "zero-shot,gda,adamw,kalman,kalman-paper,kalman-loss",
+                   "--shots", "1,2",
                    "--steps", "5", "--adamw-lrs", "1e-3,1e-2", "--quiet", "--out", str(out),
                    "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
@@ -54,8 +55,13 @@ def test_compare_end_to_end(tmp_path, checkpoint, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["skipped_images"] and sum(res["skipped_images"].values()) == 1
     rows = {(r["method"], r["shots"]) for r in res["summary"]}
-    assert rows == {(m, s) for m in ("zero-shot", "gda", "adamw", "kalman", "kalman-loss")
-                    for s in (1, 2)}
+    assert rows == {(m, s) for m in ("zero-shot", "gda", "adamw", "kalman", "kalman-paper",
+                                     "kalman-loss") for s in (1, 2)}
+    paper = [r for r in res["runs"] if r["method"] == "kalman-paper"]
+    assert all(r["config"]["adapter"] == "clip-adapter" and r["config"]["obs"] == "paired"
+               and r["config"]["gate"] == 0.999 and r["config"]["adaptive_obs_noise"] > 0
+               for r in paper)
+    assert "wall time" in text and "load average" in text
     for r in res["runs"]:
         t = r["metrics"]["test"]
         assert 0 <= t["acc"] <= 1 and t["nll"] >= 0 and 0 <= t["ece"] <= 1
@@ -84,13 +90,28 @@ def test_builtin_dataset_with_ood_folder_and_generated_shifts(tmp_path, checkpoi
     out = tmp_path / "o1"
     rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
                    "--dataset", "digits", "--no-shifts", "--ood", str(ood), "--methods",
-                   "zero-shot,kalman", "--shots", "1", "--quiet", "--no-plots", "--out", str(out)])
+                   "zero-shot,kalman", "--shots", "1", "--quiet", "--no-plots", "--out", str(out),
+                   "--init-cov", "1e-3", "--obs-noise", "1e-2"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["ood_splits"] == ["ood-ood"]
     k = [r for r in res["runs"] if r["method"] == "kalman"][0]
     assert set(k["metrics"]) == {"test", "val", "ood-ood"}
-    assert k["config"]["steps"] == 1  # one pass over 10 shots with batch 32: one step
+    # the default: 10 tempered passes over 10 shots with batch 32 (one step per pass), r x 10
+    assert k["config"]["steps"] == 10 and k["config"]["tempered"]
+    assert k["config"]["obs_noise"] == pytest.approx(1e-1)
+    assert "grid" not in k["config"]  # P0 and r given: nothing selected
+    # the generated shapes task, every method of the table
+    out3 = tmp_path / "o3"
+    rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
+                   "--dataset", "shapes", "--no-shifts", "--methods",
+                   "kalman,kalman-paper,adamw,zero-shot,gda", "--shots", "1", "--steps", "5",
+                   "--quiet", "--no-plots", "--out", str(out3)])
+    assert rc == 0
+    res = json.loads((out3 / "results.json").read_text())
+    assert res["dataset"] == "shapes" and len(res["classes"]) == 8
+    assert {r["method"] for r in res["summary"]} == {"kalman", "kalman-paper", "adamw",
+                                                      "zero-shot", "gda"}
     # generated shifts for an image folder: one split per (kind, severity)
     data = make_image_folder(tmp_path / "d", classes=("a", "b"), n=8)
     out2 = tmp_path / "o2"

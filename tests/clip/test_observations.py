@@ -15,6 +15,8 @@ def _adapter(kind):
     text = torch.randn(K, D, generator=g, dtype=torch.float64)
     if kind == "head":
         a = LinearHead(text)
+    elif kind == "cosine-head":
+        a = LinearHead(text, normalize_rows=True)
     elif kind == "clip-adapter":
         a = ClipAdapter(text, reduction=2, residual_init=0.5, seed=3)
     else:
@@ -70,7 +72,7 @@ def test_observation_jacobian_matches_finite_differences(kind, obs):
     fd = _fd_jacobian(a, x, y, obs)
     names = {id(p): n for n, p in a.named_parameters()}
     factors = kron_factors(a, x, y, obs)
-    assert len(factors) == len(fd)
+    n_checked = 0
     for layer, A, Dm in factors:
         n_per = K if obs == "logits" else 1
         assert A.shape[0] == 7 and Dm.shape[:2] == (7, n_per)
@@ -80,6 +82,40 @@ def test_observation_jacobian_matches_finite_differences(kind, obs):
         assert H.shape == ref.shape
         assert torch.allclose(H, ref, atol=1e-7, rtol=1e-6), (H - ref).abs().max()
         assert ref.abs().max() > 1e-3  # the check is not vacuous
+        n_checked += 1
+        if layer.bias is not None:      # the bias's Jacobian is D itself
+            refb = fd[names[id(layer.bias)]]
+            assert torch.allclose(Dm.reshape(7 * n_per, -1), refb, atol=1e-7)
+            n_checked += 1
+    assert n_checked == len(fd)
+
+
+@pytest.mark.parametrize("kind,obs", [("head", "logits"), ("cosine-head", "cosine-logits")])
+def test_head_filter_step_equals_dense_update(kind, obs):
+    """The application's class-structured head filter (HeadKalman, ops.class_head) against
+    the dense float64 update built from finite differences of the adapted model's scores.
+    The cosine head (rows normalised) is the cosine class-logits observation."""
+    from kalman_kernels.clip.head_filter import HeadKalman
+    a1, a2 = _adapter(kind), _adapter(kind)
+    x, y = _batch("head")
+    fd = _fd_jacobian(a2, x, y, "logits")
+    pred, target = observation(a2, x, y, obs)
+    residual = (target - pred).detach().reshape(-1)
+    p0, r = 1e-2, 1e-2
+    blocks = [kk.ops.DenseBlock(p.data, torch.full_like(p, p0), fd[n].reshape(-1, *p.shape))
+              for n, p in a2.named_parameters()]
+    kk.ops.kalman_update_(blocks, residual, r, backend="reference")
+    filt = HeadKalman(a1, init_cov=p0, obs_noise=r)
+    info = filt.step(x, y)
+    assert not bool(info.skipped)
+    for (n, p1), blk in zip(a1.named_parameters(), blocks):
+        assert torch.allclose(p1.data, blk.param, atol=1e-10, rtol=1e-9), n
+        assert torch.allclose(filt.covariance(p1), blk.cov, atol=1e-10, rtol=1e-9), n
+    # and the predictive variance is the dense one at the new state
+    fd2 = _fd_jacobian(a1, x, y, "logits")
+    ref = sum((fd2[n] ** 2) @ filt.covariance(p).reshape(-1)
+              for n, p in a1.named_parameters()) + r
+    assert torch.allclose(filt.predictive_variance(x).double().reshape(-1), ref, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["head", "clip-adapter"])

@@ -81,12 +81,52 @@ def test_monte_carlo_predictive_uses_posterior_samples():
     assert r1.metrics["test"]["acc"] >= 0.9
 
 
-def test_kalman_logits_batch_is_capped_by_observation_count():
-    cfg = TrainConfig(optimizer="kalman", obs="logits", batch_size=32, max_obs=2048, epochs=1.0)
-    assert cfg.resolved_batch(10) == 32 and cfg.resolved_batch(1000) == 2
-    assert cfg.resolved_steps(2000, 1000) == 1000
+def test_head_logits_batch_is_not_capped_dense_paths_are():
+    """The head's class-structured path (DESIGN 2.6) has no m K cap; the dense-S logits path
+    of the other adapters keeps it."""
+    for obs in ("logits", "cosine-logits"):
+        cfg = TrainConfig(optimizer="kalman", obs=obs, batch_size=32, max_obs=2048, epochs=1.0)
+        assert cfg.resolved_batch(1000) == 32 and cfg.resolved_steps(2000, 1000) == 63
+    ca = TrainConfig(optimizer="kalman", adapter="clip-adapter", batch_size=32, epochs=1.0)
+    assert ca.resolved_batch(10) == 32 and ca.resolved_batch(1000) == 2
     assert TrainConfig(optimizer="adamw").resolved_batch(1000) == 32
     task = _task(16)
     r = finetune(task, TrainConfig(optimizer="kalman", epochs=1.0, batch_size=32, max_obs=40),
                  progress=False)
+    assert r.config["batch_size"] == 32 and r.config["steps"] == 2  # 64 images / 32 per batch
+    assert r.config["kalman_path"].startswith("class-structured")
+    r = finetune(task, TrainConfig(optimizer="kalman", adapter="clip-adapter", epochs=1.0,
+                                   batch_size=32, max_obs=40), progress=False)
     assert r.config["batch_size"] == 10 and r.config["steps"] == 7  # 64 images / 10 per batch
+
+
+def test_many_classes_head_step_runs_at_full_batch():
+    """200 classes at batch 32 in one class-structured step (6,400 observations: the dense S
+    would be 6,400 x 6,400); the filter learns (training accuracy rises)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    k, d = 200, 24
+    centers = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=-1)
+    y = torch.arange(k).repeat(2)
+    x = centers[y] + 0.05 * torch.randn(len(y), d, generator=g)
+    fs = FeatureSet("many", x, None, y, 0, [str(i) for i in range(k)])
+    task = Task(fs, fs, fs, {}, torch.randn(k, d, generator=g), logit_scale=30.0)
+    zs = run_zero_shot(task).metrics["test"]["acc"]
+    r = finetune(task, TrainConfig(optimizer="kalman", epochs=1.0, batch_size=32, init_cov=1e-1,
+                                   obs_noise=1e-2), progress=False)
+    assert r.config["batch_size"] == 32 and r.skipped_steps == 0
+    assert r.metrics["test"]["acc"] > max(0.9, zs + 0.5), (zs, r.metrics["test"]["acc"])
+
+
+@pytest.mark.parametrize("method", ["kalman", "kalman-paper"])
+def test_adaptive_noise_and_gate_reach_the_filter(method):
+    task = _task(8)
+    cfg = TrainConfig(optimizer=method, epochs=2.0, batch_size=16, obs_noise=1e-2,
+                      adaptive_obs_noise=0.5, gate=0.9)
+    r = finetune(task, cfg, progress=False)
+    assert r.obs_noise is not None and r.obs_noise != 1e-2      # r was adapted from the data
+    assert r.config["adaptive_obs_noise"] == 0.5 and r.config["gate"] == 0.9
+    if method == "kalman-paper":
+        assert r.config["adapter"] == "clip-adapter" and r.config["obs"] == "paired"
+        assert r.config["kalman_path"] == "KalmanNGD"
+    else:
+        assert r.opt.last_info is not None and float(r.opt.last_info.gate_scale) <= 1.0

@@ -1,0 +1,28 @@
+"""class_head_update_ at the issue-11 target size: a 1,000-class head on 512-d features,
+batch 32, float32 (threads: ``--kk-threads``, default 1). Target <= 100 ms per step; the
+extra-memory figure (<= 50 MB) and the old Kronecker route are in ``benchmarks.class_head``."""
+import pytest
+
+from benchmarks import class_head as CH
+from benchmarks.conftest import record
+
+
+@pytest.mark.parametrize("normalize_rows", [False, True], ids=["plain", "cosine"])
+def test_class_head_1000_classes(benchmark, normalize_rows):
+    fn = CH.class_head_step(CH.K, CH.B, CH.D, normalize_rows)
+    benchmark.group = f"class head K={CH.K} B={CH.B} d={CH.D}"
+    benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+    t = CH.B * (CH.B + 1) // 2
+    record(benchmark, None, 2 * 2 * CH.K * t * CH.D + 2 * CH.K * CH.B * CH.D, K=CH.K, B=CH.B,
+           d=CH.D, normalize_rows=normalize_rows, target_ms=CH.TARGET_MS)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        benchmark.extra_info["meets_target_ms"] = stats.stats.median * 1e3 <= CH.TARGET_MS
+
+
+def test_class_head_extra_memory():
+    """Peak extra memory of one step in a fresh process (Linux): <= 50 MB."""
+    mem = CH.peak_extra_memory("plain")
+    if mem is None:
+        pytest.skip("needs /proc/self/clear_refs (Linux)")
+    assert mem / 1e6 <= CH.TARGET_MB, f"{mem / 1e6:.1f} MB"
