@@ -273,7 +273,7 @@ def test_failed_factorisation_at_every_jitter_skips():
     r = torch.full((4,), 0.1, dtype=F64)
     r[2] = -1e3                                   # class 2's S is negative definite
     info = class_head_update_(w, pw, None, None, c["a"], c["e"], r)
-    assert bool(info.skipped) and math.isnan(float(info.jitter[2]))
+    assert bool(info.skipped) and math.isnan(float(info.class_jitter[2]))
     assert torch.equal(_bits(w), before[0]) and torch.equal(_bits(pw), before[1])
 
 
@@ -288,7 +288,7 @@ def test_jitter_ladder_is_used_per_class():
     w, pw = c["w"].clone(), c["pw"].clone()
     info = class_head_update_(w, pw, None, None, c["a"], c["e"], r)
     assert not bool(info.skipped)
-    jit = info.jitter.tolist()
+    jit = info.class_jitter.tolist()
     assert jit[0] == 0.0 and jit[2] == 0.0 and jit[1] in kk.reference.JITTER_LADDER
     assert torch.isfinite(w).all() and torch.isfinite(pw).all()
     # the untouched classes equal the dense update of their own blocks

@@ -76,9 +76,9 @@ class HeadKalman:
                 None if lin.bias is None else lin.bias.data, self.bias_cov,
                 self.head.features(x), residual, self._r,
                 normalize_rows=self.head.normalize_rows, **self.hyper)
-        if info.obs_noise is not None:
-            self._r = torch.where(info.skipped, self._r, info.obs_noise)
-        self._skipped += info.skipped.long()
+        if info.obs_noise_tensor is not None:
+            self._r = torch.where(info.skipped_tensor, self._r, info.obs_noise_tensor)
+        self._skipped += info.skipped_tensor.long()
         self.last_info = info
         return info
 

@@ -43,12 +43,12 @@ bit for bit. Shapes, dtypes and devices are validated before anything is written
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from .. import reference as ref
+from ._common import KalmanInfo
 
 __all__ = ["ClassHeadInfo", "class_head_update_", "class_head_predictive_variance"]
 
@@ -58,28 +58,23 @@ _COV_DTYPES = (torch.float32, torch.float64)
 DEFAULT_CHUNK = 128
 
 
-@dataclass
-class ClassHeadInfo:
-    """What one class-structured step did; every field is a tensor on the parameters' device
-    (read with ``float()`` / ``bool()`` when needed, which synchronises).
+class ClassHeadInfo(KalmanInfo):
+    """What one class-structured step did: a :class:`~kalman_kernels.ops.KalmanInfo` (its
+    tensors stay on the device; ``mahalanobis``, ``gate_scale``, ``skipped``, ``jitter``,
+    ``obs_noise`` convert when read) plus the per-class terms, as tensors:
 
-    ``mahalanobis``: e^T S^-1 e over all B K observations (0-d, float64);
-    ``class_mahalanobis``: its K per-class terms e_k^T S_k^-1 e_k (K,);
-    ``gate_scale``: s applied to the mean step (0-d; 1 without gate);
-    ``skipped``: 0-d bool, True when the state was left unchanged;
-    ``jitter``: (K,) relative jitter each class's factorisation needed (0 for none, nan
-    where every rung failed);
-    ``obs_noise``: the scalar r used (0-d float64) when R was a scalar (adaptive noise
-    updates it), else None; ``num_obs``: B K.
+    ``class_mahalanobis``: the K terms e_k^T S_k^-1 e_k (their sum is ``mahalanobis``);
+    ``class_jitter``: (K,) relative jitter each class's factorisation needed (0 for none,
+    nan where every rung failed); ``jitter`` is their maximum. ``innovation_cov`` is None
+    (S is block-diagonal: K blocks of B x B).
     """
 
-    mahalanobis: torch.Tensor
-    class_mahalanobis: torch.Tensor
-    gate_scale: torch.Tensor
-    skipped: torch.Tensor
-    jitter: torch.Tensor
-    obs_noise: Optional[torch.Tensor]
-    num_obs: int
+    __slots__ = ("class_mahalanobis", "class_jitter")
+
+    def __init__(self, *, class_mahalanobis, class_jitter, **kwargs):
+        super().__init__(**kwargs)
+        self.class_mahalanobis = class_mahalanobis
+        self.class_jitter = class_jitter
 
 
 # --------------------------------------------------------------------------------------
@@ -433,7 +428,9 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
 
     return ClassHeadInfo(mahalanobis=d2_total, class_mahalanobis=d2,
                          gate_scale=torch.where(keep, torch.zeros_like(scale), scale),
-                         skipped=keep, jitter=jitter, obs_noise=r_scalar, num_obs=m)
+                         skipped=keep, jitter=jitter.amax(), class_jitter=jitter,
+                         obs_noise=r_scalar, num_obs=m,
+                         nonfinite=~(finite_s & torch.isfinite(d2_total)))
 
 
 def class_head_predictive_variance(weight: torch.Tensor, weight_cov: torch.Tensor,
