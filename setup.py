@@ -43,6 +43,7 @@ import sys
 import traceback
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -105,6 +106,14 @@ BUILD_INFO = os.path.join(HERE, "kalman_kernels", "_build_info.py")
 NOTES = {"CPP_BUILD": "", "CUDA_BUILD": ""}
 
 
+def _in_place() -> bool:
+    """Builds whose extensions land in the source tree (editable / --inplace): the notes go
+    there too. Other builds (wheels) get them in the build tree only (KKBuildPy)."""
+    args = sys.argv[1:]
+    return ("--inplace" in args or "-i" in args or "develop" in args or "editable_wheel" in args
+            or not os.path.exists(BUILD_INFO))
+
+
 def _write_notes(*paths: str) -> None:
     text = ('"""Written by setup.py: how the compiled extensions were built (or why not)."""\n'
             + "".join(f"{key} = {value!r}\n" for key, value in NOTES.items()))
@@ -119,7 +128,15 @@ def _write_notes(*paths: str) -> None:
 
 def _note(key: str, value: str, *extra_paths: str) -> None:
     NOTES[key] = value
-    _write_notes(BUILD_INFO, *extra_paths)
+    _write_notes(*(((BUILD_INFO,) if _in_place() else ()) + extra_paths))
+
+
+class KKBuildPy(build_py):
+    """build_py that writes this build's notes into the built package."""
+
+    def run(self):
+        super().run()
+        _write_notes(os.path.join(self.build_lib, "kalman_kernels", "_build_info.py"))
 
 
 # --------------------------------------------------------------------------------------
@@ -138,7 +155,7 @@ def _torch_missing(exc: BaseException):
                                "required.)")
     if not _compiling():  # metadata / sdist: nothing is compiled now
         _say(f"torch is not importable here ({exc!r}); fine for {sys.argv[1:]}")
-        return [], {}
+        return [], {"build_py": KKBuildPy}
     raise SystemExit(msg)
 
 
@@ -239,7 +256,7 @@ def _extensions_and_cmdclass():
         if REQUIRE_CUDA:
             raise SystemExit(f"kalman_kernels: KALMAN_KERNELS_REQUIRE_CUDA_BUILD is set but "
                              f"{why} turns the compiled extensions off")
-        return [], {}
+        return [], {"build_py": KKBuildPy}
     try:
         import torch
     except Exception as exc:  # torch missing or broken
@@ -292,7 +309,8 @@ def _extensions_and_cmdclass():
                   f"why.\nSet {flag}=1 to make this an error.")
             lib_info = os.path.join(self.build_lib, "kalman_kernels", "_build_info.py")
             _note("CUDA_BUILD" if cuda else "CPP_BUILD",
-                  f"the build FAILED ({type(exc).__name__}: {str(exc)[:300]})", lib_info)
+                  f"the build FAILED ({type(exc).__name__}: {str(exc)[:300]})",
+                  *(() if self.inplace else (lib_info,)))
             self.failed = tuple(self.failed) + (ext.name,)
 
         def _built(self):
@@ -368,7 +386,8 @@ def _extensions_and_cmdclass():
     exts = [ext]
     if build_cuda:
         exts.append(_cuda_extension(cpp_extension))
-    return exts, {"build_ext": KKBuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": KKBuildExtension.with_options(use_ninja=True),
+                  "build_py": KKBuildPy}
 
 
 def _cuda_extension(cpp_extension):
@@ -389,5 +408,6 @@ def _cuda_extension(cpp_extension):
     return ext
 
 
-ext_modules, cmdclass = _extensions_and_cmdclass()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # (setuptools and pip run it so; tests load the helpers above)
+    ext_modules, cmdclass = _extensions_and_cmdclass()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
