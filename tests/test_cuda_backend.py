@@ -451,7 +451,7 @@ def test_gpu_kalman_ngd_end_to_end_matches_reference(mode):
                     opt.zero_grad()
                     loss = torch.nn.functional.mse_loss(net(x), y)
                     loss.backward()
-                    return loss
+                    return loss.detach()
             else:
                 def closure():
                     return net(x), y
@@ -483,7 +483,7 @@ def test_gpu_public_loss_step_captures_in_a_cuda_graph():
             opt.zero_grad(set_to_none=False)
             loss = torch.nn.functional.mse_loss(net(x), y)
             loss.backward()
-            return loss
+            return loss.detach()
         return closure
 
     side = torch.cuda.Stream()

@@ -1098,8 +1098,8 @@ void loss_step(const std::vector<LossGroup>& groups, const double* coef, const d
   }
 }
 
-#define KK_STRINGIFY_(x) #x
-#define KK_STRINGIFY(x) KK_STRINGIFY_(x)
+#define KK_STRINGIFY_(...) #__VA_ARGS__
+#define KK_STRINGIFY(...) KK_STRINGIFY_(__VA_ARGS__)
 const char* compiled_archs() {
 #if defined(KK_CUDA_EMULATE)
   return "emulated";
