@@ -30,6 +30,9 @@
 
 namespace kalman_kernels {
 namespace cuda {
+#if defined(KK_CUDA_EMULATE)
+inline namespace emulated {
+#endif
 namespace {
 
 namespace km = ::kalman_kernels::math;
@@ -1110,5 +1113,8 @@ const char* compiled_archs() {
 #endif
 }
 
+#if defined(KK_CUDA_EMULATE)
+}  // namespace emulated
+#endif
 }  // namespace cuda
 }  // namespace kalman_kernels

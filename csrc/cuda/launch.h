@@ -11,6 +11,11 @@
 
 namespace kalman_kernels {
 namespace cuda {
+// The emulated build (tests) gets its own symbol names, so it never interposes on, or is
+// interposed by, the real extension when both are loaded into one process.
+#if defined(KK_CUDA_EMULATE)
+inline namespace emulated {
+#endif
 
 // Storage dtype of an array, decided at run time.
 enum class Dt : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
@@ -117,5 +122,8 @@ void loss_step(const std::vector<LossGroup>& groups, const double* coef, const d
 // __CUDA_ARCH_LIST__), or "emulated".
 const char* compiled_archs();
 
+#if defined(KK_CUDA_EMULATE)
+}  // namespace emulated
+#endif
 }  // namespace cuda
 }  // namespace kalman_kernels
