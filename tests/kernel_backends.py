@@ -7,7 +7,11 @@ Each test that takes the ``kb`` fixture (tests/conftest.py) runs once per backen
   extension skips with the recorded reason, and FAILS under KALMAN_KERNELS_REQUIRE_CPP (CI);
 * ``triton`` on a GPU, or on CPU tensors through the interpreter when TRITON_INTERPRET=1
   (``kb.interpreted``: tests keep sizes small, the interpreter runs ~1e6 elements/s);
-* ``cuda`` on a GPU (skipped without one, with the reason).
+* ``cuda`` on a GPU (skipped without one, with the reason);
+* ``cuda-emulated``: the cuda backend's kernel code compiled for the CPU against a CUDA
+  emulator (tests/cuda_emulation.py), on CPU tensors, so that the CUDA kernels are tested on
+  machines without a GPU. A failed emulation build skips, and FAILS under
+  KALMAN_KERNELS_REQUIRE_CPP (it needs only the C++ compiler the cpp backend needs).
 
 New backends appear here without touching the test modules.
 """
@@ -39,9 +43,18 @@ class KernelBackend:
     device: str
     isa: Optional[str] = None
     interpreted: bool = False
+    emulated: bool = False
 
     @property
     def module(self):
+        if self.emulated:
+            import cuda_emulation
+            try:
+                return cuda_emulation.backend()
+            except RuntimeError as exc:
+                if REQUIRE_CPP:
+                    pytest.fail(f"KALMAN_KERNELS_REQUIRE_CPP is set but {exc}")
+                pytest.skip(str(exc))
         module, reason = _load(self.name)
         if module is None:
             if self.name == "cpp" and REQUIRE_CPP:
@@ -78,7 +91,7 @@ class KernelBackend:
         return self.name != "triton"
 
     def __str__(self) -> str:
-        return self.name + (f"-{self.isa}" if self.isa else "")
+        return self.name + (f"-{self.isa}" if self.isa else "") + ("-emulated" if self.emulated else "")
 
 
 def _cpp_isas():
@@ -106,6 +119,7 @@ def variants():
     else:
         out.append(KernelBackend("triton", "cpu", interpreted=True))
     out.append(KernelBackend("cuda", "cuda"))
+    out.append(KernelBackend("cuda", "cpu", emulated=True))
     return out
 
 

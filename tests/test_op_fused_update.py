@@ -65,6 +65,18 @@ def _check(kb, param, cov, exp_p, exp_c, p_scale, c_scale, pdtype, cdtype, floor
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 32])
 @pytest.mark.parametrize("n", [1, 7, 1023, 4099])
 def test_dense_matches_float64(kb, pdtype, information, m, n):
+    _dense_case(kb, pdtype, information, m, n)
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("information", [False, True], ids=["kalman", "information"])
+@pytest.mark.parametrize("m,n", [(33, 130), (70, 1031), (128, 67)])
+def test_dense_many_observations(kb, pdtype, information, m, n):
+    """m > 32: the kernels' paths for many observations (e.g. a tiled F H), partial tiles."""
+    _dense_case(kb, pdtype, information, m, n)
+
+
+def _dense_case(kb, pdtype, information, m, n):
     if not kb.fits(m * n):
         pytest.skip("too large for the interpreter")
     cdtype = cov_dtype_for(pdtype)

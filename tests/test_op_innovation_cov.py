@@ -13,7 +13,7 @@ from op_checks import (F64, PARAM_DTYPES, assert_sym_close, cov_dtype_for, hyper
                        kron_jacobian, poison_allocator, rand_cov, randn, tol_for)
 
 SIZES_N = [1, 7, 1023, 4099]
-SIZES_M = [1, 3, 6, 8, 32]
+SIZES_M = [1, 3, 6, 8, 32, 40]
 # (B, K, d_out, d_in): odd sizes, B = 1, K = 1 (the plain block), many classes
 KRON_SHAPES = [(1, 1, 1, 1), (3, 1, 5, 7), (1, 10, 9, 4), (3, 2, 33, 17), (5, 7, 6, 11),
                (32, 10, 3, 5), (4, 3, 64, 129)]

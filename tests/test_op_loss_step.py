@@ -117,3 +117,73 @@ def test_loss_step_empty_lists(kb):
     one = torch.ones((), dtype=F64, device=kb.device)
     with kb.active() as be:
         be.loss_step_([], [], [], one, one, true_(kb.device), 1.0, 0.0, 0.0, float("inf"), False)
+
+
+def _offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` starting ``offset`` elements into a larger buffer (its data
+    pointer is then not 16-byte aligned for offset % 4 != 0 with 4-byte elements)."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                  (F64, F64)], ids=lambda p: f"{p[0]}-{p[1]}")
+def test_loss_step_mixed_alignment(kb, pair):
+    """Aligned, misaligned and odd-sized tensors in one call: params aligned, grads one
+    element off, covs two off (vectorised kernels must take the scalar path where a tensor
+    is misaligned, and handle the tails)."""
+    pdt, cdt = pair
+    shapes = [(4096 + 3,), (17, 5), (4,), (1,), (2 * 16384 + 1,)]
+    params0, grads, covs0 = _tensors(kb, pair, shapes)
+    lam, q, coef, weight = 0.95, 0.002, -0.7, 3.0
+    params = [kb.to(p.clone()) for p in params0]
+    gs = [_offset_copy(kb.to(g), 1) for g in grads]
+    covs = [_offset_copy(kb.to(c.clone()), 2) for c in covs0]
+    with kb.active() as be:
+        quad = be.loss_quad_form(gs, covs, lam, q)
+        be.loss_step_(params, gs, covs, torch.tensor(coef, dtype=F64, device=kb.device),
+                      torch.tensor(weight, dtype=F64, device=kb.device), true_(kb.device),
+                      lam, q, 0.0, float("inf"), False)
+    expected_quad = sum(float((g.to(F64) ** 2 * (c.to(F64) / lam + q)).sum())
+                        for g, c in zip(grads, covs0))
+    assert abs(float(quad) - expected_quad) <= 1e-4 * expected_quad
+    tol = tol_for(pdt, cdt, exact64=kb.exact64)
+    for i, (p0, g, c0, p, c) in enumerate(zip(params0, grads, covs0, params, covs)):
+        g64 = g.to(F64)
+        p_pred = ref.predict_cov(c0.to(F64), lam, q)
+        exp_p = p0.to(F64) + coef * p_pred * g64
+        exp_c = ref.cov_update(p_pred, weight * g64 * g64, 0.0, float("inf"), False)
+        assert_close_scaled(p, exp_p, p0.to(F64).abs() + abs(coef) * p_pred * g64.abs(), tol,
+                            f"loss {kb} param[{i}] misaligned")
+        assert_close_scaled(c, exp_c, p_pred + p_pred * p_pred * weight * g64 * g64,
+                            tol_for(cdt, exact64=kb.exact64), f"loss {kb} cov[{i}] misaligned")
+
+
+def test_loss_many_tensors_and_dtypes(kb):
+    """More tensors than one multi-tensor launch carries (130), of mixed parameter dtypes
+    in one call: the reduction and the step cover every tensor exactly once."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    shapes = [(int(torch.randint(1, 300, (), generator=gen)),) for _ in range(130)]
+    params0 = [randn(s, dtypes[i % 3]) for i, s in enumerate(shapes)]
+    grads = [randn(s, dtypes[i % 3], scale=0.1) for i, s in enumerate(shapes)]
+    covs0 = [rand_cov(s, torch.float32) for s in shapes]
+    params = [kb.to(p.clone()) for p in params0]
+    covs = [kb.to(c.clone()) for c in covs0]
+    with kb.active() as be:
+        quad = be.loss_quad_form([kb.to(g) for g in grads], covs, 1.0, 0.0)
+        be.loss_step_(params, [kb.to(g) for g in grads], covs,
+                      torch.tensor(0.5, dtype=F64, device=kb.device),
+                      torch.tensor(2.0, dtype=F64, device=kb.device), true_(kb.device),
+                      1.0, 0.0, 0.0, float("inf"), True)
+    expected_quad = sum(float((g.to(F64) ** 2 * c.to(F64)).sum()) for g, c in zip(grads, covs0))
+    assert abs(float(quad) - expected_quad) <= 1e-4 * expected_quad
+    for i, (p0, g, c0, p, c) in enumerate(zip(params0, grads, covs0, params, covs)):
+        g64, c64 = g.to(F64), c0.to(F64)
+        exp_p = p0.to(F64) + 0.5 * c64 * g64
+        exp_c = ref.cov_update(c64, 2.0 * g64 * g64, 0.0, float("inf"), True)
+        assert_close_scaled(p, exp_p, p0.to(F64).abs() + 0.5 * c64 * g64.abs(),
+                            tol_for(p0.dtype, exact64=kb.exact64), f"loss {kb} param[{i}]")
+        assert_close_scaled(c, exp_c, exp_c, 1e-5, f"loss {kb} cov[{i}]")

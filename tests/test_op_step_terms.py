@@ -27,7 +27,8 @@ def _check_terms(kb, got, jac, coef, whitening, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m,n", [(1, 1), (1, 4099), (3, 7), (32, 1023)])
+@pytest.mark.parametrize("m,n", [(1, 1), (1, 4099), (3, 7), (32, 1023), (40, 257),
+                                 (70, 1031)])
 def test_step_terms_dense(kb, dtype, m, n):
     if not kb.fits(m * n):
         pytest.skip("too large for the interpreter")
