@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/*.cpp csrc/*/*.h)
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: install demo test bench clean
 
@@ -32,4 +32,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.report
 
 clean:
-	rm -rf build $(VENV) *.egg-info kalman_kernels/*.so
+	rm -rf build $(VENV) *.egg-info kalman_kernels/*.so kalman_kernels/_build_info.py
