@@ -85,6 +85,13 @@ class KernelBackend:
         interpreter runs ~1e6 elements/s: keep its cases <= 1e5 elements of work)."""
         return not self.interpreted or numel <= 20_000
 
+    def need_registered(self) -> None:
+        """Skip tests that reach the kernels through the ops layer (``backend=name``) for a
+        variant the registry cannot resolve (the emulated CUDA kernels)."""
+        if self.emulated:
+            pytest.skip("the emulated cuda kernels are not a registered backend; the per-op "
+                        "tests cover them")
+
     @property
     def exact64(self) -> bool:
         """float64 arithmetic throughout (Triton's float64 support is partial)."""

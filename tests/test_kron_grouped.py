@@ -67,6 +67,7 @@ def _blocks(parts, form):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}K{s[1]}")
 def test_grouped_equals_ungrouped_dense_and_oracle_float64(kb, shape, rule):
     b, k = shape
+    kb.need_registered()
     if not kb.fits(b * b * 45 + (b * k) ** 2 * 5):
         pytest.skip("too large for the interpreter")
     gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
@@ -82,10 +83,15 @@ def test_grouped_equals_ungrouped_dense_and_oracle_float64(kb, shape, rule):
             results[form] = ([blk.param.detach().cpu() for blk in blocks],
                              [blk.cov.detach().cpu() for blk in blocks], info)
     tol = 1e-10 if kb.exact64 else 1e-4
+    # Covariances are P- - P-^2 diag(H^T S^-1 H): with m up to 320 observations of a
+    # 45-parameter layer P shrinks by orders of magnitude, so they are compared on the scale
+    # of the terms they are formed from (P-), not of the small result.
+    p_scale = [(p["cov"] / 0.97 + 1e-3).max() for p in parts]
     for form in ("ungrouped", "dense"):
-        for x, y in zip(results["grouped"][0] + results["grouped"][1],
-                        results[form][0] + results[form][1]):
+        for x, y in zip(results["grouped"][0], results[form][0]):
             assert rel_err(x, y) <= tol, form
+        for x, y, scale in zip(results["grouped"][1], results[form][1], p_scale):
+            assert float((x - y).abs().max()) <= tol * float(scale), form
         assert rel_err(results["grouped"][2].innovation_cov, results[form][2].innovation_cov) <= tol
     # the independent full-matrix oracle
     h = np.concatenate([kron_jacobian(p["a"], p["d"]).numpy() if p["kind"] == "kron" else
@@ -96,13 +102,15 @@ def test_grouped_equals_ungrouped_dense_and_oracle_float64(kb, shape, rule):
                                              q=1e-3, p_min=1e-8, gate=0.9, rule=rule)
     got_mu = np.concatenate([t.reshape(-1).numpy() for t in results["grouped"][0]])
     got_p = np.concatenate([t.reshape(-1).numpy() for t in results["grouped"][1]])
-    assert rel_err(got_mu, mu_new) <= tol and rel_err(got_p, p_new) <= tol
+    assert rel_err(got_mu, mu_new) <= tol
+    assert np.abs(got_p - p_new).max() <= tol * (cov / 0.97 + 1e-3).max()
     assert rel_err(results["grouped"][2].innovation_cov, s_mat) <= tol
 
 
 @pytest.mark.parametrize("shape", [(3, 7), (32, 10)], ids=lambda s: f"B{s[0]}K{s[1]}")
 def test_grouped_float32_within_tolerance(kb, shape):
     b, k = shape
+    kb.need_registered()
     if not kb.fits(b * b * 45 + (b * k) ** 2 * 5):
         pytest.skip("too large for the interpreter")
     gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
