@@ -280,7 +280,17 @@ _KRON_INTERP = triton.Config({"BLOCK_O": 64, "BLOCK_I": 128, "BLOCK_P": 64}, num
 _KRON_KEY = ["batch", "npairs", "o_bucket", "i_bucket", "INFORMATION", "ACC"]
 
 
+def _prune_kron(configs, named_args, **kwargs):
+    """float64 arithmetic or 16-bit weights: tiles up to 64 x 128 (larger ones spill)."""
+    w = named_args.get("w_ptr", named_args.get("u_ptr"))
+    wide = kwargs.get("ACC") == tl.float64 or (w is not None and w.element_size() == 2)
+    kept = [c for c in configs
+            if not (wide and c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_I"] > 8192)]
+    return kept or configs[:1]
+
+
 @C.autotune(gpu=_KRON_GPU, interpreted=_KRON_INTERP, key=_KRON_KEY,
+            prune_configs_by={"early_config_prune": _prune_kron},
             restore_value=["w_ptr", "cov_ptr"])
 @triton.jit
 def _kron_update_kernel(w_ptr, cov_ptr, a_ptr, dc_ptr, g_ptr, ap_ptr, ok_ptr,
@@ -295,7 +305,8 @@ def _kron_update_kernel(w_ptr, cov_ptr, a_ptr, dc_ptr, g_ptr, ap_ptr, ok_ptr,
                           False, INFORMATION, ACC, PRECISION, BLOCK_O, BLOCK_I, BLOCK_B, BLOCK_P)
 
 
-@C.autotune(gpu=_KRON_GPU, interpreted=_KRON_INTERP, key=_KRON_KEY)
+@C.autotune(gpu=_KRON_GPU, interpreted=_KRON_INTERP, key=_KRON_KEY,
+            prune_configs_by={"early_config_prune": _prune_kron})
 @triton.jit
 def _kron_terms_kernel(a_ptr, dc_ptr, g_ptr, ap_ptr, u_ptr, dd_ptr,
                        batch, npairs, d_out, d_in, s_a0, s_a1, o_bucket, i_bucket,
