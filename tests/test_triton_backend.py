@@ -457,3 +457,27 @@ def test_kalman_ngd_end_to_end_matches_reference(mode):
     params_r, covs_r = run("reference")
     for a, b in zip(params_t + covs_t, params_r + covs_r):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+# ------------------------------------------------------------------ benchmarks/gpu.py
+def test_gpu_benchmark_without_gpu_says_so_and_exits_0():
+    if GPU:
+        pytest.skip("this machine has a GPU: benchmarks/gpu.py measures instead")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], capture_output=True,
+                         text=True, cwd=str(ROOT), timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert "no GPU here" in out.stdout
+
+
+@needs_backend
+def test_gpu_benchmark_code_paths_run_on_the_interpreter():
+    """benchmarks/gpu.py --cpu-smoke: its reference checks (which must pass) and its timing
+    loop over every raw op, on tiny CPU tensors through the interpreter."""
+    if not INTERPRET:
+        pytest.skip("the smoke run needs TRITON_INTERPRET=1 (a GPU machine runs the real one)")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--cpu-smoke"],
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.search(r"cpu smoke: \d+ checks, 0 failed", out.stdout), out.stdout[-2000:]

@@ -99,8 +99,8 @@ def variants(quick: bool = False) -> List[Variant]:
     # dense S
     for jdt, cdt in [(F32, F32), (BF16, F32), (F64, F64)]:
         acc = F64 if F64 in (jdt, cdt) else F32
-        for m in ([1, 8, 16, 128] if not quick else [1, 32]):
-            block_m, small = dense._block_l(m)
+        for m in ([1, 8, 16, 128] if not quick else [1, 8, 128]):
+            block_m, small = dense._block_m(m)
             types = {"jac_ptr": "*" + jdt, "cov_ptr": "*" + cdt, "out_ptr": "*" + acc,
                      **ints("m", "n", "s_jm", "s_jn", "s_c", "cols_per_split", "n_bucket"),
                      **f64s("inv_lam", "q")}
@@ -111,7 +111,7 @@ def variants(quick: bool = False) -> List[Variant]:
     # dense update / terms
     for pdt, cdt in [(F32, F32), (BF16, F32), (F64, F64)]:
         acc = F64 if F64 in (pdt, cdt) else F32
-        for m in ([1, 4, 8, 16, 32, 128] if not quick else [2, 32]):
+        for m in ([1, 4, 8, 16, 32, 128] if not quick else [2, 8, 128]):
             block_l, small = dense._block_l(m)
             for info in ([False, True] if not quick else [False]):
                 types = {"param_ptr": "*" + pdt, "cov_ptr": "*" + cdt, "jac_ptr": "*" + pdt,
@@ -120,14 +120,16 @@ def variants(quick: bool = False) -> List[Variant]:
                          **f64s("inv_lam", "q", "lo", "hi")}
                 add(dense._dense_update_kernel,
                     f"fused_update_dense param={pdt} cov={cdt} m={m} info={info}", types,
-                    dict(INFORMATION=info, ACC=_ACC[acc], BLOCK_L=block_l, SMALL=small,
+                    dict(INFORMATION=info, ACC=_ACC[acc], BLOCK_L=block_l,
+                         BLOCK_K=min(block_l, 16), SMALL=small,
                          PRECISION="ieee" if acc == F64 else DOT_PRECISION, s_jn=1, s_c=1,
                          s_w1=1), ["param_ptr", "cov_ptr", "jac_ptr"])
             types = {"jac_ptr": "*" + pdt, "coef_ptr": "*fp64", "white_ptr": "*fp64",
                      "u_ptr": "*" + acc, "d_ptr": "*" + acc,
                      **ints("m", "n", "s_jm", "s_jn", "s_c", "s_w0", "s_w1", "n_bucket")}
             add(dense._dense_terms_kernel, f"step_terms_dense jac={pdt} m={m}", types,
-                dict(INFORMATION=False, ACC=_ACC[acc], BLOCK_L=block_l, SMALL=small,
+                dict(INFORMATION=False, ACC=_ACC[acc], BLOCK_L=block_l,
+                     BLOCK_K=min(block_l, 16), SMALL=small,
                      PRECISION="ieee" if acc == F64 else DOT_PRECISION, s_jn=1, s_c=1, s_w1=1),
                 ["jac_ptr", "u_ptr", "d_ptr"])
     # kron
@@ -139,7 +141,7 @@ def variants(quick: bool = False) -> List[Variant]:
                  **f64s("inv_lam", "q")}
         add(kron._pair_q_kernel, f"kron Q a={pdt} cov={cdt}", types,
             dict(ACC=_ACC[acc], PRECISION=prec, s_c1=1), ["ap_ptr", "cov_ptr", "q_ptr"])
-        for k in ([1, 8, 10, 64] if not quick else [1, 10]):
+        for k in ([1, 8, 10, 64] if not quick else [1, 8, 10]):
             block_k, small = kron._block_k(k)
             types = {"d_ptr": "*" + pdt, "q_ptr": "*" + acc, "pj_ptr": "*i32", "pk_ptr": "*i32",
                      "out_ptr": "*" + acc, **ints("npairs", "K", "d_out", "o_per_split", "s_d0",

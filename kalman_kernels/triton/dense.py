@@ -22,7 +22,8 @@ from . import _common as C
 from .kk_math import cov_rule, mean_step, predict, scalar, to_acc, to_store
 
 SMALL_M = 8          # m <= SMALL_M: broadcast-and-sum instead of tl.dot (needs >= 16)
-MAX_TILE_M = 128     # S tiles of up to 128 x 128 (larger m: a grid of tiles)
+MAX_TILE_M = 64      # S tiles of up to 64 x 64 (larger m: the tiles on and above the diagonal)
+MAX_BLOCK_L = 128    # rows of F H held by one program of the update
 
 
 @triton.jit
@@ -36,15 +37,22 @@ def _load_tile(ptr, rows, cols, s_r, s_c, mask_r, mask_c, ACC: tl.constexpr):
 # S = H diag(P-) H^T
 # --------------------------------------------------------------------------------------
 def _prune_innovation(configs, named_args, **kwargs):
-    big = kwargs.get("BLOCK_M", 16) >= 64
-    kept = [c for c in configs if not (big and c.kwargs["BLOCK_N"] > 64)]
+    """Register budgets: the small-m path keeps a BLOCK_M^2 x BLOCK_N accumulator; the dot
+    path's K is BLOCK_N, and a float32 'ieee' dot (FMA) holds its operands' K slices in
+    registers, so the larger the tile, the shorter K."""
+    bm = kwargs.get("BLOCK_M", 16)
+    if kwargs.get("SMALL", False):
+        limit = 16384 // (bm * bm)
+    else:
+        limit = 128 if bm <= 16 else (64 if bm <= 32 else 32)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= limit]
     return kept or configs[:1]
 
 
 @C.autotune(
     gpu=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-         for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (256, 8, 2),
-                          (512, 8, 2), (1024, 8, 2)]],
+         for bn, w, s in [(16, 8, 3), (32, 4, 3), (32, 8, 3), (64, 4, 3), (64, 8, 3),
+                          (128, 8, 3), (256, 8, 2), (512, 8, 2), (1024, 8, 2), (2048, 8, 2)]],
     interpreted=triton.Config({"BLOCK_N": 2048}, num_warps=4),
     key=["m", "n_bucket", "BLOCK_M", "SMALL", "ACC"],
     prune_configs_by={"early_config_prune": _prune_innovation},
@@ -54,9 +62,9 @@ def _innovation_dense_kernel(jac_ptr, cov_ptr, out_ptr, m, n, s_jm, s_jn, s_c, c
                              inv_lam: tl.float64, q: tl.float64, n_bucket,
                              ACC: tl.constexpr, BLOCK_M: tl.constexpr, SMALL: tl.constexpr,
                              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    ti = tl.program_id(1)
-    tj = tl.program_id(2)
+    ti = tl.program_id(0)                          # tiles vary fastest: the programs of one
+    tj = tl.program_id(1)                          # column range run together and share it
+    split = tl.program_id(2)                       # in L2
     if tj >= ti:                                   # tiles on and above the diagonal
         ilam = scalar(inv_lam, ACC)
         qq = scalar(q, ACC)
@@ -94,8 +102,7 @@ def innovation_cov_dense(jac: torch.Tensor, cov: torch.Tensor, forgetting: float
     m, n = jac.shape
     cov = cov.reshape(-1)
     acc = C.acc_dtype(jac, cov)
-    small = m <= SMALL_M
-    block_m = C.pow2(m) if small else min(max(16, C.pow2(m)), MAX_TILE_M)
+    block_m, small = _block_m(m)
     tiles = C.cdiv(m, block_m)
     if m == 0:
         return torch.zeros((0, 0), dtype=torch.float64, device=jac.device)
@@ -109,11 +116,17 @@ def innovation_cov_dense(jac: torch.Tensor, cov: torch.Tensor, forgetting: float
     if n == 0:
         partial.zero_()
     else:
-        _innovation_dense_kernel[(splits, tiles, tiles)](
+        _innovation_dense_kernel[(tiles, tiles, splits)](
             jac, cov, partial, m, n, jac.stride(0), jac.stride(1), cov.stride(0), cols_per_split,
             1.0 / forgetting, process_noise, C.bucket(n),
             ACC=acc, BLOCK_M=block_m, SMALL=small, PRECISION=C.precision(acc))
     return mirror_upper(partial.sum(0, dtype=torch.float64))
+
+
+def _block_m(m: int):
+    """(S tile size, small-m path?) for m observations."""
+    small = m <= SMALL_M
+    return (C.pow2(m) if small else min(max(16, C.pow2(m)), MAX_TILE_M)), small
 
 
 def mirror_upper(s: torch.Tensor) -> torch.Tensor:
@@ -126,8 +139,13 @@ def mirror_upper(s: torch.Tensor) -> torch.Tensor:
 # The fused update (and the step terms it is made of)
 # --------------------------------------------------------------------------------------
 def _prune_update(configs, named_args, **kwargs):
-    block_l = kwargs.get("BLOCK_L", 16)
-    limit = 4096 if block_l <= 4 else (1024 if block_l <= 16 else (256 if block_l <= 32 else 64))
+    """Register budgets: the small-m path holds BLOCK_L^2 x BLOCK_N products, the dot path a
+    BLOCK_L x BLOCK_N accumulator (its K is BLOCK_K = 16)."""
+    bl = kwargs.get("BLOCK_L", 16)
+    if kwargs.get("SMALL", False):
+        limit = 16384 // (bl * bl)
+    else:
+        limit = 512 if bl <= 16 else (256 if bl <= 32 else 64)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= limit]
     return kept or configs[:1]
 
@@ -136,8 +154,8 @@ def _prune_update(configs, named_args, **kwargs):
 def _dense_update_body(param_ptr, cov_ptr, jac_ptr, coef_ptr, white_ptr, u_ptr, d_ptr,
                        m, n, s_jm, s_jn, s_c, s_w0, s_w1, inv_lam, q, lo, hi,
                        TERMS: tl.constexpr, INFORMATION: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_L: tl.constexpr, SMALL: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, SMALL: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mc = cols < n
@@ -156,14 +174,14 @@ def _dense_update_body(param_ptr, cov_ptr, jac_ptr, coef_ptr, white_ptr, u_ptr, 
         for r0 in range(0, m, BLOCK_L):
             r = r0 + rows
             fh = tl.zeros((BLOCK_L, BLOCK_N), ACC)
-            for k0 in range(0, m, BLOCK_L):
-                k = k0 + rows
+            for k0 in range(0, m, BLOCK_K):                 # short K: FMA dots keep it in registers
+                k = k0 + tl.arange(0, BLOCK_K)
                 mk = k < m
-                h = _load_tile(jac_ptr, k, cols, s_jm, s_jn, mk, mc, ACC)          # (L, N)
+                h = _load_tile(jac_ptr, k, cols, s_jm, s_jn, mk, mc, ACC)          # (K, N)
                 if r0 == 0:
                     c = to_acc(tl.load(coef_ptr + k * s_c, mask=mk, other=0.0), ACC)
                     u += tl.sum(c[:, None] * h, axis=0)
-                f = _load_tile(white_ptr, r, k, s_w0, s_w1, r < m, mk, ACC)        # (L, L)
+                f = _load_tile(white_ptr, r, k, s_w0, s_w1, r < m, mk, ACC)        # (L, K)
                 fh = tl.dot(f, h, fh, input_precision=PRECISION, out_dtype=ACC)
             d += tl.sum(fh * fh, axis=0)
     if TERMS:
@@ -195,11 +213,12 @@ def _dense_update_kernel(param_ptr, cov_ptr, jac_ptr, coef_ptr, white_ptr, ok_pt
                          m, n, s_jm, s_jn, s_c, s_w0, s_w1, inv_lam: tl.float64,
                          q: tl.float64, lo: tl.float64, hi: tl.float64, n_bucket,
                          INFORMATION: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
-                         SMALL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_K: tl.constexpr, SMALL: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     if tl.load(ok_ptr) != 0:                       # the skip predicate, read on the device
         _dense_update_body(param_ptr, cov_ptr, jac_ptr, coef_ptr, white_ptr, param_ptr, cov_ptr,
                            m, n, s_jm, s_jn, s_c, s_w0, s_w1, inv_lam, q, lo, hi,
-                           False, INFORMATION, ACC, BLOCK_L, SMALL, PRECISION, BLOCK_N)
+                           False, INFORMATION, ACC, BLOCK_L, BLOCK_K, SMALL, PRECISION, BLOCK_N)
 
 
 @C.autotune(gpu=_UPDATE_GPU, interpreted=_UPDATE_INTERP, key=_UPDATE_KEY,
@@ -208,15 +227,22 @@ def _dense_update_kernel(param_ptr, cov_ptr, jac_ptr, coef_ptr, white_ptr, ok_pt
 def _dense_terms_kernel(jac_ptr, coef_ptr, white_ptr, u_ptr, d_ptr,
                         m, n, s_jm, s_jn, s_c, s_w0, s_w1, n_bucket,
                         INFORMATION: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
-                        SMALL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_K: tl.constexpr, SMALL: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     _dense_update_body(u_ptr, d_ptr, jac_ptr, coef_ptr, white_ptr, u_ptr, d_ptr,
                        m, n, s_jm, s_jn, s_c, s_w0, s_w1, 1.0, 0.0, 0.0, 0.0,
-                       True, INFORMATION, ACC, BLOCK_L, SMALL, PRECISION, BLOCK_N)
+                       True, INFORMATION, ACC, BLOCK_L, BLOCK_K, SMALL, PRECISION, BLOCK_N)
 
 
 def _block_l(m: int):
     small = m <= SMALL_M
-    return (C.pow2(m) if small else min(max(16, C.pow2(m)), MAX_TILE_M)), small
+    return (C.pow2(m) if small else min(max(16, C.pow2(m)), MAX_BLOCK_L)), small
+
+
+def _block_k(block_l: int) -> int:
+    """K of the update's dot: 16 (float32 FMA dots hold their K slices in registers); the
+    same under the interpreter, so the tests run the loop the GPU runs."""
+    return min(block_l, 16)
 
 
 def _grid(n):
@@ -237,8 +263,8 @@ def fused_update_dense_(param: torch.Tensor, cov: torch.Tensor, jac: torch.Tenso
         param, cov, jac, coef, whitening, ok.view(torch.uint8),
         m, n, jac.stride(0), jac.stride(1), coef.stride(0), whitening.stride(0),
         whitening.stride(1), 1.0 / forgetting, process_noise, cov_floor, cov_ceiling,
-        C.bucket(n), INFORMATION=bool(information), ACC=acc, BLOCK_L=block_l, SMALL=small,
-        PRECISION=C.precision(acc))
+        C.bucket(n), INFORMATION=bool(information), ACC=acc, BLOCK_L=block_l,
+        BLOCK_K=_block_k(block_l), SMALL=small, PRECISION=C.precision(acc))
 
 
 def step_terms_dense(jac: torch.Tensor, coef: torch.Tensor, whitening: torch.Tensor):
@@ -256,5 +282,6 @@ def step_terms_dense(jac: torch.Tensor, coef: torch.Tensor, whitening: torch.Ten
     _dense_terms_kernel[_grid(n)](
         jac, coef, whitening, u, d, m, n, jac.stride(0), jac.stride(1), coef.stride(0),
         whitening.stride(0), whitening.stride(1), C.bucket(n),
-        INFORMATION=False, ACC=acc, BLOCK_L=block_l, SMALL=small, PRECISION=C.precision(acc))
+        INFORMATION=False, ACC=acc, BLOCK_L=block_l, BLOCK_K=_block_k(block_l), SMALL=small,
+        PRECISION=C.precision(acc))
     return u, d

@@ -50,8 +50,18 @@ def pair_products(inputs: torch.Tensor, pj: torch.Tensor, pk: torch.Tensor, dtyp
 
 
 def _block_k(k: int):
+    """Class tile of the per-pair kernels: exact (broadcast-and-sum) for K <= 8, else a
+    16 or 32 wide tl.dot tile (short K: FMA dots keep it in registers)."""
     small = k <= SMALL_M
-    return (C.pow2(k) if small else min(max(16, C.pow2(k)), 64)), small
+    return (C.pow2(k) if small else min(max(16, C.pow2(k)), 32)), small
+
+
+def _prune_pair(configs, named_args, **kwargs):
+    """The small path holds BLOCK_K^2 x BLOCK_O products; the dot path's K is BLOCK_O."""
+    bk = kwargs.get("BLOCK_K", 1)
+    limit = 16384 // (bk * bk) if kwargs.get("SMALL", True) else 64
+    kept = [c for c in configs if c.kwargs["BLOCK_O"] <= limit]
+    return kept or configs[:1]
 
 
 # --------------------------------------------------------------------------------------
@@ -95,7 +105,8 @@ def _pair_q_kernel(ap_ptr, cov_ptr, q_ptr, npairs, d_out, d_in, s_c0, s_c1,
     gpu=[triton.Config({"BLOCK_O": bo}, num_warps=w, num_stages=s)
          for bo, w, s in [(32, 4, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2)]],
     interpreted=triton.Config({"BLOCK_O": 256}, num_warps=4),
-    key=["npairs", "K", "o_bucket", "ACC"],
+    key=["npairs", "K", "o_bucket", "ACC", "BLOCK_K", "SMALL"],
+    prune_configs_by={"early_config_prune": _prune_pair},
 )
 @triton.jit
 def _pair_s_kernel(d_ptr, q_ptr, pj_ptr, pk_ptr, out_ptr, npairs, K, d_out, o_per_split,
@@ -191,9 +202,10 @@ def _assemble(blocks: torch.Tensor, pj: torch.Tensor, pk: torch.Tensor, batch: i
 # --------------------------------------------------------------------------------------
 @C.autotune(
     gpu=[triton.Config({"BLOCK_O": bo}, num_warps=w, num_stages=s)
-         for bo, w, s in [(64, 4, 3), (128, 4, 3), (256, 8, 2)]],
+         for bo, w, s in [(32, 4, 3), (64, 4, 3), (128, 4, 3), (256, 8, 2)]],
     interpreted=triton.Config({"BLOCK_O": 256}, num_warps=4),
-    key=["npairs", "K", "o_bucket", "ACC"],
+    key=["npairs", "K", "o_bucket", "ACC", "BLOCK_K", "SMALL"],
+    prune_configs_by={"early_config_prune": _prune_pair},
 )
 @triton.jit
 def _pair_g_kernel(d_ptr, w_ptr, pj_ptr, pk_ptr, g_ptr, npairs, K, d_out, m,
@@ -275,7 +287,7 @@ _KRON_GPU = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_P": bp}, num_wa
              for bo, bi, bp, w, s in [(64, 64, 16, 4, 3), (64, 64, 32, 4, 3), (64, 64, 32, 8, 3),
                                       (32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (128, 64, 32, 8, 3),
                                       (64, 128, 32, 8, 3), (128, 128, 32, 8, 3),
-                                      (128, 64, 64, 8, 3), (128, 128, 16, 8, 3)]]
+                                      (128, 128, 16, 8, 3)]]
 _KRON_INTERP = triton.Config({"BLOCK_O": 64, "BLOCK_I": 128, "BLOCK_P": 64}, num_warps=4)
 _KRON_KEY = ["batch", "npairs", "o_bucket", "i_bucket", "INFORMATION", "ACC"]
 
@@ -344,7 +356,7 @@ def _prepare(inputs, grad_outputs, coef, whitening, acc):
 
 
 def _block_b(batch: int) -> int:
-    return min(max(16, C.pow2(batch)), 64)
+    return min(max(16, C.pow2(batch)), 32)
 
 
 def _grid2(d_out, d_in):
