@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from .dense import SMALL_M, _load_tile, mirror_upper  # noqa: F401  (mirror_upper re-exported)
+from .dense import SMALL_M, _load_tile
 from .kk_math import cov_rule, mean_step, predict, scalar, to_acc, to_store
 
 
