@@ -1,5 +1,14 @@
 import os
 
+# The Triton backend's kernels run on CPU tensors through Triton's interpreter when no CUDA
+# GPU is present. TRITON_INTERPRET must be set before anything imports triton (torch does
+# not import it by itself); an explicit setting is kept.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 # Tests never touch the network (open_clip / huggingface would otherwise try to).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
