@@ -10,6 +10,14 @@ namespace kalman_kernels {
 // Storage dtype of one array, decided at run time.
 enum class KKType : int32_t { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
+namespace {
+// Bytes per element of a storage dtype. (Internal linkage: the kernels are compiled once per
+// instruction set, and the linker must never hand one copy's code to another.)
+inline int64_t kk_size(KKType t) {
+  return t == KKType::F64 ? 8 : (t == KKType::F32 ? 4 : 2);
+}
+}  // namespace
+
 // Hyper-parameters of one in-place update (P- = cov * inv_lam + q).
 struct UpdateScalars {
   double inv_lam;
@@ -27,19 +35,23 @@ struct KernelTable {
   void (*innovation_dense)(const void* jac, KKType jt, int64_t ld, const void* cov, KKType ct,
                            int64_t m, int64_t n, double inv_lam, double q, bool acc64,
                            double* out);
-  // out = sum_{o,i} P-[o,i] D[j,o] D[k,o] A[j,i] A[k,i]; A (m x d_in), D (m x d_out) contiguous.
-  void (*innovation_kron)(const void* a, KKType at, const void* d, KKType dt, const void* cov,
-                          KKType ct, int64_t m, int64_t d_out, int64_t d_in, double inv_lam,
-                          double q, bool acc64, double* out);
   // In place: param += P- (jac^T coef); cov = rule(P-, sum_l (F jac)[l, i]^2).
   // coef (m) and F (m x m, row-major) are float64.
   void (*update_dense)(void* param, KKType pt, void* cov, KKType ct, const void* jac, KKType jt,
                        int64_t ld, int64_t m, int64_t n, const double* coef, const double* f,
                        const UpdateScalars& s);
-  // The Kronecker form: H rows vec(D_j A_j^T), never materialised.
-  void (*update_kron)(void* weight, KKType wt, void* cov, KKType ct, const void* a, KKType at,
-                      const void* d, KKType dt, int64_t m, int64_t d_out, int64_t d_in,
-                      const double* coef, const double* f, const UpdateScalars& s);
+  // The two column terms of update_dense written out (float64 when acc64, else float32):
+  // dir = jac^T coef, diag = sum_l (F jac)[l, :]^2 (the distributed step terms, DESIGN 2.5).
+  void (*terms_dense)(const void* jac, KKType jt, int64_t ld, int64_t m, int64_t n,
+                      const double* coef, const double* f, bool acc64, void* dir, void* diag);
+  // In place over n elements: param += P- dir ; cov = rule(P-, diag).
+  void (*apply_terms)(void* param, KKType pt, void* cov, KKType ct, const void* dir, KKType ut,
+                      const void* diag, KKType dt, int64_t n, const UpdateScalars& s);
+  // One row tile of the grouped Kronecker update, elements [off, off + len): as apply_terms
+  // with the tile's step and diagonal (accumulation dtype, indexed from 0), the diagonal
+  // clamped at 0. Runs on the calling thread.
+  void (*kron_epilogue)(void* weight, KKType wt, void* cov, KKType ct, int64_t off, int64_t len,
+                        const void* step, const void* diag, const UpdateScalars& s);
   // sum over tensors of g^T P- g.
   double (*quad_form)(int64_t count, const void* const* grads, const KKType* gt,
                       const void* const* covs, const KKType* ct, const int64_t* numel,

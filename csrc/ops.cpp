@@ -1,27 +1,23 @@
-// Operator layer of the cpp backend: TORCH_LIBRARY schemas, argument checks, dtype
-// routing and the run-time choice of the instruction set. The kernels themselves are in
+// Operator layer of the cpp backend: argument checks, dtype routing, the sample-grouped
+// Kronecker ops (GEMMs through ATen / MKL around a per-ISA elementwise epilogue) and the
+// run-time choice of the instruction set. The per-parameter kernels are in
 // csrc/cpu/kernels_impl.h (compiled once per instruction set) and see raw pointers only.
 //
-// Registered ops (namespace kalman_kernels; fake implementations are registered from
-// Python in kalman_kernels/backends/cpp_backend.py):
-//   innovation_cov_dense(Tensor jac, Tensor cov, float forgetting, float process_noise) -> Tensor
-//   innovation_cov_kron(Tensor inputs, Tensor grad_outputs, Tensor cov, float, float) -> Tensor
-//   fused_update_dense_(Tensor(a!) param, Tensor(b!) cov, Tensor jac, Tensor coef,
-//                       Tensor whitening, float, float, float, float, bool) -> ()
-//   fused_update_kron_(Tensor(a!) weight, Tensor(b!) cov, Tensor inputs, Tensor grad_outputs,
-//                      Tensor coef, Tensor whitening, float, float, float, float, bool) -> ()
-//   loss_quad_form(Tensor[] grads, Tensor[] covs, float, float) -> Tensor        (0-d float64)
-//   loss_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] covs, Tensor coef,
-//              Tensor weight, float, float, float, float, bool) -> ()
-//   _isa() -> str ; _set_isa(str isa) -> ()
+// The op schemas and their fake implementations are defined once, in Python
+// (kalman_kernels/backends/schema.py, namespace kalman_kernels); this library only registers
+// CPU kernels for them (TORCH_LIBRARY_IMPL), plus the fragment ops _isa() / _set_isa(str).
+// Every in-place op takes a 0-d bool ``ok``: when false it writes nothing. Reading it costs
+// nothing here (a CPU tensor).
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kk_kernels.h"
@@ -171,35 +167,14 @@ at::Tensor innovation_cov_dense(const at::Tensor& jac, const at::Tensor& cov, do
   return out;
 }
 
-void check_kron(const char* op, const at::Tensor& a, const at::Tensor& d, const at::Tensor& cov) {
-  check_cpu(a, op, "inputs");
-  check_cpu(d, op, "grad_outputs");
-  TORCH_CHECK(a.dim() == 2 && d.dim() == 2, op, ": inputs (m, d_in) and grad_outputs (m, d_out)"
-              " must be 2-D, got ", a.sizes(), " and ", d.sizes());
-  TORCH_CHECK(a.size(0) == d.size(0), op, ": inputs has ", a.size(0), " rows, grad_outputs ",
-              d.size(0));
-  TORCH_CHECK(cov.dim() == 2 && cov.size(0) == d.size(1) && cov.size(1) == a.size(1), op,
-              ": cov must be (d_out, d_in) = (", d.size(1), ", ", a.size(1), "), got ",
-              cov.sizes());
-}
-
-at::Tensor innovation_cov_kron(const at::Tensor& inputs, const at::Tensor& grad_outputs,
-                               const at::Tensor& cov, double forgetting, double process_noise) {
-  const char* op = "innovation_cov_kron";
-  check_kron(op, inputs, grad_outputs, cov);
-  check_cpu(cov, op, "cov");
-  check_scalars(op, forgetting, process_noise);
-  const KKType at_ = kk_type(inputs, op, "inputs");
-  const KKType dt = kk_type(grad_outputs, op, "grad_outputs");
-  const KKType ct = cov_type(cov, op, "cov");
-  at::Tensor a = inputs.contiguous(), d = grad_outputs.contiguous(), c = cov.contiguous();
-  const int64_t m = a.size(0), d_in = a.size(1), d_out = d.size(1);
-  at::Tensor out = at::empty({m, m}, inputs.options().dtype(at::kDouble));
-  const bool acc64 = at_ == KKType::F64 || dt == KKType::F64 || ct == KKType::F64;
-  table()->innovation_kron(a.const_data_ptr(), at_, d.const_data_ptr(), dt, c.const_data_ptr(),
-                           ct, m, d_out, d_in, inv(forgetting), process_noise, acc64,
-                           out.mutable_data_ptr<double>());
-  return out;
+// ---------------------------------------------------------------------------------------
+// The skip predicate and the m x m terms
+// ---------------------------------------------------------------------------------------
+bool ok_value(const at::Tensor& ok, const char* op) {
+  TORCH_CHECK(ok.device().is_cpu() && ok.numel() == 1, op,
+              ": ok must be a 0-d bool CPU tensor (the step's skip predicate), got ", ok.sizes(),
+              " on ", ok.device());
+  return ok.to(at::kBool).item<bool>();
 }
 
 UpdateScalars update_scalars(const char* op, double forgetting, double process_noise,
@@ -219,10 +194,13 @@ void check_whitening(const char* op, int64_t m, const at::Tensor& coef, const at
               " (", m, ", ", m, "), got ", f.sizes());
 }
 
+// ---------------------------------------------------------------------------------------
+// Dense blocks
+// ---------------------------------------------------------------------------------------
 void fused_update_dense_(const at::Tensor& param, const at::Tensor& cov, const at::Tensor& jac,
-                         const at::Tensor& coef, const at::Tensor& whitening, double forgetting,
-                         double process_noise, double cov_floor, double cov_ceiling,
-                         bool information) {
+                         const at::Tensor& coef, const at::Tensor& whitening, const at::Tensor& ok,
+                         double forgetting, double process_noise, double cov_floor,
+                         double cov_ceiling, bool information) {
   const char* op = "fused_update_dense_";
   check_inplace(param, op, "param");
   check_inplace(cov, op, "cov");
@@ -235,44 +213,302 @@ void fused_update_dense_(const at::Tensor& param, const at::Tensor& cov, const a
   const KKType pt = kk_type(param, op, "param");
   const KKType ct = cov_type(cov, op, "cov");
   const KKType jt = kk_type(jac, op, "jac");
-  int64_t ld = 0;
-  at::Tensor j = jac_rows(jac, &ld);
-  at::Tensor c64 = f64_contig(coef), f64 = f64_contig(whitening);
   const bool acc64 = pt == KKType::F64 || ct == KKType::F64 || jt == KKType::F64;
   const UpdateScalars s =
       update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling, information, acc64);
+  if (!ok_value(ok, op)) return;
+  int64_t ld = 0;
+  at::Tensor j = jac_rows(jac, &ld);
+  at::Tensor c64 = f64_contig(coef), f64 = f64_contig(whitening);
   table()->update_dense(param.mutable_data_ptr(), pt, cov.mutable_data_ptr(), ct,
                         j.const_data_ptr(), jt, ld, m, n, c64.const_data_ptr<double>(),
                         f64.const_data_ptr<double>(), s);
 }
 
+std::tuple<at::Tensor, at::Tensor> step_terms_dense(const at::Tensor& jac, const at::Tensor& coef,
+                                                    const at::Tensor& whitening) {
+  const char* op = "step_terms_dense";
+  check_cpu(jac, op, "jac");
+  TORCH_CHECK(jac.dim() == 2, op, ": jac must be (m, n), got shape ", jac.sizes());
+  const int64_t m = jac.size(0), n = jac.size(1);
+  check_whitening(op, m, coef, whitening);
+  const KKType jt = kk_type(jac, op, "jac");
+  const bool acc64 = jt == KKType::F64;
+  at::TensorOptions opts = jac.options().dtype(acc64 ? at::kDouble : at::kFloat);
+  at::Tensor dir = at::empty({n}, opts), diag = at::empty({n}, opts);
+  int64_t ld = 0;
+  at::Tensor j = jac_rows(jac, &ld);
+  at::Tensor c64 = f64_contig(coef), f64 = f64_contig(whitening);
+  table()->terms_dense(j.const_data_ptr(), jt, ld, m, n, c64.const_data_ptr<double>(),
+                       f64.const_data_ptr<double>(), acc64, dir.mutable_data_ptr(),
+                       diag.mutable_data_ptr());
+  return {dir, diag};
+}
+
+void apply_terms_(const at::Tensor& param, const at::Tensor& cov, const at::Tensor& direction,
+                  const at::Tensor& diag_term, const at::Tensor& ok, double forgetting,
+                  double process_noise, double cov_floor, double cov_ceiling, bool information) {
+  const char* op = "apply_terms_";
+  check_inplace(param, op, "param");
+  check_inplace(cov, op, "cov");
+  check_cpu(direction, op, "direction");
+  check_cpu(diag_term, op, "diag_term");
+  const int64_t n = param.numel();
+  TORCH_CHECK(cov.numel() == n && direction.numel() == n && diag_term.numel() == n, op,
+              ": cov, direction and diag_term must have the parameter's ", n, " elements, got ",
+              cov.numel(), ", ", direction.numel(), " and ", diag_term.numel());
+  const KKType pt = kk_type(param, op, "param");
+  const KKType ct = cov_type(cov, op, "cov");
+  at::Tensor u = direction.contiguous(), d = diag_term.contiguous();
+  const KKType ut = kk_type(u, op, "direction");
+  const KKType dt = kk_type(d, op, "diag_term");
+  const bool acc64 = pt == KKType::F64 || ct == KKType::F64 || ut == KKType::F64 ||
+                     dt == KKType::F64;
+  const UpdateScalars s =
+      update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling, information, acc64);
+  if (!ok_value(ok, op)) return;
+  table()->apply_terms(param.mutable_data_ptr(), pt, cov.mutable_data_ptr(), ct,
+                       u.const_data_ptr(), ut, d.const_data_ptr(), dt, n, s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sample-grouped Kronecker blocks (DESIGN 2.1 / 2.6, issue 12)
+//
+// A (B, d_in) holds one input row per sample, D (B, K, d_out) the K observations' output
+// gradients of each sample; observation (j, k) has the Jacobian row vec(D[j,k] A[j]^T).
+// Everything is a GEMM against the pairwise products of the inputs, over the pairs
+// j <= j' (T = B (B + 1) / 2 of them):
+//   Ap[t, i]   = A[j, i] A[j', i]
+//   Q[t, o]    = sum_i P-[o, i] Ap[t, i]          = inv_lam (Ap P^T)[t, o] + q rowsum(Ap)[t]
+//   S[(j,k),(j',k')] = sum_o D[j,k,o] D[j',k',o] Q[t, o]   (a K x K block per pair)
+//   G[t, o]    = mult_t sum_{k,k'} W[(j,k),(j',k')] D[j,k,o] D[j',k',o],  W = F^T F,
+//                mult_t = 2 for j != j' (the pair (j', j) gives the same term)
+//   diag[o, i] = sum_t G[t, o] Ap[t, i]           (G^T Ap)
+//   step[o, i] = sum_j Dc[j, o] A[j, i],  Dc[j, o] = sum_k coef[j, k] D[j, k, o]
+// Work O(B^2 d_in d_out + B^2 K^2 d_out); memory O(B^2 (d_in + d_out) + (B K)^2): pairs are
+// processed in blocks of bounded size, the weight in row tiles whose step and diagonal live
+// only in per-thread buffers (the elementwise epilogue is kernels_impl.h's kron_epilogue).
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kPairBlockBytes = int64_t(32) << 20;   // working set of one pair block
+constexpr int64_t kTileBytes = int64_t(256) << 10;        // step + diag of one row tile
+
+void check_kron(const char* op, const at::Tensor& a, const at::Tensor& d, const at::Tensor& cov) {
+  check_cpu(a, op, "inputs");
+  check_cpu(d, op, "grad_outputs");
+  check_cpu(cov, op, "cov");
+  TORCH_CHECK(a.dim() == 2 && d.dim() == 3, op, ": inputs must be (B, d_in) and grad_outputs "
+              "(B, K, d_out), got ", a.sizes(), " and ", d.sizes());
+  TORCH_CHECK(a.size(0) == d.size(0), op, ": inputs has ", a.size(0), " rows (samples), "
+              "grad_outputs ", d.size(0));
+  TORCH_CHECK(cov.dim() == 2 && cov.size(0) == d.size(2) && cov.size(1) == a.size(1), op,
+              ": cov must be (d_out, d_in) = (", d.size(2), ", ", a.size(1), "), got ",
+              cov.sizes());
+}
+
+// Pairs (j, j') with j <= j', in row-major order, and their multiplicities (1 or 2).
+struct Pairs {
+  at::Tensor iu, ju, mult;   // (T,) int64, int64, acc dtype
+  int64_t count;
+};
+
+Pairs make_pairs(int64_t b, at::ScalarType acc) {
+  std::vector<int64_t> iu, ju;
+  std::vector<double> mult;
+  for (int64_t j = 0; j < b; ++j)
+    for (int64_t k = j; k < b; ++k) {
+      iu.push_back(j);
+      ju.push_back(k);
+      mult.push_back(j == k ? 1.0 : 2.0);
+    }
+  const int64_t t = static_cast<int64_t>(iu.size());
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  return Pairs{at::tensor(iu, i64), at::tensor(ju, i64),
+               at::tensor(mult, at::TensorOptions().dtype(at::kDouble)).to(acc), t};
+}
+
+int64_t pair_block(int64_t t, int64_t per_pair_elems, int64_t elem_size) {
+  const int64_t per = std::max<int64_t>(1, per_pair_elems * elem_size);
+  return std::max<int64_t>(1, std::min(t, kPairBlockBytes / per));
+}
+
+struct KronOperands {
+  at::Tensor a, d;   // (B, d_in), (B, K, d_out), accumulation dtype, contiguous
+  at::ScalarType acc;
+  int64_t b, k, d_out, d_in;
+};
+
+KronOperands kron_operands(const at::Tensor& inputs, const at::Tensor& grad_outputs, bool acc64) {
+  const at::ScalarType acc = acc64 ? at::kDouble : at::kFloat;
+  return KronOperands{inputs.to(acc).contiguous(), grad_outputs.to(acc).contiguous(), acc,
+                      inputs.size(0), grad_outputs.size(1), grad_outputs.size(2),
+                      inputs.size(1)};
+}
+
+at::Tensor innovation_cov_kron(const at::Tensor& inputs, const at::Tensor& grad_outputs,
+                               const at::Tensor& cov, double forgetting, double process_noise) {
+  const char* op = "innovation_cov_kron";
+  check_kron(op, inputs, grad_outputs, cov);
+  check_scalars(op, forgetting, process_noise);
+  const KKType at_ = kk_type(inputs, op, "inputs");
+  const KKType dt = kk_type(grad_outputs, op, "grad_outputs");
+  const KKType ct = cov_type(cov, op, "cov");
+  const bool acc64 = at_ == KKType::F64 || dt == KKType::F64 || ct == KKType::F64;
+  const KronOperands x = kron_operands(inputs, grad_outputs, acc64);
+  const int64_t m = x.b * x.k;
+  at::Tensor p = cov.to(x.acc).contiguous();           // a view unless the dtype differs
+  const Pairs pairs = make_pairs(x.b, x.acc);
+  // S viewed as (B, B, K, K): block (j, j') holds S[(j, k), (j', k')].
+  at::Tensor s = at::zeros({x.b, x.b, x.k, x.k}, inputs.options().dtype(at::kDouble));
+  const int64_t esz = acc64 ? 8 : 4;
+  const int64_t blk = pair_block(pairs.count, x.d_in + x.d_out * (1 + x.k), esz);
+  const double inv_lam = inv(forgetting);
+  for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
+    const int64_t t1 = std::min(pairs.count, t0 + blk);
+    at::Tensor iu = pairs.iu.slice(0, t0, t1), ju = pairs.ju.slice(0, t0, t1);
+    at::Tensor ap = x.a.index_select(0, iu).mul_(x.a.index_select(0, ju));      // (Tb, d_in)
+    at::Tensor q = at::mm(ap, p.t());                                          // (Tb, d_out)
+    if (inv_lam != 1.0) q.mul_(inv_lam);
+    if (process_noise != 0.0) q.add_(ap.sum(1, /*keepdim=*/true), process_noise);
+    // K x K block of every pair: (D[j] * Q[t]) @ D[j']^T
+    at::Tensor lhs = x.d.index_select(0, iu).mul_(q.unsqueeze(1));            // (Tb, K, d_out)
+    at::Tensor blocks = at::bmm(lhs, x.d.index_select(0, ju).transpose(1, 2));  // (Tb, K, K)
+    at::Tensor b64 = blocks.to(at::kDouble);
+    s.index_put_({iu, ju}, b64);
+    s.index_put_({ju, iu}, b64.transpose(1, 2));
+  }
+  at::Tensor out = s.permute({0, 2, 1, 3}).reshape({m, m});
+  return out.add(out.t()).mul_(0.5);   // exactly symmetric (the diagonal blocks were written
+                                       // twice, the second time transposed)
+}
+
+// The step term's Dc (B, d_out), transposed to (d_out, B), and G^T (d_out, T) with the pair
+// multiplicities folded in; both in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> kron_update_terms(const KronOperands& x, const Pairs& pairs,
+                                                     const at::Tensor& coef,
+                                                     const at::Tensor& whitening) {
+  at::Tensor c = coef.to(x.acc).reshape({x.b, 1, x.k});
+  at::Tensor dct = at::bmm(c, x.d).reshape({x.b, x.d_out}).t().contiguous();   // (d_out, B)
+  at::Tensor f = whitening.to(at::kDouble);
+  at::Tensor w4 = at::mm(f.t(), f).reshape({x.b, x.k, x.b, x.k}).permute({0, 2, 1, 3});
+  at::Tensor gt = at::empty({x.d_out, pairs.count}, x.d.options());
+  const int64_t esz = x.acc == at::kDouble ? 8 : 4;
+  const int64_t blk = pair_block(pairs.count, x.k * x.k + 2 * x.k * x.d_out, esz);
+  for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
+    const int64_t t1 = std::min(pairs.count, t0 + blk);
+    at::Tensor iu = pairs.iu.slice(0, t0, t1), ju = pairs.ju.slice(0, t0, t1);
+    at::Tensor wt = at::index(w4, {iu, ju}).to(x.acc);                           // (Tb, K, K)
+    at::Tensor z = at::bmm(wt, x.d.index_select(0, ju));                        // (Tb, K, d_out)
+    at::Tensor g = z.mul_(x.d.index_select(0, iu)).sum(1);                      // (Tb, d_out)
+    g.mul_(pairs.mult.slice(0, t0, t1).unsqueeze(1));
+    gt.slice(1, t0, t1).copy_(g.t());
+  }
+  return {dct, gt};
+}
+
+// Rows of the weight per tile: the tile's step and diagonal stay in cache.
+int64_t tile_rows(int64_t d_out, int64_t d_in, int64_t esz) {
+  const int64_t rows = kTileBytes / std::max<int64_t>(1, 2 * d_in * esz);
+  return std::max<int64_t>(1, std::min(d_out, rows));
+}
+
 void fused_update_kron_(const at::Tensor& weight, const at::Tensor& cov, const at::Tensor& inputs,
                         const at::Tensor& grad_outputs, const at::Tensor& coef,
-                        const at::Tensor& whitening, double forgetting, double process_noise,
-                        double cov_floor, double cov_ceiling, bool information) {
+                        const at::Tensor& whitening, const at::Tensor& ok, double forgetting,
+                        double process_noise, double cov_floor, double cov_ceiling,
+                        bool information) {
   const char* op = "fused_update_kron_";
   check_inplace(weight, op, "weight");
   check_inplace(cov, op, "cov");
   check_kron(op, inputs, grad_outputs, cov);
   TORCH_CHECK(weight.sizes() == cov.sizes(), op, ": weight and cov must have the same shape, got ",
               weight.sizes(), " and ", cov.sizes());
-  const int64_t m = inputs.size(0);
+  const int64_t m = grad_outputs.size(0) * grad_outputs.size(1);
   check_whitening(op, m, coef, whitening);
   const KKType wt = kk_type(weight, op, "weight");
   const KKType ct = cov_type(cov, op, "cov");
   const KKType at_ = kk_type(inputs, op, "inputs");
   const KKType dt = kk_type(grad_outputs, op, "grad_outputs");
-  at::Tensor a = inputs.contiguous(), d = grad_outputs.contiguous();
-  at::Tensor c64 = f64_contig(coef), f64 = f64_contig(whitening);
   const bool acc64 = wt == KKType::F64 || ct == KKType::F64 || at_ == KKType::F64 ||
                      dt == KKType::F64;
   const UpdateScalars s =
       update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling, information, acc64);
-  table()->update_kron(weight.mutable_data_ptr(), wt, cov.mutable_data_ptr(), ct,
-                       a.const_data_ptr(), at_, d.const_data_ptr(), dt, m, d.size(1), a.size(1),
-                       c64.const_data_ptr<double>(), f64.const_data_ptr<double>(), s);
+  if (!ok_value(ok, op)) return;
+  const KronOperands x = kron_operands(inputs, grad_outputs, acc64);
+  const Pairs pairs = make_pairs(x.b, x.acc);
+  at::Tensor dct, gt;
+  std::tie(dct, gt) = kron_update_terms(x, pairs, coef, whitening);
+  const int64_t esz = acc64 ? 8 : 4;
+  void* wp = weight.mutable_data_ptr();
+  void* cp = cov.mutable_data_ptr();
+  const KernelTable* kt = table();
+  if (pairs.count * x.d_in * esz > kPairBlockBytes) {
+    // Too many pairs to keep their products: accumulate the diagonal term over pair blocks
+    // into one (d_out, d_in) buffer, then one epilogue pass.
+    at::Tensor diag = at::zeros({x.d_out, x.d_in}, x.a.options());
+    const int64_t blk = pair_block(pairs.count, x.d_in, esz);
+    for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
+      const int64_t t1 = std::min(pairs.count, t0 + blk);
+      at::Tensor ap = x.a.index_select(0, pairs.iu.slice(0, t0, t1))
+                          .mul_(x.a.index_select(0, pairs.ju.slice(0, t0, t1)));
+      diag.addmm_(gt.slice(1, t0, t1), ap);
+    }
+    at::Tensor step = at::mm(dct, x.a);
+    kt->kron_epilogue(wp, wt, cp, ct, 0, x.d_out * x.d_in, step.const_data_ptr(),
+                      diag.const_data_ptr(), s);
+    return;
+  }
+  at::Tensor ap = x.a.index_select(0, pairs.iu).mul_(x.a.index_select(0, pairs.ju));  // (T, d_in)
+  const int64_t rows = tile_rows(x.d_out, x.d_in, esz);
+  const int64_t ntiles = (x.d_out + rows - 1) / rows;
+  // Row tiles over threads; each tile: two small GEMMs (MKL runs single-threaded inside a
+  // parallel region) and the elementwise epilogue while both terms are still in cache.
+  at::parallel_for(0, ntiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    at::Tensor step = at::empty({rows, x.d_in}, x.a.options());
+    at::Tensor diag = at::empty({rows, x.d_in}, x.a.options());
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t o0 = t * rows, o1 = std::min(x.d_out, o0 + rows);
+      at::Tensor st = step.slice(0, 0, o1 - o0), dg = diag.slice(0, 0, o1 - o0);
+      at::mm_out(st, dct.slice(0, o0, o1), x.a);
+      at::mm_out(dg, gt.slice(0, o0, o1), ap);
+      kt->kron_epilogue(wp, wt, cp, ct, o0 * x.d_in, (o1 - o0) * x.d_in, st.const_data_ptr(),
+                        dg.const_data_ptr(), s);
+    }
+  });
 }
 
+std::tuple<at::Tensor, at::Tensor> step_terms_kron(const at::Tensor& inputs,
+                                                   const at::Tensor& grad_outputs,
+                                                   const at::Tensor& coef,
+                                                   const at::Tensor& whitening) {
+  const char* op = "step_terms_kron";
+  check_cpu(inputs, op, "inputs");
+  check_cpu(grad_outputs, op, "grad_outputs");
+  TORCH_CHECK(inputs.dim() == 2 && grad_outputs.dim() == 3 &&
+                  inputs.size(0) == grad_outputs.size(0), op,
+              ": inputs must be (B, d_in) and grad_outputs (B, K, d_out), got ", inputs.sizes(),
+              " and ", grad_outputs.sizes());
+  check_whitening(op, grad_outputs.size(0) * grad_outputs.size(1), coef, whitening);
+  const bool acc64 = kk_type(inputs, op, "inputs") == KKType::F64 ||
+                     kk_type(grad_outputs, op, "grad_outputs") == KKType::F64;
+  const KronOperands x = kron_operands(inputs, grad_outputs, acc64);
+  const Pairs pairs = make_pairs(x.b, x.acc);
+  at::Tensor dct, gt;
+  std::tie(dct, gt) = kron_update_terms(x, pairs, coef, whitening);
+  at::Tensor diag = at::zeros({x.d_out, x.d_in}, x.a.options());
+  const int64_t esz = acc64 ? 8 : 4;
+  const int64_t blk = pair_block(pairs.count, x.d_in, esz);
+  for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
+    const int64_t t1 = std::min(pairs.count, t0 + blk);
+    at::Tensor ap = x.a.index_select(0, pairs.iu.slice(0, t0, t1))
+                        .mul_(x.a.index_select(0, pairs.ju.slice(0, t0, t1)));
+    diag.addmm_(gt.slice(1, t0, t1), ap);
+  }
+  return {at::mm(dct, x.a), diag};
+}
+
+// ---------------------------------------------------------------------------------------
+// Loss-observation mode
+// ---------------------------------------------------------------------------------------
 at::Tensor loss_quad_form(at::TensorList grads, at::TensorList covs, double forgetting,
                           double process_noise) {
   const char* op = "loss_quad_form";
@@ -313,8 +549,9 @@ double scalar_arg(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void loss_step_(at::TensorList params, at::TensorList grads, at::TensorList covs,
-                const at::Tensor& coef, const at::Tensor& weight, double forgetting,
-                double process_noise, double cov_floor, double cov_ceiling, bool information) {
+                const at::Tensor& coef, const at::Tensor& weight, const at::Tensor& ok,
+                double forgetting, double process_noise, double cov_floor, double cov_ceiling,
+                bool information) {
   const char* op = "loss_step_";
   TORCH_CHECK(params.size() == grads.size() && params.size() == covs.size(), op, ": got ",
               params.size(), " params, ", grads.size(), " grads and ", covs.size(), " covs");
@@ -347,6 +584,7 @@ void loss_step_(at::TensorList params, at::TensorList grads, at::TensorList covs
   }
   const UpdateScalars s = update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling,
                                          information, any64);
+  if (!ok_value(ok, op)) return;
   const double c = scalar_arg(coef, op, "coef"), w = scalar_arg(weight, op, "weight");
   table()->loss_step(static_cast<int64_t>(count), pp.data(), pt.data(), gp.data(), gt.data(),
                      cp.data(), ct.data(), numel.data(), c, w, s);
@@ -354,22 +592,9 @@ void loss_step_(at::TensorList params, at::TensorList grads, at::TensorList covs
 
 }  // namespace
 
-TORCH_LIBRARY(kalman_kernels, m) {
-  m.def("innovation_cov_dense(Tensor jac, Tensor cov, float forgetting, float process_noise)"
-        " -> Tensor");
-  m.def("innovation_cov_kron(Tensor inputs, Tensor grad_outputs, Tensor cov, float forgetting,"
-        " float process_noise) -> Tensor");
-  m.def("fused_update_dense_(Tensor(a!) param, Tensor(b!) cov, Tensor jac, Tensor coef,"
-        " Tensor whitening, float forgetting, float process_noise, float cov_floor,"
-        " float cov_ceiling, bool information) -> ()");
-  m.def("fused_update_kron_(Tensor(a!) weight, Tensor(b!) cov, Tensor inputs,"
-        " Tensor grad_outputs, Tensor coef, Tensor whitening, float forgetting,"
-        " float process_noise, float cov_floor, float cov_ceiling, bool information) -> ()");
-  m.def("loss_quad_form(Tensor[] grads, Tensor[] covs, float forgetting, float process_noise)"
-        " -> Tensor");
-  m.def("loss_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] covs, Tensor coef,"
-        " Tensor weight, float forgetting, float process_noise, float cov_floor,"
-        " float cov_ceiling, bool information) -> ()");
+// The ops' schemas (and fakes) are defined in kalman_kernels/backends/schema.py; this library
+// adds only its two instruction-set ops to the namespace and the CPU kernels of the others.
+TORCH_LIBRARY_FRAGMENT(kalman_kernels, m) {
   m.def("_isa() -> str", &isa_op);
   m.def("_set_isa(str isa) -> ()", &set_isa_op);
 }
@@ -381,6 +606,9 @@ TORCH_LIBRARY_IMPL(kalman_kernels, CPU, m) {
   m.impl("fused_update_kron_", &fused_update_kron_);
   m.impl("loss_quad_form", &loss_quad_form);
   m.impl("loss_step_", &loss_step_);
+  m.impl("step_terms_dense", &step_terms_dense);
+  m.impl("step_terms_kron", &step_terms_kron);
+  m.impl("apply_terms_", &apply_terms_);
 }
 
 }  // namespace kalman_kernels

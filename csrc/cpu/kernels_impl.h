@@ -11,8 +11,9 @@
 //    the Jacobian (m x B) is packed into a contiguous, zero-padded buffer in the
 //    accumulation type (converting bf16/fp16/f32/f64 on the fly), so H is read from
 //    memory exactly once per kernel and no m x n temporary exists;
-//  * dense and Kronecker blocks share the tile engines: only the packer differs (the
-//    Kronecker packer builds the tile of H = rows vec(D_j A_j^T) from A and D);
+//  * the same tile engine writes the distributed step terms instead of applying them;
+//  * sample-grouped Kronecker blocks are GEMMs against pairwise products of the batch's
+//    inputs (ops.cpp, MKL through ATen); only their elementwise epilogue lives here;
 //  * the elementwise math is kalman_kernels::math (kk_math.h), shared with CUDA.
 #pragma once
 
@@ -206,43 +207,6 @@ struct DensePacker {
     for (int64_t j = 0; j < m; ++j) {
       Acc* row = buf + j * ldb;
       to_acc<Acc>(jac, jt, j * ld + c0, len, row);
-      std::fill(row + len, row + lenp, Acc(0));
-    }
-    *ld_out = ldb;
-    return buf;
-  }
-};
-
-// H[j, o * d_in + i] = D[j, o] * A[j, i]; a and d are contiguous Acc copies.
-template <typename Acc>
-struct KronPacker {
-  const Acc* a;  // (m, d_in)
-  const Acc* d;  // (m, d_out)
-  int64_t m;
-  int64_t d_out;
-  int64_t d_in;
-
-  const Acc* operator()(int64_t c0, int64_t len, int64_t lenp, int64_t ldb, Acc* buf,
-                        int64_t* ld_out, bool = true) const {
-    constexpr int64_t V = kV<Acc>;
-    for (int64_t j = 0; j < m; ++j) {
-      Acc* row = buf + j * ldb;
-      const Acc* arow = a + j * d_in;
-      const Acc* drow = d + j * d_out;
-      int64_t c = c0;
-      const int64_t end = c0 + len;
-      while (c < end) {
-        const int64_t o = c / d_in;
-        const int64_t i0 = c - o * d_in;
-        const int64_t cnt = std::min(d_in - i0, end - c);
-        const Vec<Acc> s(drow[o]);
-        const Acc* src = arow + i0;
-        Acc* dst = row + (c - c0);
-        int64_t t = 0;
-        for (; t + V <= cnt; t += V) (s * Vec<Acc>::loadu(src + t)).store(dst + t);
-        for (; t < cnt; ++t) dst[t] = drow[o] * src[t];
-        c += cnt;
-      }
       std::fill(row + len, row + lenp, Acc(0));
     }
     *ld_out = ldb;
@@ -712,6 +676,84 @@ void loss_range(void* p, KKType pt, const void* g, KKType gt, void* c, KKType ct
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Step terms of the distributed update (DESIGN 2.5): the fused update's two column terms,
+// written out instead of applied (dir = H^T coef, diag = sum_l (F H)[l]^2).
+// ---------------------------------------------------------------------------------------
+template <typename Acc, typename Packer>
+void terms_tiles(const Packer& pack, int64_t m, int64_t n, const double* coef, const double* f,
+                 Acc* dir, Acc* diag) {
+  if (n == 0 || m == 0) return;
+  const Whitening<Acc> w = make_whitening<Acc>(f, coef, m);
+  const int64_t b = tile_cols<Acc>(m, n);
+  const int64_t ntiles = divup(n, b);
+  const bool parallel = m * n * std::max<int64_t>(m, 8) >= kParallelWork;
+  auto make_scratch = [&]() {
+    UpdateScratch<Acc> sc;
+    sc.hbuf.resize(static_cast<size_t>(m * b));
+    for (auto* v : {&sc.dbuf, &sc.sbuf}) v->resize(static_cast<size_t>(b));
+    return sc;
+  };
+  run_items(ntiles, parallel, make_scratch, [&](int64_t t, UpdateScratch<Acc>& sc) {
+    const int64_t c0 = t * b;
+    const int64_t len = std::min(b, n - c0);
+    const int64_t lenp = round_up(len, kUnit<Acc>);
+    int64_t ld = 0;
+    const Acc* h = pack(c0, len, lenp, b, sc.hbuf.data(), &ld, /*allow_direct=*/m <= 8);
+    constexpr int64_t sub = 4 * kUnit<Acc>;
+    for (int64_t c = 0; c < len; c += sub) {
+      const int64_t sl = std::min(sub, len - c);
+      whiten_tile<Acc>(w, m, h + c, ld, round_up(sl, kUnit<Acc>), sc.dbuf.data() + c,
+                       sc.sbuf.data() + c);
+    }
+    std::memcpy(dir + c0, sc.sbuf.data(), static_cast<size_t>(len) * sizeof(Acc));
+    std::memcpy(diag + c0, sc.dbuf.data(), static_cast<size_t>(len) * sizeof(Acc));
+  });
+}
+
+// p += P- * u ; c = rule(P-, d) over [begin, end): the elementwise half of a step whose
+// per-parameter terms u (direction) and d (diagonal) are given (apply_terms_, and the
+// epilogue of the grouped Kronecker update, which first clamps d at 0).
+template <typename Acc, bool INFO>
+void apply_range(void* p, KKType pt, void* c, KKType ct, const void* u, KKType ut,
+                 const void* d, KKType dt, int64_t begin, int64_t end, bool clamp_diag,
+                 const ElemScalars<Acc>& e) {
+  constexpr int64_t V = kV<Acc>;
+  alignas(64) Acc pb[kStage];
+  alignas(64) Acc cb[kStage];
+  alignas(64) Acc ub[kStage];
+  alignas(64) Acc db[kStage];
+  for (int64_t off = begin; off < end; off += kStage) {
+    const int64_t len = std::min(kStage, end - off);
+    Acc* pp = stage<Acc>(p, pt, off, len, pb);
+    Acc* cc = stage<Acc>(c, ct, off, len, cb);
+    const Acc* uu = stage<Acc>(u, ut, off, len, ub);
+    const Acc* dd = stage<Acc>(d, dt, off, len, db);
+    if (clamp_diag) {   // a quadratic form, >= 0 up to rounding
+      const Vec<Acc> zero(Acc(0));
+      int64_t i = 0;
+      for (; i + V <= len; i += V) at::vec::maximum(Vec<Acc>::loadu(dd + i), zero).store(db + i);
+      for (; i < len; ++i) db[i] = dd[i] < Acc(0) ? Acc(0) : dd[i];
+      dd = db;
+    }
+    finalize<Acc, INFO>(pp, cc, uu, dd, len, e);
+    unstage<Acc>(pp, p, pt, off, len);
+    unstage<Acc>(cc, c, ct, off, len);
+  }
+}
+
+template <typename Acc>
+void apply_range_rule(void* p, KKType pt, void* c, KKType ct, const void* u, KKType ut,
+                      const void* d, KKType dt, int64_t begin, int64_t end, bool clamp_diag,
+                      const UpdateScalars& s) {
+  const ElemScalars<Acc> e(s);
+  if (s.information) {
+    apply_range<Acc, true>(p, pt, c, ct, u, ut, d, dt, begin, end, clamp_diag, e);
+  } else {
+    apply_range<Acc, false>(p, pt, c, ct, u, ut, d, dt, begin, end, clamp_diag, e);
+  }
+}
+
 inline bool is64(KKType t) { return t == KKType::F64; }
 
 // ---------------------------------------------------------------------------------------
@@ -725,35 +767,6 @@ void innovation_dense(const void* jac, KKType jt, int64_t ld, const void* cov, K
   } else {
     if (try_innovation_small<float>(jac, jt, ld, cov, ct, m, n, inv_lam, q, out)) return;
     innovation_tiles<float>(DensePacker<float>{jac, jt, ld, m}, cov, ct, m, n, inv_lam, q, out);
-  }
-}
-
-template <typename Acc>
-void kron_operands(const void* a, KKType at_, const void* d, KKType dt, int64_t m, int64_t d_out,
-                   int64_t d_in, std::vector<Acc>& ab, std::vector<Acc>& db) {
-  ab.resize(static_cast<size_t>(m * d_in));
-  db.resize(static_cast<size_t>(m * d_out));
-  to_acc<Acc>(a, at_, 0, m * d_in, ab.data());
-  to_acc<Acc>(d, dt, 0, m * d_out, db.data());
-}
-
-template <typename Acc>
-void innovation_kron_t(const void* a, KKType at_, const void* d, KKType dt, const void* cov,
-                       KKType ct, int64_t m, int64_t d_out, int64_t d_in, double inv_lam,
-                       double q, double* out) {
-  std::vector<Acc> ab, db;
-  kron_operands<Acc>(a, at_, d, dt, m, d_out, d_in, ab, db);
-  innovation_tiles<Acc>(KronPacker<Acc>{ab.data(), db.data(), m, d_out, d_in}, cov, ct, m,
-                        d_out * d_in, inv_lam, q, out);
-}
-
-void innovation_kron(const void* a, KKType at_, const void* d, KKType dt, const void* cov,
-                     KKType ct, int64_t m, int64_t d_out, int64_t d_in, double inv_lam, double q,
-                     bool acc64, double* out) {
-  if (acc64) {
-    innovation_kron_t<double>(a, at_, d, dt, cov, ct, m, d_out, d_in, inv_lam, q, out);
-  } else {
-    innovation_kron_t<float>(a, at_, d, dt, cov, ct, m, d_out, d_in, inv_lam, q, out);
   }
 }
 
@@ -850,23 +863,43 @@ void update_dense(void* param, KKType pt, void* cov, KKType ct, const void* jac,
   }
 }
 
-template <typename Acc>
-void update_kron_t(void* w, KKType wt, void* cov, KKType ct, const void* a, KKType at_,
-                   const void* d, KKType dt, int64_t m, int64_t d_out, int64_t d_in,
-                   const double* coef, const double* f, const UpdateScalars& s) {
-  std::vector<Acc> ab, db;
-  kron_operands<Acc>(a, at_, d, dt, m, d_out, d_in, ab, db);
-  update_dispatch<Acc>(KronPacker<Acc>{ab.data(), db.data(), m, d_out, d_in}, w, wt, cov, ct, m,
-                       d_out * d_in, coef, f, s);
+void terms_dense(const void* jac, KKType jt, int64_t ld, int64_t m, int64_t n,
+                 const double* coef, const double* f, bool acc64, void* dir, void* diag) {
+  if (acc64) {
+    terms_tiles<double>(DensePacker<double>{jac, jt, ld, m}, m, n, coef, f,
+                        static_cast<double*>(dir), static_cast<double*>(diag));
+  } else {
+    terms_tiles<float>(DensePacker<float>{jac, jt, ld, m}, m, n, coef, f,
+                       static_cast<float*>(dir), static_cast<float*>(diag));
+  }
 }
 
-void update_kron(void* w, KKType wt, void* cov, KKType ct, const void* a, KKType at_,
-                 const void* d, KKType dt, int64_t m, int64_t d_out, int64_t d_in,
-                 const double* coef, const double* f, const UpdateScalars& s) {
+void apply_terms(void* param, KKType pt, void* cov, KKType ct, const void* dir, KKType ut,
+                 const void* diag, KKType dt, int64_t n, const UpdateScalars& s) {
+  const int64_t items = divup(n, kChunk);
+  run_items(items, n >= 4 * kChunk, [] { return 0; }, [&](int64_t i, int&) {
+    const int64_t b = i * kChunk, e = std::min(n, b + kChunk);
+    if (s.acc64) {
+      apply_range_rule<double>(param, pt, cov, ct, dir, ut, diag, dt, b, e, false, s);
+    } else {
+      apply_range_rule<float>(param, pt, cov, ct, dir, ut, diag, dt, b, e, false, s);
+    }
+  });
+}
+
+// One row tile of the grouped Kronecker update: elements [off, off + len) of the weight and
+// its covariance, with the tile's step and diagonal terms (contiguous, accumulation type:
+// float64 when s.acc64). Runs on the calling thread; the caller spreads tiles over threads.
+void kron_epilogue(void* weight, KKType wt, void* cov, KKType ct, int64_t off, int64_t len,
+                   const void* step, const void* diag, const UpdateScalars& s) {
+  const KKType acc = s.acc64 ? KKType::F64 : KKType::F32;
+  // step / diag are indexed from the tile's start: shift the weight / cov pointers instead.
+  char* w = static_cast<char*>(weight) + off * kk_size(wt);
+  char* c = static_cast<char*>(cov) + off * kk_size(ct);
   if (s.acc64) {
-    update_kron_t<double>(w, wt, cov, ct, a, at_, d, dt, m, d_out, d_in, coef, f, s);
+    apply_range_rule<double>(w, wt, c, ct, step, acc, diag, acc, 0, len, true, s);
   } else {
-    update_kron_t<float>(w, wt, cov, ct, a, at_, d, dt, m, d_out, d_in, coef, f, s);
+    apply_range_rule<float>(w, wt, c, ct, step, acc, diag, acc, 0, len, true, s);
   }
 }
 
@@ -937,9 +970,10 @@ const KernelTable* KK_CAT(kernel_table_, CPU_CAPABILITY)() {
   static const KernelTable table = {
       KK_STR(CPU_CAPABILITY),
       &CPU_CAPABILITY::innovation_dense,
-      &CPU_CAPABILITY::innovation_kron,
       &CPU_CAPABILITY::update_dense,
-      &CPU_CAPABILITY::update_kron,
+      &CPU_CAPABILITY::terms_dense,
+      &CPU_CAPABILITY::apply_terms,
+      &CPU_CAPABILITY::kron_epilogue,
       &CPU_CAPABILITY::quad_form,
       &CPU_CAPABILITY::loss_step,
   };
