@@ -11,7 +11,11 @@ import textwrap
 import pytest
 import torch
 
-from cpp_helpers import cpp_backend
+from kernel_backends import KernelBackend
+
+
+def cpp_backend():
+    return KernelBackend("cpp", "cpu").module
 
 BLOCK_C = textwrap.dedent("""
     import importlib.abc, sys

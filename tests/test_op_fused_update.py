@@ -193,3 +193,25 @@ def test_in_place_outputs_must_be_contiguous(kb):
     with kb.active() as be, pytest.raises(RuntimeError, match="param"):
         be.fused_update_dense_(param, cov, kb.to(jac), kb.to(coef), kb.to(whitening),
                                true_(kb.device), 1.0, 0.0, 0.0, float("inf"), False)
+
+
+def test_kron_many_pairs_accumulate_in_blocks(kb):
+    """Enough samples that the cpp backend accumulates the diagonal term over pair blocks
+    (the O(n) fallback) instead of row tiles: same result."""
+    if kb.interpreted or kb.emulated:
+        pytest.skip("too large for an interpreter or emulator")
+    b, k, d_out, d_in = 300, 1, 7, 1500
+    a, d = randn((b, d_in), torch.float32), randn((b, k, d_out), torch.float32)
+    w0, cov0 = randn((d_out, d_in), torch.float32), rand_cov((d_out, d_in), torch.float32)
+    hph = ref.innovation_cov_kron(a, d, cov0)
+    coef, whitening = filter_terms(hph, False, r=float(torch.diagonal(hph).mean()))
+    weight, cov = kb.to(w0.clone()), kb.to(cov0.clone())
+    with kb.active() as be:
+        be.fused_update_kron_(weight, cov, kb.to(a), kb.to(d), kb.to(coef), kb.to(whitening),
+                              true_(kb.device), 1.0, 0.0, 0.0, float("inf"), False)
+    w_ref, c_ref = w0.clone(), cov0.clone()
+    ref.fused_update_kron_(w_ref, c_ref, a, d, coef, whitening, true_(), 1.0, 0.0, 0.0,
+                           float("inf"), False)
+    step = (w_ref.double() - w0.double()).abs().max()
+    assert float((weight.cpu().double() - w_ref.double()).abs().max()) <= 1e-4 * float(step) + 1e-6
+    assert float((cov.cpu().double() - c_ref.double()).abs().max()) <= 1e-4 * float(cov0.max())

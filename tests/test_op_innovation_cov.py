@@ -165,3 +165,52 @@ def test_kron_non_finite_reaches_s(kb, target, value):
     with kb.active() as be:
         got = be.innovation_cov_kron(kb.to(a), kb.to(d), kb.to(cov), 1.0, 0.0)
     assert not bool(torch.isfinite(got).all()), f"{kb}: non-finite {target} did not reach S"
+
+
+@pytest.mark.parametrize("m,n", [(32, 100_003), (3, 1_000_001), (7, 300_007)])
+def test_dense_result_independent_of_thread_count(kb, m, n):
+    """Fixed tiles and tile groups, summed in order: bit for bit the same S for 1 and 2
+    threads (CPU backends)."""
+    if kb.name != "cpp":
+        pytest.skip("thread count of the cpp backend's own reduction (the reference uses torch.mm)")
+    jac = randn((m, n), torch.float32)
+    cov = rand_cov(n, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        with kb.active() as be:
+            torch.set_num_threads(1)
+            one = be.innovation_cov_dense(jac, cov, 0.9, 0.01)
+            torch.set_num_threads(2)
+            two = be.innovation_cov_dense(jac, cov, 0.9, 0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_kron_repeat_is_bit_identical(kb):
+    """The same inputs give the same S bit for bit on every call."""
+    a, d = randn((9, 33), torch.float32), randn((9, 4, 17), torch.float32)
+    cov = rand_cov((17, 33), torch.float32)
+    with kb.active() as be:
+        first = be.innovation_cov_kron(kb.to(a), kb.to(d), kb.to(cov), 0.9, 0.01)
+        second = be.innovation_cov_kron(kb.to(a), kb.to(d), kb.to(cov), 0.9, 0.01)
+    assert torch.equal(first, second)
+
+
+def test_kron_many_pairs_in_blocks(kb):
+    """A batch so large that the pairwise products are processed in blocks (cpp: over 32 MB)
+    still gives the dense formula's S."""
+    if kb.interpreted or kb.emulated:
+        pytest.skip("too large for an interpreter or emulator")
+    b, k, d_out, d_in = 300, 1, 9, 1500
+    a, d = randn((b, d_in), torch.float32), randn((b, k, d_out), torch.float32)
+    cov = rand_cov((d_out, d_in), torch.float32)
+    with kb.active() as be:
+        got = be.innovation_cov_kron(kb.to(a), kb.to(d), kb.to(cov), 1.0, 0.0)
+    expected = ref_kron(a, d, cov)
+    assert_sym_close(got, expected, 1e-4, f"S kron {kb} B=300")
+
+
+def ref_kron(a, d, cov):
+    import kalman_kernels.reference as ref
+    return ref.innovation_cov_kron(a, d, cov)

@@ -1,0 +1,139 @@
+"""Every op of the schema under torch.compile, for every compiled backend variant:
+``torch.library.opcheck`` (schema, fake implementation and kernel agree: shapes, dtypes,
+aliasing, mutation), and fullgraph-compiled steps calling the backend's entry points
+(a graph break is an error) equal the eager steps."""
+import pytest
+import torch
+
+from op_checks import F64, rand_cov, randn
+
+
+def _compiled_only(kb):
+    if kb.name == "reference":
+        pytest.skip("the reference is plain PyTorch, not registered ops")
+    if kb.interpreted:
+        pytest.skip("the interpreted Triton ops have their own compile tests "
+                    "(tests/test_triton_backend.py)")
+
+
+def _op_cases(kb, dtype):
+    cdt = F64 if dtype == F64 else torch.float32
+    m, n, b, k = 3, 37, 3, 2
+    dev = kb.device
+    t = lambda x: x.to(dev)
+    ok = torch.ones((), dtype=torch.bool, device=dev)
+    coef = t(torch.randn(m, dtype=F64))
+    whitening = t(torch.linalg.cholesky(torch.eye(m, dtype=F64) * 2.0))
+    coef_k = t(torch.randn(b * k, dtype=F64))
+    whitening_k = t(torch.linalg.cholesky(torch.eye(b * k, dtype=F64) * 2.0))
+    jac = t(randn((m, n), dtype))
+    a, d = t(randn((b, 5), dtype)), t(randn((b, k, 4), dtype))
+    w, wc = t(randn((4, 5), dtype)), t(rand_cov((4, 5), cdt))
+    grads = [t(randn(7, dtype)), t(randn((3, 4), dtype))]
+    params = [t(randn(7, dtype)), t(randn((3, 4), dtype))]
+    covs = [t(rand_cov(7, cdt)), t(rand_cov((3, 4), cdt))]
+    scalars = t(torch.tensor([0.3, 0.7], dtype=F64))
+    p, c = t(randn(n, dtype)), t(rand_cov(n, cdt))
+    u, dd = t(randn(n, cdt)), t(rand_cov(n, cdt))
+    return {
+        "innovation_cov_dense": (jac, c, 0.9, 0.01),
+        "innovation_cov_kron": (a, d, wc, 0.9, 0.01),
+        "fused_update_dense_": (p, c, jac, coef, whitening, ok, 0.9, 0.01, 1e-4, 10.0, False),
+        "fused_update_kron_": (w, wc, a, d, coef_k, whitening_k, ok, 0.9, 0.01, 1e-4, 10.0, True),
+        "loss_quad_form": (grads, covs, 0.9, 0.01),
+        "loss_step_": (params, grads, covs, scalars[0], scalars[1], ok, 0.9, 0.01, 1e-4, 10.0,
+                       False),
+        "step_terms_dense": (jac, coef, whitening),
+        "step_terms_kron": (a, d, coef_k, whitening_k),
+        "apply_terms_": (p, c, u, dd, ok, 0.9, 0.01, 1e-4, 10.0, False),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_opcheck_every_op(kb, dtype):
+    _compiled_only(kb)
+    from kalman_kernels.backends import schema
+    with kb.active() as be:
+        # the op namespace the variant's entry points call (each module keeps it as _ops)
+        ops = getattr(be, "_ops", None)
+        if ops is None:
+            ops = getattr(torch.ops, schema.TRITON_NAMESPACE if kb.name == "triton"
+                          else schema.NAMESPACE)
+        cases = _op_cases(kb, dtype)
+        assert set(cases) == set(schema.SCHEMAS), "a schema op has no opcheck case"
+        for name, args in cases.items():
+            torch.library.opcheck(getattr(ops, name), args)
+
+
+def _dense_step(be, param, cov, x, y, r: float):
+    """One batch-mode Kalman step of linear regression y ~ x @ param (H = x): float64 m x m
+    algebra around the backend's two passes over the parameters."""
+    m = x.shape[0]
+    e = (y - x @ param).to(torch.float64)
+    hph = be.innovation_cov_dense(x, cov, 1.0, 1e-4)
+    s = hph + r * torch.eye(m, dtype=torch.float64, device=x.device)
+    factor = torch.linalg.cholesky(s)
+    eye = torch.eye(m, dtype=torch.float64, device=x.device)
+    whitening = torch.linalg.solve_triangular(factor, eye, upper=False)
+    coef = torch.cholesky_solve(e[:, None], factor).reshape(-1)
+    ok = torch.isfinite(s).all()
+    be.fused_update_dense_(param, cov, x, coef, whitening, ok, 1.0, 1e-4, 1e-8, 10.0, False)
+    return e.pow(2).mean()
+
+
+def _loss_step(be, params, covs, x, y, r: float, lr: float):
+    """One loss-observation step (DESIGN 2.2) of a linear model with analytic gradients."""
+    w, b = params
+    resid = x @ w + b - y
+    loss = 0.5 * resid.pow(2).mean()
+    grads = [x.T @ resid / x.shape[0], resid.mean().reshape(1)]
+    quad = be.loss_quad_form(grads, covs, 1.0, 0.0)
+    s = quad + r
+    e = -loss.to(torch.float64)
+    be.loss_step_(params, grads, covs, lr * e / s, 1.0 / s, torch.isfinite(s), 1.0, 0.0, 1e-8,
+                  10.0, False)
+    return loss
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_dense_step_fullgraph(kb, compiler):
+    _compiled_only(kb)
+    n, m = 33, 8
+    x_all, y_all = kb.to(torch.randn(5, m, n)), kb.to(torch.randn(5, m))
+    p0, c0 = kb.to(torch.randn(n)), kb.to(rand_cov(n, torch.float32))
+    with kb.active() as be:
+        torch._dynamo.reset()
+        step = lambda p, c, x, y: _dense_step(be, p, c, x, y, 0.1)
+        compiled = torch.compile(step, fullgraph=True, backend=compiler)
+        results = []
+        for fn in (step, compiled):
+            param, cov = p0.clone(), c0.clone()
+            for i in range(5):
+                fn(param, cov, x_all[i], y_all[i])
+            results.append((param, cov))
+    (p_e, c_e), (p_c, c_c) = results
+    assert torch.allclose(p_c, p_e, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(c_c, c_e, rtol=1e-5, atol=1e-9)
+    assert not torch.equal(p_c, p0), "the compiled step did not update the parameter"
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_loss_step_fullgraph(kb, compiler):
+    _compiled_only(kb)
+    x, y = kb.to(torch.randn(5, 16, 6)), kb.to(torch.randn(5, 16))
+    w0, b0 = kb.to(torch.randn(6)), kb.to(torch.randn(1))
+    c0 = [kb.to(rand_cov(6, torch.float32)), kb.to(rand_cov(1, torch.float32))]
+    with kb.active() as be:
+        torch._dynamo.reset()
+        step = lambda ps, cs, xi, yi: _loss_step(be, ps, cs, xi, yi, 0.5, 0.8)
+        compiled = torch.compile(step, fullgraph=True, backend=compiler)
+        results = []
+        for fn in (step, compiled):
+            params = [w0.clone(), b0.clone()]
+            covs = [c.clone() for c in c0]
+            for i in range(5):
+                fn(params, covs, x[i], y[i])
+            results.append(params + covs)
+    for got, want in zip(results[1], results[0]):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(results[1][0], w0)
