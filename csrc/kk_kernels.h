@@ -52,6 +52,17 @@ struct KernelTable {
   // clamped at 0. Runs on the calling thread.
   void (*kron_epilogue)(void* weight, KKType wt, void* cov, KKType ct, int64_t off, int64_t len,
                         const void* step, const void* diag, const UpdateScalars& s);
+  // Grouped Kronecker innovation, per pair t = (iu[t], ju[t]) of samples: the K x K block
+  // S[j, j', k, k'] = sum_o D[j,k,o] Q[t,o] D[j',k',o] and its transpose at (j', j), into
+  // s (B, B, K, K) float64. D (B, K, d_out) and Q (T, d_out) in the accumulation dtype.
+  void (*pair_sandwich)(const void* d, bool acc64, int64_t b, int64_t k, int64_t d_out,
+                        const int64_t* iu, const int64_t* ju, int64_t tcount, const void* q,
+                        double* s);
+  // Grouped Kronecker update: g[t, o] = mult[t] sum_{k,k'} w[t,k,k'] D[j,k,o] D[j',k',o],
+  // g (T, d_out), w (T, K, K), mult (T,), all in the accumulation dtype.
+  void (*pair_weights)(const void* d, bool acc64, int64_t k, int64_t d_out, const int64_t* iu,
+                       const int64_t* ju, int64_t tcount, const void* w, const void* mult,
+                       void* g);
   // sum over tensors of g^T P- g.
   double (*quad_form)(int64_t count, const void* const* grads, const KKType* gt,
                       const void* const* covs, const KKType* ct, const int64_t* numel,

@@ -360,7 +360,7 @@ at::Tensor innovation_cov_kron(const at::Tensor& inputs, const at::Tensor& grad_
   // S viewed as (B, B, K, K): block (j, j') holds S[(j, k), (j', k')].
   at::Tensor s = at::zeros({x.b, x.b, x.k, x.k}, inputs.options().dtype(at::kDouble));
   const int64_t esz = acc64 ? 8 : 4;
-  const int64_t blk = pair_block(pairs.count, x.d_in + x.d_out * (1 + x.k), esz);
+  const int64_t blk = pair_block(pairs.count, x.d_in + x.d_out, esz);
   const double inv_lam = inv(forgetting);
   for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
     const int64_t t1 = std::min(pairs.count, t0 + blk);
@@ -369,16 +369,14 @@ at::Tensor innovation_cov_kron(const at::Tensor& inputs, const at::Tensor& grad_
     at::Tensor q = at::mm(ap, p.t());                                          // (Tb, d_out)
     if (inv_lam != 1.0) q.mul_(inv_lam);
     if (process_noise != 0.0) q.add_(ap.sum(1, /*keepdim=*/true), process_noise);
-    // K x K block of every pair: (D[j] * Q[t]) @ D[j']^T
-    at::Tensor lhs = x.d.index_select(0, iu).mul_(q.unsqueeze(1));            // (Tb, K, d_out)
-    at::Tensor blocks = at::bmm(lhs, x.d.index_select(0, ju).transpose(1, 2));  // (Tb, K, K)
-    at::Tensor b64 = blocks.to(at::kDouble);
-    s.index_put_({iu, ju}, b64);
-    s.index_put_({ju, iu}, b64.transpose(1, 2));
+    // K x K block of every pair (and its transpose): sum_o D[j,k,o] Q[t,o] D[j',k',o]
+    table()->pair_sandwich(x.d.const_data_ptr(), acc64, x.b, x.k, x.d_out,
+                           iu.const_data_ptr<int64_t>(), ju.const_data_ptr<int64_t>(), t1 - t0,
+                           q.contiguous().const_data_ptr(), s.mutable_data_ptr<double>());
   }
   at::Tensor out = s.permute({0, 2, 1, 3}).reshape({m, m});
-  return out.add(out.t()).mul_(0.5);   // exactly symmetric (the diagonal blocks were written
-                                       // twice, the second time transposed)
+  return out.add(out.t()).mul_(0.5);   // exactly symmetric (a diagonal block j = j is summed
+                                       // in its own order for (k, k') and (k', k))
 }
 
 // The step term's Dc (B, d_out), transposed to (d_out, B), and G^T (d_out, T) with the pair
@@ -392,14 +390,16 @@ std::tuple<at::Tensor, at::Tensor> kron_update_terms(const KronOperands& x, cons
   at::Tensor w4 = at::mm(f.t(), f).reshape({x.b, x.k, x.b, x.k}).permute({0, 2, 1, 3});
   at::Tensor gt = at::empty({x.d_out, pairs.count}, x.d.options());
   const int64_t esz = x.acc == at::kDouble ? 8 : 4;
-  const int64_t blk = pair_block(pairs.count, x.k * x.k + 2 * x.k * x.d_out, esz);
+  const int64_t blk = pair_block(pairs.count, x.k * x.k + x.d_out, esz);
   for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
     const int64_t t1 = std::min(pairs.count, t0 + blk);
     at::Tensor iu = pairs.iu.slice(0, t0, t1), ju = pairs.ju.slice(0, t0, t1);
-    at::Tensor wt = at::index(w4, {iu, ju}).to(x.acc);                           // (Tb, K, K)
-    at::Tensor z = at::bmm(wt, x.d.index_select(0, ju));                        // (Tb, K, d_out)
-    at::Tensor g = z.mul_(x.d.index_select(0, iu)).sum(1);                      // (Tb, d_out)
-    g.mul_(pairs.mult.slice(0, t0, t1).unsqueeze(1));
+    at::Tensor wt = at::index(w4, {iu, ju}).to(x.acc).contiguous();            // (Tb, K, K)
+    at::Tensor mult = pairs.mult.slice(0, t0, t1).contiguous();
+    at::Tensor g = at::empty({t1 - t0, x.d_out}, x.d.options());
+    table()->pair_weights(x.d.const_data_ptr(), x.acc == at::kDouble, x.k, x.d_out,
+                          iu.const_data_ptr<int64_t>(), ju.const_data_ptr<int64_t>(), t1 - t0,
+                          wt.const_data_ptr(), mult.const_data_ptr(), g.mutable_data_ptr());
     gt.slice(1, t0, t1).copy_(g.t());
   }
   return {dct, gt};

@@ -754,6 +754,138 @@ void apply_range_rule(void* p, KKType pt, void* c, KKType ct, const void* u, KKT
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Sample-grouped Kronecker blocks: the per-pair K x K work (ops.cpp does the GEMMs).
+// Pairs t = (iu[t], ju[t]) of samples; D is (B, K, d_out) in Acc. Every pair is
+// independent: threads split the pairs, so results do not depend on the thread count.
+// ---------------------------------------------------------------------------------------
+// dot(x, y) over n elements (vectorised, Acc accumulators, summed in double).
+template <typename Acc>
+inline void dots4(const Acc* x, const Acc* y0, const Acc* y1, const Acc* y2, const Acc* y3,
+                  int64_t n, double* out) {
+  constexpr int64_t V = kV<Acc>;
+  Vec<Acc> a0(Acc(0)), a1(Acc(0)), a2(Acc(0)), a3(Acc(0));
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const Vec<Acc> xv = Vec<Acc>::loadu(x + i);
+    a0 = at::vec::fmadd(xv, Vec<Acc>::loadu(y0 + i), a0);
+    a1 = at::vec::fmadd(xv, Vec<Acc>::loadu(y1 + i), a1);
+    a2 = at::vec::fmadd(xv, Vec<Acc>::loadu(y2 + i), a2);
+    a3 = at::vec::fmadd(xv, Vec<Acc>::loadu(y3 + i), a3);
+  }
+  Acc t0 = Acc(0), t1 = Acc(0), t2 = Acc(0), t3 = Acc(0);
+  for (; i < n; ++i) {
+    t0 += x[i] * y0[i];
+    t1 += x[i] * y1[i];
+    t2 += x[i] * y2[i];
+    t3 += x[i] * y3[i];
+  }
+  out[0] = hsum<Acc>(a0) + t0;
+  out[1] = hsum<Acc>(a1) + t1;
+  out[2] = hsum<Acc>(a2) + t2;
+  out[3] = hsum<Acc>(a3) + t3;
+}
+
+// S (B, B, K, K) float64, block (j, j') of every pair and its transpose at (j', j):
+// S[j, j', k, k'] = sum_o D[j,k,o] Q[t,o] D[j',k',o].
+template <typename Acc>
+void pair_sandwich_t(const Acc* d, int64_t b, int64_t k, int64_t d_out, const int64_t* iu,
+                     const int64_t* ju, int64_t tcount, const Acc* q, double* s) {
+  constexpr int64_t V = kV<Acc>;
+  const int64_t kk2 = k * k;
+  const bool parallel = tcount * kk2 * d_out >= kParallelWork;
+  auto make_scratch = [&] { return std::vector<Acc>(static_cast<size_t>(k * d_out)); };
+  const int64_t per_item = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kk2 * d_out));
+  const int64_t items = divup(tcount, per_item);
+  run_items(items, parallel, make_scratch, [&](int64_t item, std::vector<Acc>& scratch) {
+    Acc* x = scratch.data();
+    for (int64_t t = item * per_item; t < std::min(tcount, (item + 1) * per_item); ++t) {
+      const int64_t j = iu[t], jj = ju[t];
+      const Acc* qt = q + t * d_out;
+      for (int64_t kk = 0; kk < k; ++kk) {     // x_k = D[j, k] (.) Q[t]
+        const Acc* dr = d + (j * k + kk) * d_out;
+        Acc* xr = x + kk * d_out;
+        int64_t o = 0;
+        for (; o + V <= d_out; o += V) (Vec<Acc>::loadu(dr + o) * Vec<Acc>::loadu(qt + o)).store(xr + o);
+        for (; o < d_out; ++o) xr[o] = dr[o] * qt[o];
+      }
+      double* blk = s + (j * b + jj) * kk2;
+      double* blk_t = s + (jj * b + j) * kk2;
+      const Acc* dj = d + jj * k * d_out;
+      double vals[4];
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const Acc* xr = x + kk * d_out;
+        int64_t kp = 0;
+        for (; kp + 4 <= k; kp += 4) {
+          dots4<Acc>(xr, dj + kp * d_out, dj + (kp + 1) * d_out, dj + (kp + 2) * d_out,
+                     dj + (kp + 3) * d_out, d_out, vals);
+          for (int r = 0; r < 4; ++r) blk[kk * k + kp + r] = vals[r];
+        }
+        for (; kp < k; ++kp) {
+          const Acc* y = dj + kp * d_out;
+          dots4<Acc>(xr, y, y, y, y, d_out, vals);
+          blk[kk * k + kp] = vals[0];
+        }
+      }
+      if (jj != j)
+        for (int64_t kk = 0; kk < k; ++kk)
+          for (int64_t kp = 0; kp < k; ++kp) blk_t[kp * k + kk] = blk[kk * k + kp];
+    }
+  });
+}
+
+// G (T, d_out): G[t, o] = mult[t] sum_{k,k'} W[t,k,k'] D[j,k,o] D[j',k',o].
+template <typename Acc>
+void pair_weights_t(const Acc* d, int64_t k, int64_t d_out, const int64_t* iu,
+                    const int64_t* ju, int64_t tcount, const Acc* w, const Acc* mult, Acc* g) {
+  constexpr int64_t V = kV<Acc>;
+  const int64_t kk2 = k * k;
+  const bool parallel = tcount * kk2 * d_out >= kParallelWork;
+  auto make_scratch = [&] { return std::vector<Acc>(static_cast<size_t>(k * d_out)); };
+  const int64_t per_item = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kk2 * d_out));
+  const int64_t items = divup(tcount, per_item);
+  run_items(items, parallel, make_scratch, [&](int64_t item, std::vector<Acc>& z) {
+    for (int64_t t = item * per_item; t < std::min(tcount, (item + 1) * per_item); ++t) {
+      const int64_t j = iu[t], jj = ju[t];
+      const Acc* wt = w + t * kk2;
+      const Acc* dj = d + j * k * d_out;
+      const Acc* djj = d + jj * k * d_out;
+      // z_k = sum_k' W[t, k, k'] D[j', k']
+      for (int64_t kk = 0; kk < k; ++kk) {
+        Acc* zr = z.data() + kk * d_out;
+        int64_t o = 0;
+        for (; o + V <= d_out; o += V) {
+          Vec<Acc> acc(Acc(0));
+          for (int64_t kp = 0; kp < k; ++kp)
+            acc = at::vec::fmadd(Vec<Acc>(wt[kk * k + kp]), Vec<Acc>::loadu(djj + kp * d_out + o), acc);
+          acc.store(zr + o);
+        }
+        for (; o < d_out; ++o) {
+          Acc acc = Acc(0);
+          for (int64_t kp = 0; kp < k; ++kp) acc += wt[kk * k + kp] * djj[kp * d_out + o];
+          zr[o] = acc;
+        }
+      }
+      // g = mult * sum_k D[j, k] (.) z_k
+      Acc* gt = g + t * d_out;
+      const Vec<Acc> vm(mult[t]);
+      int64_t o = 0;
+      for (; o + V <= d_out; o += V) {
+        Vec<Acc> acc(Acc(0));
+        for (int64_t kk = 0; kk < k; ++kk)
+          acc = at::vec::fmadd(Vec<Acc>::loadu(dj + kk * d_out + o),
+                               Vec<Acc>::loadu(z.data() + kk * d_out + o), acc);
+        (acc * vm).store(gt + o);
+      }
+      for (; o < d_out; ++o) {
+        Acc acc = Acc(0);
+        for (int64_t kk = 0; kk < k; ++kk) acc += dj[kk * d_out + o] * z[kk * d_out + o];
+        gt[o] = acc * mult[t];
+      }
+    }
+  });
+}
+
 inline bool is64(KKType t) { return t == KKType::F64; }
 
 // ---------------------------------------------------------------------------------------
@@ -903,6 +1035,31 @@ void kron_epilogue(void* weight, KKType wt, void* cov, KKType ct, int64_t off, i
   }
 }
 
+void pair_sandwich(const void* d, bool acc64, int64_t b, int64_t k, int64_t d_out,
+                   const int64_t* iu, const int64_t* ju, int64_t tcount, const void* q,
+                   double* s) {
+  if (acc64) {
+    pair_sandwich_t<double>(static_cast<const double*>(d), b, k, d_out, iu, ju, tcount,
+                            static_cast<const double*>(q), s);
+  } else {
+    pair_sandwich_t<float>(static_cast<const float*>(d), b, k, d_out, iu, ju, tcount,
+                           static_cast<const float*>(q), s);
+  }
+}
+
+void pair_weights(const void* d, bool acc64, int64_t k, int64_t d_out, const int64_t* iu,
+                  const int64_t* ju, int64_t tcount, const void* w, const void* mult, void* g) {
+  if (acc64) {
+    pair_weights_t<double>(static_cast<const double*>(d), k, d_out, iu, ju, tcount,
+                           static_cast<const double*>(w), static_cast<const double*>(mult),
+                           static_cast<double*>(g));
+  } else {
+    pair_weights_t<float>(static_cast<const float*>(d), k, d_out, iu, ju, tcount,
+                          static_cast<const float*>(w), static_cast<const float*>(mult),
+                          static_cast<float*>(g));
+  }
+}
+
 double quad_form(int64_t count, const void* const* grads, const KKType* gt,
                  const void* const* covs, const KKType* ct, const int64_t* numel, double inv_lam,
                  double q) {
@@ -974,6 +1131,8 @@ const KernelTable* KK_CAT(kernel_table_, CPU_CAPABILITY)() {
       &CPU_CAPABILITY::terms_dense,
       &CPU_CAPABILITY::apply_terms,
       &CPU_CAPABILITY::kron_epilogue,
+      &CPU_CAPABILITY::pair_sandwich,
+      &CPU_CAPABILITY::pair_weights,
       &CPU_CAPABILITY::quad_form,
       &CPU_CAPABILITY::loss_step,
   };
