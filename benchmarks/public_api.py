@@ -318,6 +318,15 @@ class TrackedCase:
         return _raw_block_ops(resolve(self.backend, torch.device("cpu")), obs.blocks,
                               obs.hypers)
 
+    def ops_step(self):
+        """The functional step the optimizer calls (ops.kalman_step_) on blocks built once."""
+        obs = self.build()
+        r = self.opt._current_obs_noise()
+
+        def run():
+            ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, r, backend=self.backend)
+        return run
+
     def ungrouped_raw(self):
         """The same step's raw ops with every Kronecker block ungrouped (input rows repeated
         K times): the (B K)^2 cost of the previous release's kernels."""
@@ -341,21 +350,23 @@ def bench_batch_public(table, threads: int, rounds: int, summary: Dict, d: int =
     readout = nn.Linear(d, classes).requires_grad_(False)
     model = nn.Sequential(layer, nn.Tanh(), readout)
     case = TrackedCase(model, batch, classes, d, params=layer.parameters())
-    raw = case.raw()
     fns = {"KalmanNGD.step": case.step, "forward": case.forward_only,
-           "forward + build blocks": case.build, "raw ops": raw}
+           "forward + build blocks": case.build, "ops.kalman_step_ (what the step calls)":
+           case.ops_step(), "raw kernels": case.raw()}
     res = C.measure_group(fns, rounds, budget_s=30)
     step, fwd = res["KalmanNGD.step"].median, res["forward"].median
     build = res["forward + build blocks"].median - fwd
-    rawt = res["raw ops"].median
+    opst = res["ops.kalman_step_ (what the step calls)"].median
+    rawt = res["raw kernels"].median
     kalman_part = step - fwd - build
     for name, t in res.items():
         table.add(f"batch mode, tracked {d}x{d}", f"B={batch} K={classes}", batch * classes,
-                  threads, name, t, None, None, None, f"{t.median / rawt:.2f}x raw ops")
+                  threads, name, t, None, None, None, f"{t.median / opst:.2f}x ops step")
     summary[f"batch_public_{d}_thr{threads}"] = {
         "step_ms": step * 1e3, "forward_ms": fwd * 1e3, "build_blocks_ms": build * 1e3,
-        "raw_ops_ms": rawt * 1e3, "kalman_part_ms": kalman_part * 1e3,
-        "overhead_over_raw_ops": kalman_part / rawt - 1.0, "target_overhead": 0.15}
+        "ops_step_ms": opst * 1e3, "raw_kernels_ms": rawt * 1e3,
+        "kalman_part_ms": kalman_part * 1e3,
+        "optimizer_overhead_over_ops": kalman_part / opst - 1.0, "target_overhead": 0.15}
 
 
 class _MLP(nn.Sequential):

@@ -86,12 +86,6 @@ def _rows(jac: torch.Tensor) -> torch.Tensor:
     return jac if jac.dim() == 2 else jac.reshape(jac.shape[0], -1)
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A flat view of a tensor updated in place (the op itself raises, naming it, when the
-    tensor is not contiguous: a copy would silently drop the update)."""
-    return t.view(-1) if t.is_contiguous() else t
-
-
 def _ceiling(x) -> float:
     return float("inf") if x is None else x
 
@@ -112,7 +106,7 @@ def innovation_cov_kron(inputs: torch.Tensor, grad_outputs: torch.Tensor, cov: t
 def fused_update_dense_(param, cov, jac, coef, whitening, ok, forgetting, process_noise,
                         cov_floor, cov_ceiling, information) -> None:
     """In place when ``ok``: param += P- (.) H^T coef ; cov = rule(P-, ||F H_i||^2) clamped."""
-    _ops.fused_update_dense_(_flat(param), _flat(cov), _rows(jac), coef, whitening, ok,
+    _ops.fused_update_dense_(param, cov, _rows(jac), coef, whitening, ok,
                              forgetting, process_noise, cov_floor, _ceiling(cov_ceiling),
                              information)
 
@@ -143,7 +137,7 @@ def loss_step_(params, grads, covs, coef, weight, ok, forgetting, process_noise,
     """In place over every tensor when ``ok``: mu += coef * P- (.) g ; P = rule(P-, weight g^2)."""
     if len(params) == 0:
         return
-    _ops.loss_step_([_flat(p) for p in params], list(grads), [_flat(c) for c in covs],
+    _ops.loss_step_(list(params), list(grads), list(covs),
                     _scalar(coef), _scalar(weight), ok, forgetting, process_noise, cov_floor,
                     _ceiling(cov_ceiling), information)
 
@@ -161,5 +155,5 @@ def step_terms_kron(inputs, grad_outputs, coef, whitening):
 def apply_terms_(param, cov, direction, diag_term, ok, forgetting, process_noise, cov_floor,
                  cov_ceiling, information) -> None:
     """In place when ``ok``: param += P- (.) direction ; cov = rule(P-, diag_term)."""
-    _ops.apply_terms_(_flat(param), _flat(cov), direction.reshape(-1), diag_term.reshape(-1), ok,
+    _ops.apply_terms_(param, cov, direction, diag_term, ok,
                       forgetting, process_noise, cov_floor, _ceiling(cov_ceiling), information)
