@@ -112,8 +112,9 @@ if kk.backends()["triton"]:
     raised = text.split("RAISED", 1)[1]
     assert "triton" in raised
     if not GPU and HAVE_TRITON:
-        assert "AVAILABLE False" in text
-        assert "no CUDA GPU" in text.split("ERROR", 1)[1]
+        # available wherever triton imports (issue 8), but it serves no device here
+        assert "AVAILABLE True" in text
+        assert "does not run on cpu tensors" in raised
         assert "TRITON_INTERPRET" in raised and "To get it" in raised
     if GPU:
         assert "AVAILABLE True" in text and "does not run on cpu tensors" in raised

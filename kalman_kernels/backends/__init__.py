@@ -106,9 +106,11 @@ def resolve(name: str, device: torch.device) -> ModuleType:
     serves, _ = _priority(module, device.type)
     if not serves:
         served = sorted(getattr(module, "DEVICES", {}))
+        hint = _how_to_get.get(name)
         raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors (it serves "
                            f"{', '.join(served) or 'no device here'}); use backend='auto' or "
-                           f"move the tensors to a supported device")
+                           f"move the tensors to a supported device"
+                           + (f". To get it: {hint}" if hint else ""))
     return module
 
 

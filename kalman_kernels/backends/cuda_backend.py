@@ -11,7 +11,7 @@ Availability (``kk.backends()["cuda"]``) needs both the built extension and a vi
 GPU; ``kk.backend_errors()["cuda"]`` says which is missing (for a missing extension, what
 setup.py recorded when it decided not to build it, or failed to).
 
-``backend="auto"`` priority for CUDA tensors (``DEVICES``): 20, above the Triton backend's.
+``backend="auto"`` priority for CUDA tensors (``DEVICES``): 30, above the Triton backend's 20.
 Basis: the paper rooflines of docs/cuda_backend.md (no GPU was available when this was
 written): both backends are at the same memory-bandwidth floor for the elementwise and
 small-m kernels, and the CUDA kernels avoid Triton's JIT compilation and autotuning on the
@@ -29,7 +29,7 @@ from . import schema
 
 NAME = "cuda"
 #: device type -> priority for backend="auto" (see the module docstring for the basis).
-DEVICES = {"cuda": 20}
+DEVICES = {"cuda": 30}
 HOW_TO_GET = ("on a machine with an NVIDIA GPU (sm_80 or newer) and a CUDA build of torch, "
               "install a CUDA toolkit of torch's CUDA major version and rebuild with "
               "`pip install --no-build-isolation -e .` (setup.py finds the toolkit from "
