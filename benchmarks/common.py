@@ -26,6 +26,8 @@ import torch
 import kalman_kernels.reference as ref
 
 F32, F64 = torch.float32, torch.float64
+#: the skip predicate of a step that applies (the kernels' ``ok`` argument)
+OK = torch.ones((), dtype=torch.bool)
 
 
 # --------------------------------------------------------------------------------------
@@ -174,15 +176,16 @@ class DenseCase:
 
     def update(self, backend):
         return lambda: backend.fused_update_dense_(self.param, self.cov, self.jac, self.coef,
-                                                   self.whitening, 1.0, 0.0, 1e-8, 1.0, False)
+                                                   self.whitening, OK, 1.0, 0.0, 1e-8, 1.0,
+                                                   False)
 
     def step(self, backend):
         """innovation_cov + the m x m work + fused_update_: one whole dense Kalman step."""
         def run():
             hph = backend.innovation_cov_dense(self.jac, self.cov, 1.0, 0.0)
             coef, whitening = filter_terms(hph)
-            backend.fused_update_dense_(self.param, self.cov, self.jac, coef, whitening, 1.0, 0.0,
-                                        1e-8, 1.0, False)
+            backend.fused_update_dense_(self.param, self.cov, self.jac, coef, whitening, OK, 1.0,
+                                        0.0, 1e-8, 1.0, False)
         return run
 
     def matmul_rates(self, rounds=3):
@@ -193,22 +196,38 @@ class DenseCase:
 
 
 class KronCase:
-    """An nn.Linear weight (d_out, d_in) with m observations: A (m, d_in), D (m, d_out)."""
+    """An nn.Linear weight (d_out, d_in) observed through a sample-grouped Kronecker block:
+    inputs A (B, d_in), grad_outputs D (B, K, d_out), m = B K observations.
 
-    def __init__(self, d_out: int, d_in: int, m: int):
-        self.d_out, self.d_in, self.m = d_out, d_in, m
+    The work is GEMMs against the T = B (B + 1) / 2 pairwise products of the inputs
+    (DESIGN 2.6): the innovation's Q = Ap P^T and the update's diagonal G^T Ap, each
+    2 T d_in d_out flops (the dominant contraction), plus O(T K^2 d_out) per-pair work and
+    the update's step GEMM (2 B d_in d_out)."""
+
+    def __init__(self, d_out: int, d_in: int, batch: int, k: int = 1):
+        self.d_out, self.d_in, self.b, self.k = d_out, d_in, batch, k
+        self.m = batch * k
         self.weight = torch.randn(d_out, d_in)
         self.cov = torch.rand(d_out, d_in) * 1e-3 + 1e-4
-        self.inputs = torch.randn(m, d_in)
-        self.grad_outputs = torch.randn(m, d_out)
+        self.inputs = torch.randn(batch, d_in)
+        self.grad_outputs = torch.randn(batch, k, d_out)
 
     @property
     def n(self):
         return self.d_out * self.d_in
 
+    @property
+    def pairs(self):
+        return self.b * (self.b + 1) // 2
+
+    def dominant_flops(self):
+        """The two T x d_in x d_out GEMMs of one step."""
+        return float(2 * 2 * self.pairs * self.n)
+
     def flops(self):
-        m, n = self.m, self.n
-        return float(2 * m * (m + 1) * n + 4 * m * n + 12 * n)
+        t, k = self.pairs, self.k
+        return self.dominant_flops() + float(2 * t * k * k * self.d_out * 2
+                                             + 2 * self.b * self.n + 12 * self.n)
 
     def nbytes(self):
         return 4.0 * 5 * self.n   # cov read twice (two kernels), weight and cov r/w
@@ -218,11 +237,21 @@ class KronCase:
             hph = backend.innovation_cov_kron(self.inputs, self.grad_outputs, self.cov, 1.0, 0.0)
             coef, whitening = filter_terms(hph)
             backend.fused_update_kron_(self.weight, self.cov, self.inputs, self.grad_outputs,
-                                       coef, whitening, 1.0, 0.0, 1e-8, 1.0, False)
+                                       coef, whitening, OK, 1.0, 0.0, 1e-8, 1.0, False)
         return run
 
+    def ungrouped(self):
+        """The same observations as the previous release's blocks: every input row repeated
+        K times, K = 1 (its cost grows as (B K)^2, not B^2)."""
+        case = KronCase.__new__(KronCase)
+        case.__dict__.update(self.__dict__)
+        case.inputs = self.inputs.repeat_interleave(self.k, 0)
+        case.grad_outputs = self.grad_outputs.reshape(self.m, 1, self.d_out)
+        case.b, case.k = self.m, 1
+        return case
+
     def build_jacobian(self):
-        return torch.einsum("jo,ji->joi", self.grad_outputs, self.inputs).reshape(self.m, -1)
+        return torch.einsum("jko,ji->jkoi", self.grad_outputs, self.inputs).reshape(self.m, -1)
 
     def dense_step(self, backend):
         """Build H (m x d_out*d_in) explicitly, then the dense kernels."""
@@ -230,9 +259,14 @@ class KronCase:
             jac = self.build_jacobian()
             hph = backend.innovation_cov_dense(jac, self.cov, 1.0, 0.0)
             coef, whitening = filter_terms(hph)
-            backend.fused_update_dense_(self.weight, self.cov, jac, coef, whitening, 1.0, 0.0,
+            backend.fused_update_dense_(self.weight, self.cov, jac, coef, whitening, OK, 1.0, 0.0,
                                         1e-8, 1.0, False)
         return run
+
+    def mm_rate(self, rounds=3):
+        """torch.mm's GFLOP/s for the dominant contraction's shape (T x d_in) @ (d_in x d_out)."""
+        ap = torch.randn(self.pairs, self.d_in)
+        return matmul_rate(ap, self.cov.T, rounds)
 
 
 class LossCase:
@@ -251,16 +285,17 @@ class LossCase:
         def run():
             quad = backend.loss_quad_form(self.grads, self.covs, 1.0, 0.0)
             s = quad + self.r
-            backend.loss_step_(self.params, self.grads, self.covs, -1e-3 / s, 1.0 / s, 1.0, 0.0,
-                               1e-8, 1.0, False)
+            backend.loss_step_(self.params, self.grads, self.covs, -1e-3 / s, 1.0 / s, OK, 1.0,
+                               0.0, 1e-8, 1.0, False)
         return run
 
     def step_only(self, backend, quad: float = 0.5):
         """The elementwise pass alone (the reduction was accumulated during backward)."""
-        s = quad + self.r
+        s = torch.tensor(quad + self.r, dtype=F64)
+        coef, weight = -1e-3 / s, 1.0 / s
 
         def run():
-            backend.loss_step_(self.params, self.grads, self.covs, -1e-3 / s, 1.0 / s, 1.0, 0.0,
+            backend.loss_step_(self.params, self.grads, self.covs, coef, weight, OK, 1.0, 0.0,
                                1e-8, 1.0, False)
         return run
 

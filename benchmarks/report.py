@@ -1,8 +1,14 @@
-"""Print the benchmark table of the cpp backend (DESIGN section 6, issue 3).
+"""Print the CPU benchmark table (DESIGN section 6; issues 3, 7, 11, 12).
 
-    python -m benchmarks.report                 # full grid, 1 and 2 threads
+    python -m benchmarks.report                 # every section, 1 and 2 threads
     python -m benchmarks.report --quick         # a smaller grid
-    python -m benchmarks.report --threads 1 --json out.json
+    python -m benchmarks.report --threads 1 --only public,kron --json out.json
+
+Sections: ``public`` (what users call -- KalmanNGD.step, ops.kalman_update_ -- beside the
+raw ops it calls, AdamW(fused=True) and torch.mm: benchmarks/public_api.py), ``dense`` and
+``loss`` (the raw cpp kernels vs the reference and the machine's ceilings), ``kron`` (the
+sample-grouped Kronecker step vs the same observations ungrouped and torch.mm's rate for
+its dominant GEMM), ``class_head`` (the CLIP application's 1,000-class head).
 
 Every ratio is measured in this run, on this machine, round-robin (median and IQR over
 rounds): cpp vs the reference backend, the loss step vs torch.optim.AdamW(fused=True) on
@@ -228,7 +234,7 @@ torch.set_num_threads(int(sys.argv[2]))
 from benchmarks import common as C
 import kalman_kernels.reference as ref
 from kalman_kernels.backends import cpp_backend as cpp
-case = C.KronCase(512, 512, int(sys.argv[3]))
+case = C.KronCase(512, 512, int(sys.argv[3]), int(sys.argv[4]))
 variant = sys.argv[1]
 fn = {"kron_cpp": lambda: case.kron_step(cpp),
       "dense_cpp_with_H": lambda: case.dense_step(cpp),
@@ -248,14 +254,15 @@ print(rss("VmHWM:") - base)
 """
 
 
-def kron_memory(threads: int, m: int):
+def kron_memory(threads: int, batch: int, k: int):
     """Peak extra resident memory of one step, in a fresh process (see _MEM_SCRIPT)."""
     out = {}
     for variant in ("kron_cpp", "dense_cpp_with_H", "dense_reference_with_H"):
         # A fixed mmap threshold: every allocation >= 64 KiB is mapped on allocation and
         # unmapped on free, so glibc's heap cannot hide the second call's allocations.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        proc = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, variant, str(threads), str(m)],
+        proc = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, variant, str(threads),
+                               str(batch), str(k)],
                               capture_output=True, text=True, env=env, cwd=os.path.dirname(
                                   os.path.dirname(os.path.abspath(__file__))))
         if proc.returncode != 0:
@@ -266,38 +273,77 @@ def kron_memory(threads: int, m: int):
     return out
 
 
-def bench_kron(table, threads, rounds, cpp, refb, summary, m=32):
-    case = C.KronCase(512, 512, m)
-    fns = {"cpp kron": case.kron_step(cpp), "cpp dense incl. building H": case.dense_step(cpp)}
-    res = C.measure_group(fns, rounds, budget_s=20)
-    rf = case.dense_step(refb)
-    rf()
-    ref_t = C.measure_group({"reference dense incl. building H": rf}, max(3, rounds // 3),
-                            warmup=0, budget_s=20)["reference dense incl. building H"]
-    jac = case.build_jacobian()
-    g_mm = C.compute_ceiling(C.matmul_rate(jac, jac.T.contiguous()))
-    del jac
-    bw = C.add_bandwidth(case.nbytes())
-    k = res["cpp kron"].median
-    mem = kron_memory(threads, m)
-    label = "kron 512x512 step"
-    table.add(label, "512x512", m, threads, "cpp kron", res["cpp kron"], case.nbytes(),
-              case.flops(), C.roofline_fraction(k, case.nbytes(), case.flops(), bw, g_mm),
-              f"{ref_t.median / k:.1f}x vs dense ref")
-    table.add(label, "512x512", m, threads, "cpp dense incl. building H",
-              res["cpp dense incl. building H"], None, case.flops(), None,
-              f"{res['cpp dense incl. building H'].median / k:.1f}x kron time")
-    table.add(label, "512x512", m, threads, "reference dense incl. building H", ref_t, None,
-              case.flops(), None, f"{ref_t.median / k:.1f}x kron time")
-    entry = {"kron_ms": k * 1e3, "dense_reference_ms": ref_t.median * 1e3,
-             "dense_cpp_ms": res["cpp dense incl. building H"].median * 1e3,
-             "speedup_vs_dense_reference": ref_t.median / k,
-             "peak_extra_bytes": mem}
-    if mem.get("kron_cpp") and mem.get("dense_reference_with_H"):
-        entry["memory_ratio_vs_dense_reference"] = mem["kron_cpp"] / mem["dense_reference_with_H"]
-    if mem.get("kron_cpp") and mem.get("dense_cpp_with_H"):
-        entry["memory_ratio_vs_dense_cpp"] = mem["kron_cpp"] / mem["dense_cpp_with_H"]
-    summary[f"kron_512_m{m}_thr{threads}"] = entry
+KRON_CASES = [(512, 512, 32, 1), (512, 512, 32, 10), (1024, 1024, 32, 10)]
+
+
+def bench_kron(table, threads, rounds, cpp, refb, summary):
+    """Sample-grouped Kronecker steps (innovation + m x m work + update) on the cpp backend,
+    beside the same observations ungrouped (the previous release's (B K)^2 cost), the dense
+    reference including building H (512 x 512, K = 1) and torch.mm's rate for the dominant
+    contraction's shape (T x d_in) @ (d_in x d_out), T = B (B + 1) / 2."""
+    for d_out, d_in, batch, k in KRON_CASES:
+        case = C.KronCase(d_out, d_in, batch, k)
+        label = f"kron {d_out}x{d_in} step"
+        shape = f"B={batch} K={k}"
+        res = C.measure_group({"cpp grouped": case.kron_step(cpp)}, rounds, budget_s=20)
+        t = res["cpp grouped"].median
+        g_mm = case.mm_rate()
+        dominant_rate = case.dominant_flops() / t / 1e9
+        entry = {"grouped_ms": t * 1e3, "torch_mm_gflops_dominant_shape": g_mm,
+                 "step_gflops": case.flops() / t / 1e9,
+                 "dominant_flops_per_step_time_gflops": dominant_rate,
+                 "fraction_of_mm_rate": dominant_rate / g_mm}
+        table.add(label, shape, case.m, threads, "cpp grouped", res["cpp grouped"], None,
+                  case.flops(), dominant_rate / g_mm,
+                  f"dominant GEMMs at >= {100 * dominant_rate / g_mm:.0f}% of torch.mm")
+        if k > 1:
+            ug = case.ungrouped()
+            fn = ug.kron_step(cpp)
+            fn()
+            t_ug = C.measure_group({"u": fn}, 2, warmup=0, budget_s=60)["u"]
+            entry["ungrouped_ms"] = t_ug.median * 1e3
+            entry["speedup_vs_ungrouped"] = t_ug.median / t
+            table.add(label, shape, case.m, threads, "cpp ungrouped (rows repeated K times)",
+                      t_ug, None, ug.flops(), None, f"{t_ug.median / t:.1f}x grouped time")
+        if (d_out, d_in, k) == (512, 512, 1):
+            fns = {"cpp dense incl. building H": case.dense_step(cpp)}
+            res_d = C.measure_group(fns, rounds, budget_s=20)
+            rf = case.dense_step(refb)
+            rf()
+            ref_t = C.measure_group({"r": rf}, max(3, rounds // 3), warmup=0, budget_s=20)["r"]
+            table.add(label, shape, case.m, threads, "cpp dense incl. building H",
+                      res_d["cpp dense incl. building H"], None, None, None,
+                      f"{res_d['cpp dense incl. building H'].median / t:.1f}x grouped time")
+            table.add(label, shape, case.m, threads, "reference dense incl. building H", ref_t,
+                      None, None, None, f"{ref_t.median / t:.1f}x grouped time")
+            entry["speedup_vs_dense_reference"] = ref_t.median / t
+        if d_out == 512:
+            mem = kron_memory(threads, batch, k)
+            entry["peak_extra_bytes"] = mem
+            if mem.get("kron_cpp") and mem.get("dense_reference_with_H"):
+                entry["memory_ratio_vs_dense_reference"] = (mem["kron_cpp"]
+                                                            / mem["dense_reference_with_H"])
+        summary[f"kron_{d_out}_B{batch}_K{k}_thr{threads}"] = entry
+        del case
+        gc.collect()
+
+
+def bench_public(table, threads, rounds, summary):
+    """What users call (issues 7 and 12): benchmarks/public_api.py."""
+    from . import public_api as P
+    P.bench_loss_public(table, threads, rounds, summary)
+    P.bench_dense_public(table, threads, rounds, summary)
+    P.bench_kron_public(table, threads, rounds, summary)
+    P.bench_batch_public(table, threads, rounds, summary)
+    P.bench_tracked_mlp(table, threads, max(3, rounds // 3), summary)
+
+
+def bench_class_head(table, threads, summary):
+    """The class-structured head of the CLIP application (issue 11): benchmarks/class_head.py."""
+    from . import class_head as H
+    rows = H.class_head_rows(threads=threads, with_kron=False)
+    print(H.markdown(rows))
+    summary[f"class_head_thr{threads}"] = rows
 
 
 def main(argv=None):
@@ -306,7 +352,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="n in {1e4, 1e6}, m in {1, 32}")
     ap.add_argument("--rounds", type=int, default=15, help="rounds per measurement (max)")
     ap.add_argument("--json", default=None, help="also write the rows and summary as JSON")
-    ap.add_argument("--only", default="dense,loss,kron", help="sections to run")
+    ap.add_argument("--only", default="public,dense,loss,kron,class_head",
+                    help="sections to run (comma-separated)")
     args = ap.parse_args(argv)
 
     if not C.have_cpp():
@@ -342,13 +389,17 @@ def main(argv=None):
                        args.rounds, cpp, refb, summary)
         if "dense" in sections:
             bench_dense(table, threads, sizes_n, sizes_m, args.rounds, cpp, refb, summary)
+        if "public" in sections:
+            bench_public(table, threads, args.rounds, summary)
         if "kron" in sections:
             bench_kron(table, threads, args.rounds, cpp, refb, summary)
+        if "class_head" in sections:
+            bench_class_head(table, threads, summary)
     header["loadavg_end"] = os.getloadavg()
     print()
     print(table.markdown())
     print()
-    print("## Targets (issue 3)")
+    print("## Targets (issues 3, 7, 11, 12)")
     for key, val in summary.items():
         print(f"- {key}: " + ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in val.items()))

@@ -35,15 +35,27 @@ def test_dense_step_n1e6_m32(benchmark, request, backend):
 
 @pytest.mark.parametrize("variant", ["cpp kron", "cpp dense + build H",
                                      "reference dense + build H"])
-def test_kron_step_512_m32(benchmark, request, variant):
-    """Target: the Kronecker step >= 1.5x the dense reference including building H."""
-    case = C.KronCase(512, 512, 32)
+def test_kron_step_512_b32(benchmark, request, variant):
+    """The Kronecker step (B = 32, K = 1) vs the dense reference including building H."""
+    case = C.KronCase(512, 512, 32, 1)
     if variant == "cpp kron":
         fn = case.kron_step(request.getfixturevalue("cpp"))
     elif variant == "cpp dense + build H":
         fn = case.dense_step(request.getfixturevalue("cpp"))
     else:
         fn = case.dense_step(request.getfixturevalue("reference"))
-    benchmark.group = "kron step 512x512 m=32"
+    benchmark.group = "kron step 512x512 B=32 K=1"
     benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+    record(benchmark, None, case.flops(), variant=variant)
+
+
+@pytest.mark.parametrize("variant", ["grouped", "ungrouped"])
+def test_kron_step_1024_b32_k10(benchmark, cpp, variant):
+    """Issue 12: sample-grouped (B^2 work) vs the same observations ungrouped ((B K)^2)."""
+    case = C.KronCase(1024, 1024, 32, 10)
+    if variant == "ungrouped":
+        case = case.ungrouped()
+    benchmark.group = "kron step 1024x1024 B=32 K=10"
+    benchmark.pedantic(case.kron_step(cpp), rounds=5 if variant == "grouped" else 2,
+                       warmup_rounds=1)
     record(benchmark, None, case.flops(), variant=variant)

@@ -25,8 +25,8 @@ def test_innovation_cov_dense(benchmark, request, backend, n, m):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_innovation_cov_kron_512(benchmark, request, backend):
     kernels = request.getfixturevalue(backend)
-    case = C.KronCase(512, 512, 32)
-    benchmark.group = "innovation_cov_kron 512x512 m=32"
+    case = C.KronCase(512, 512, 32, 10)
+    benchmark.group = "innovation_cov_kron 512x512 B=32 K=10"
     benchmark.pedantic(lambda: kernels.innovation_cov_kron(case.inputs, case.grad_outputs,
                                                            case.cov, 1.0, 0.0),
                        rounds=5, warmup_rounds=1)
