@@ -265,7 +265,9 @@ class KalmanNGD(torch.optim.Optimizer):
                                    "cov_max": None, "floor_clamped": 0})
                     continue
                 flat = torch.cat([c.to(torch.float64) for c in covs])
-                clamped = int((flat <= float(group["cov_floor"])).sum())
+                # the floor as stored: rounded into each covariance's dtype
+                clamped = sum(int((c <= c.new_tensor(float(group["cov_floor"]))).sum())
+                              for c in covs)
                 total_clamped += clamped
                 groups.append({"numel": flat.numel(), "cov_min": float(flat.min()),
                                "cov_mean": float(flat.mean()), "cov_max": float(flat.max()),

@@ -33,26 +33,11 @@ from hypothesis import strategies as st
 
 import kalman_kernels as kk
 from kalman_kernels import ops
-from kalman_kernels.backends import resolve
 from kalman_kernels.ops import DenseBlock, KronBlock, StepHyper
 from op_checks import bits
+from step_backends import step_backends
 
 F64 = torch.float64
-
-
-def step_backends():
-    """Backends that run the step on CPU tensors here (cpp joins once it serves them; the
-    Triton interpreter when TRITON_INTERPRET=1)."""
-    names = []
-    for name, ok in kk.backends().items():
-        if not ok:
-            continue
-        try:
-            resolve(name, torch.device("cpu"))
-        except (RuntimeError, ValueError):
-            continue
-        names.append(name)
-    return names
 
 
 BACKENDS = step_backends()

@@ -306,7 +306,8 @@ def _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds
             for b, mu0 in zip(sub, start):
                 e_k = e_k - _predicted_change(b, b.param.detach().to(F64) - mu0.reshape(
                     b.param.shape))
-        t = _factor_terms(kernels, sub, hypers if k == 0 else no_predict, e_k, r, gate,
+        r_k = r[lo:hi] if r.dim() == 1 else r
+        t = _factor_terms(kernels, sub, hypers if k == 0 else no_predict, e_k, r_k, gate,
                           adaptive_rate)
         ok_k = finite & t.finite & t.factored & t.guard
         _apply_fused_(kernels, sub, hypers if k == 0 else no_predict, t, ok_k)
@@ -348,7 +349,8 @@ def _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, proce
     s_mat = None
     for lo, hi in bounds:
         sub = blocks if len(bounds) == 1 else [_slice_block(b, lo, hi) for b in blocks]
-        t = _factor_terms(kernels, sub, hypers, e[lo:hi], r, gate, adaptive_rate,
+        r_k = r[lo:hi] if (r.dim() == 1 and len(bounds) > 1) else r
+        t = _factor_terms(kernels, sub, hypers, e[lo:hi], r_k, gate, adaptive_rate,
                           world=world * len(bounds))
         if adaptive_rate > 0.0:
             r = t.r
