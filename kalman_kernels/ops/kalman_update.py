@@ -307,8 +307,9 @@ def _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds
                 e_k = e_k - _predicted_change(b, b.param.detach().to(F64) - mu0.reshape(
                     b.param.shape))
         r_k = r[lo:hi] if r.dim() == 1 else r
+        # each sub-batch's step within max / (2 K): their sum stays within max / 2
         t = _factor_terms(kernels, sub, hypers if k == 0 else no_predict, e_k, r_k, gate,
-                          adaptive_rate)
+                          adaptive_rate, world=len(bounds))
         ok_k = finite & t.finite & t.factored & t.guard
         _apply_fused_(kernels, sub, hypers if k == 0 else no_predict, t, ok_k)
         applied = applied + ok_k.to(torch.int64)
