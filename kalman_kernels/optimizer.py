@@ -237,6 +237,10 @@ class KalmanNGD(torch.optim.Optimizer):
         * ``floor_clamped``: covariance elements now at ``cov_floor`` (frozen parameters,
           counted now, one pass over P); ``cov_clamps``: elements the ``"kalman"`` rule
           pushed below zero under ``process_group`` so far (clamped to the floor);
+          ``max_shrink``: under ``process_group`` with the ``"kalman"`` rule, the largest
+          P- d of the last step summed over the ranks (the fraction of a prior variance the
+          step removed): above 1 it is clamped; near 1 the ranks' summed mean steps
+          overshoot (docs/robustness.md, "Scale-out");
         * ``groups``: per param group, ``cov_min`` / ``cov_mean`` / ``cov_max`` of P,
           ``numel`` and ``floor_clamped``.
         """
@@ -246,11 +250,14 @@ class KalmanNGD(torch.optim.Optimizer):
                "cov_clamps": self._counter("cov_clamps")}
         info = self.last_info
         out.update(mahalanobis=None, p_value=None, num_obs=None, gate_scale=None, skipped=None,
-                   reason=None, jitter=None)
+                   reason=None, jitter=None, max_shrink=None)
         if info is not None:
             out.update(mahalanobis=info.mahalanobis, p_value=info.p_value,
                        num_obs=info.num_obs, gate_scale=info.gate_scale, skipped=info.skipped,
                        reason=info.reason, jitter=info.jitter)
+            shrink = info.extras.get("max_shrink_tensor")
+            if shrink is not None:
+                out["max_shrink"] = float(shrink)
         r = self._current_obs_noise()
         out["obs_noise"] = (float(r) if not isinstance(r, torch.Tensor) or r.dim() == 0
                             else None)

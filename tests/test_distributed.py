@@ -203,11 +203,13 @@ def _clamps(rank, world, seed):
         opt.track(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            shrink = []
             for step in range(3):
                 x, t = _batch(seed, rank, step, n=8)
                 x = x.repeat(1, 2)[:, :4]
                 opt.step(lambda: (model(x), t[:, :1].repeat(1, 3)))
-        out[rule] = {"diag": opt.diagnostics(), "last": opt.last_info.cov_clamps,
+                shrink.append(opt.diagnostics()["max_shrink"])
+        out[rule] = {"diag": opt.diagnostics(), "last": opt.last_info.cov_clamps, "shrink": shrink,
                      "warnings": [str(w.message) for w in caught if "below zero" in str(w.message)]}
     return out
 
@@ -341,6 +343,8 @@ def test_ranks_identical_and_equal_to_block_diagonal_emulation(request, ranks, m
     assert first["skipped"] == 1                           # the NaN step, on every rank
     assert first["diag"]["steps"] == STEPS - 1
     assert first["diag"]["cov_clamps"] >= 0
+    if _rule(world) == "kalman":
+        assert 0 < first["diag"]["max_shrink"] < 1 or first["diag"]["cov_clamps"] > 0
 
 
 def test_ddp_batch_mode_uses_only_the_optimizer_all_reduce(two_ranks):
@@ -386,10 +390,11 @@ def test_kalman_rule_clamps_counted_and_warned_information_rule_has_none(two_ran
     world, _, results = two_ranks
     for res in results:
         kal, inf = res["clamps"]["kalman"], res["clamps"]["information"]
-        assert kal["diag"]["cov_clamps"] > 0
+        assert kal["diag"]["cov_clamps"] > 0 and max(kal["shrink"]) > 1
         assert kal["diag"]["floor_clamped"] > 0       # the clamped elements sit at the floor
         assert len(kal["warnings"]) == 1              # warned once
         assert inf["diag"]["cov_clamps"] == 0 and inf["warnings"] == []
+        assert inf["shrink"] == [None] * 3                     # defined for the Kalman rule
         assert inf["last"] == 0
         assert inf["diag"]["groups"][0]["cov_min"] > 1e-9
 

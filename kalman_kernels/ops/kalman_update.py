@@ -376,7 +376,7 @@ def _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, proce
                                         r if adaptive else None)
     entries = [(b.param, b.cov, hp, u, d) for b, hp, u, d in zip(blocks, hypers, acc_u, acc_d)]
     entries += [(p, c, hp, None, None) for p, c, hp in untouched]
-    clamps = apply_reduced_terms_(kernels, entries, ok, process_group, param_order)
+    clamps, shrink = apply_reduced_terms_(kernels, entries, ok, process_group, param_order)
     nan = torch.full((), float("nan"), dtype=F64, device=device)
     info = KalmanInfo(mahalanobis=torch.where(ok, d2_sum, nan),
                       gate_scale=torch.where(ok, s_min, torch.zeros_like(s_min)),
@@ -386,6 +386,7 @@ def _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, proce
                       mismatch=mismatch, remote=local_ok & ~ok & ~mismatch, cov_clamps=clamps)
     if len(bounds) > 1:
         info.extras["sub_batches"] = len(bounds)
+    info.extras["max_shrink_tensor"] = shrink
     return info
 
 
@@ -395,12 +396,14 @@ def _zero_terms(param: torch.Tensor, dtype) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 def apply_reduced_terms_(kernels, entries, ok, process_group,
-                         param_order: Optional[Dict[int, int]] = None) -> torch.Tensor:
+                         param_order: Optional[Dict[int, int]] = None):
     """Sum the terms of ``entries`` ((param, cov, hyper, u, d); u = d = None for zero terms)
     over the ranks in one all-reduce and apply them. The layout is sorted by
     ``param_order[id(param)]`` when given, so ranks whose observations reach different
-    parameters still all-reduce the same layout. Returns the number of covariance elements
-    the ``"kalman"`` rule pushed below zero (clamped to the floor), a 0-d int64 tensor."""
+    parameters still all-reduce the same layout. Returns ``(clamps, shrink)``: the number
+    of covariance elements the ``"kalman"`` rule pushed below zero (clamped to the floor), a
+    0-d int64 tensor, and the largest P- d summed over the ranks (Kalman-rule tensors only;
+    None without any), a 0-d tensor."""
     import torch.distributed as dist
     entries = list(entries)
     if param_order is not None:
@@ -415,17 +418,24 @@ def apply_reduced_terms_(kernels, entries, ok, process_group,
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
     offset = 0
     clamps = torch.zeros((), dtype=torch.int64, device=flat.device)
+    shrink = None
     for param, cov, hp, _, _ in entries:
         n = param.numel()
         u, d = flat[offset:offset + n], flat[offset + n:offset + 2 * n]
         offset += 2 * n
         if not hp.information:
-            # P- - P-^2 d < 0 <=> P- d > 1: the floor catches it (DESIGN 2.5's caution)
+            # P- - P-^2 d < 0 <=> P- d > 1: the floor catches it (DESIGN 2.5's caution).
+            # P- d summed over the ranks is the fraction of the prior variance the step
+            # removes; near 1 the block-diagonal update is a poor approximation.
             p_pred = cov.reshape(-1).to(d.dtype) / hp.forgetting + hp.process_noise
-            clamps = clamps + ((p_pred * d) > 1).sum()
+            fraction = p_pred * d
+            clamps = clamps + (fraction > 1).sum()
+            if fraction.numel():
+                top = fraction.amax()
+                shrink = top if shrink is None else torch.maximum(shrink, top)
         kernels.apply_terms_(param, cov, u, d, ok, hp.forgetting, hp.process_noise,
                              hp.cov_floor, hp.cov_ceiling, hp.information)
-    return torch.where(ok, clamps, torch.zeros_like(clamps))
+    return torch.where(ok, clamps, torch.zeros_like(clamps)), shrink
 
 
 _pending = PendingFlags()   # skip warnings of kalman_update_ on devices that cannot be read now

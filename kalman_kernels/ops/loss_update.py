@@ -94,7 +94,7 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
         if process_group is not None:
             ok, mismatch, mean_r = all_ranks_ok(ok, process_group, rank_key,
                                                 r if adaptive_rate > 0.0 else None)
-        clamps = None
+        clamps = shrink = None
         if process_group is None:
             for hp, idx in runs:
                 coef = (hp.lr * s) * e / s_val
@@ -111,9 +111,9 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                 u, d = kernels.step_terms_dense(g.reshape(1, -1), coef,
                                                 weight.sqrt().reshape(1, 1))
                 entries.append((p, c, hp, u, d))
-            clamps = apply_reduced_terms_(kernels, entries, ok, process_group)
+            clamps, shrink = apply_reduced_terms_(kernels, entries, ok, process_group)
     nan = torch.full((), float("nan"), dtype=F64, device=device)
-    return KalmanInfo(mahalanobis=torch.where(ok, d2, nan),
+    info = KalmanInfo(mahalanobis=torch.where(ok, d2, nan),
                       gate_scale=torch.where(ok, s, torch.zeros_like(s)), skipped=~ok,
                       innovation_cov=s_val.reshape(1, 1), jitter=torch.zeros_like(s),
                       obs_noise=(mean_r if (process_group is not None and adaptive_rate > 0.0)
@@ -121,6 +121,9 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                       overflow=finite & ~guard, mismatch=mismatch,
                       remote=None if process_group is None else (local_ok & ~ok & ~mismatch),
                       cov_clamps=clamps)
+    if process_group is not None:
+        info.extras["max_shrink_tensor"] = shrink
+    return info
 
 
 _cov_checks = CovValueCheck()
