@@ -11,7 +11,7 @@ import math
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -350,10 +350,10 @@ def compute_dtype(param: torch.Tensor, cov: torch.Tensor) -> torch.dtype:
     return F64 if (param.dtype == F64 and cov.dtype == F64) else torch.float32
 
 
-def representable_step(param: torch.Tensor, cov: torch.Tensor, hp: StepHyper,
-                       whitened_norm: torch.Tensor, coef_max: torch.Tensor,
-                       weight_max: torch.Tensor, world: int = 1) -> torch.Tensor:
-    """The overflow guard of one block, a 0-d bool device tensor (no host read).
+def representable_step(params: Sequence[torch.Tensor], covs: Sequence[torch.Tensor],
+                       hypers: Sequence[StepHyper], whitened_norm: torch.Tensor,
+                       coef_max: torch.Tensor, weight_max, world: int = 1) -> torch.Tensor:
+    """The overflow guard of a step, a 0-d bool device tensor (no host read).
 
     A step must never make finite state non-finite (issue 10). Two conditions, both on the
     step's scalars, so they cost O(m^2) work and no pass over the parameters:
@@ -367,26 +367,40 @@ def representable_step(param: torch.Tensor, cov: torch.Tensor, hp: StepHyper,
        S >= P-_i h_i h_i^T), so it suffices that lr * s * sqrt(d2) * sqrt(max P-) <= max / 2
        (max / (2 W) on each of W ranks, whose steps add). ``whitened_norm`` is s sqrt(d2).
 
+    ``coef_max`` is max |S^-1 e| (the guard multiplies in each tensor's lr); ``weight_max``
+    maps ``information`` (bool) to the largest whitening entry or weight of that rule.
     max P- uses the covariance dtype's largest value when that already gives a threshold
     above 1e6 standard deviations (float32 / bfloat16 parameters with float32 covariances:
     lr s sqrt(d2) <= 9.2e18; float64: 6.7e153), so no reduction over P is needed; for
     parameters whose range is narrower than their covariance's (float16, or a float64
-    covariance of a float32 parameter) it is the actual max of the covariance, one
-    reduction of P on the device. A parameter then stays finite whenever |mu| <= max / 2
-    before the step, and the covariance update never exceeds max(P-, cov_floor).
+    covariance of a float32 parameter) it is the actual max of the covariances, one
+    multi-tensor reduction of P on the device. A parameter then stays finite whenever
+    |mu| <= max / 2 before the step, and the covariance update never exceeds
+    max(P-, cov_floor). Tensors sharing (dtypes, hyper-parameters) are checked together.
     """
-    big_c = _max_of(compute_dtype(param, cov))
-    big_p = _max_of(param.dtype)
-    big_cov = _max_of(cov.dtype)
-    limit = big_p / (2.0 * world)
-    if limit / math.sqrt(big_cov) >= 1e6:
-        sqrt_pbar = torch.full((), math.sqrt(big_cov), dtype=F64, device=whitened_norm.device)
-    else:
-        pbar = cov.detach().amax() if cov.numel() else cov.new_zeros(())
-        sqrt_pbar = pbar.to(F64).clamp_min(0).sqrt()
-    sqrt_ppred = sqrt_pbar * math.sqrt(1.0 / hp.forgetting) + math.sqrt(hp.process_noise)
-    bound = (hp.lr * whitened_norm) * sqrt_ppred
-    return (coef_max <= big_c) & (weight_max <= big_c) & (bound <= limit)
+    groups: dict = {}
+    for p, c, hp in zip(params, covs, hypers):
+        groups.setdefault((p.dtype, c.dtype, compute_dtype(p, c), hp), []).append(c)
+    ok = torch.ones((), dtype=torch.bool, device=whitened_norm.device)
+    for (p_dtype, c_dtype, k_dtype, hp), group_covs in groups.items():
+        big_c = _max_of(k_dtype)
+        limit = _max_of(p_dtype) / (2.0 * world)
+        big_cov = _max_of(c_dtype)
+        if limit / math.sqrt(big_cov) >= 1e6:
+            sqrt_pbar = math.sqrt(big_cov)
+        else:
+            flat = [c.detach() for c in group_covs if c.numel()]
+            if flat:
+                maxima = torch._foreach_norm(flat, float("inf"))     # P >= 0: max |P| = max P
+                pbar = torch.stack([t.to(F64) for t in maxima]).amax()
+            else:
+                pbar = torch.zeros((), dtype=F64, device=whitened_norm.device)
+            sqrt_pbar = pbar.sqrt()
+        sqrt_ppred = sqrt_pbar * math.sqrt(1.0 / hp.forgetting) + math.sqrt(hp.process_noise)
+        bound = (hp.lr * whitened_norm) * sqrt_ppred
+        ok = ok & ((hp.lr * coef_max) <= big_c) & (weight_max[hp.information] <= big_c) \
+            & (bound <= limit)
+    return ok
 
 
 # ---------------------------------------------------------------------- value checks

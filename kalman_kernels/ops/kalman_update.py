@@ -134,16 +134,11 @@ def _factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate, world=1):
     whiten_kalman = ref.whitening_matrix(factor)             # L^-1
     whiten_info = noise_whitening(r, m) if any(hp.information for hp in hypers) else None
     # Overflow guard (issue 10): scalars representable, step within the dtype's range.
-    whitened_norm = s * torch.sqrt(d2)
-    solved_max = solved.abs().amax()
     w_max = {False: whiten_kalman.abs().amax()}
     if whiten_info is not None:
         w_max[True] = whiten_info.abs().amax()
-    guard = torch.ones((), dtype=torch.bool, device=e.device)
-    for b, hp in zip(blocks, hypers):
-        guard = guard & representable_step(b.param, b.cov, hp, whitened_norm,
-                                           (hp.lr * s) * solved_max, w_max[hp.information],
-                                           world)
+    guard = representable_step([b.param for b in blocks], [b.cov for b in blocks], hypers,
+                               s * torch.sqrt(d2), s * solved.abs().amax(), w_max, world)
     return _Terms(r, s_mat, jitter, finite, factored, d2, s, solved, whiten_kalman,
                   whiten_info, guard & finite)
 

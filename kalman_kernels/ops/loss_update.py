@@ -81,13 +81,9 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
         d2 = e * e / s_val
         tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
         s = ref.gate_scale(d2, tau)
-        whitened_norm = s * torch.sqrt(d2)
-        guard = finite.clone()
-        for p, c, hp in zip(params, covs, hypers):
-            coef = (hp.lr * s) * e / s_val
-            weight = 1.0 / r if hp.information else 1.0 / s_val
-            guard = guard & representable_step(p, c, hp, whitened_norm, coef.abs(), weight,
-                                               world)
+        guard = finite & representable_step(params, covs, hypers, s * torch.sqrt(d2),
+                                            (s * e / s_val).abs(),
+                                            {False: 1.0 / s_val, True: 1.0 / r}, world)
         ok = finite & (s_val > 0) & guard
         local_ok = ok
         mismatch = None
