@@ -17,24 +17,33 @@ One spawn per world size runs every scenario (starting a process costs seconds h
   information rule has none.
 
 Teardown (the SIGABRT that made the earlier version of this test leave with
-``os._exit``): a gloo worker that exits without ``dist.destroy_process_group()`` can abort
-at interpreter teardown. Caught under gdb here (2 of 24 runs): the thread
-"pt_gloo_runloop" of ``c10d::ProcessGroupGloo::runLoop`` releases the last completed work
-(``AsyncBarrierWork`` holding the previous ``AsyncAllreduceWork``'s tensors); dropping a
-tensor's Python object takes the GIL (``ConcretePyInterpreterVTable::decref`` ->
-``pybind11::gil_scoped_acquire`` -> ``take_gil``) while the main thread is inside
-``Py_FinalizeEx``; ``take_gil`` during finalisation calls ``pthread_exit``, whose forced
-unwind crosses a ``noexcept`` destructor -> ``std::terminate`` ("terminate called without
-an active exception") -> SIGABRT. This is torch's, not ours: the same race is described in
-https://github.com/pytorch/pytorch/pull/179291 ("When a process exits without calling
-destroy_process_group(), Gloo's C++ worker threads may still hold AsyncWork objects
-containing tensors with Python references. During interpreter finalization, destroying
-these tensors triggers a GIL acquire that crashes with SIGABRT") and
-https://github.com/pytorch/pytorch/issues/190489 (PyInterpreter decref racing GIL teardown
-during finalisation). The remedy torch documents is to call ``destroy_process_group()``
-before exit, which joins the gloo threads while the interpreter is alive: every worker
-here (and examples/train_ddp.py) does, and exits normally (measured: 0 aborts in 40 runs
-of the same two-rank script with it, 3 in 40 without; see docs/robustness.md).
+``os._exit``): a gloo worker can abort at interpreter teardown after all its work is done.
+Caught under gdb here (1 of 10 runs of a two-rank script): the thread "pt_gloo_runloop" of
+``c10d::ProcessGroupGloo::runLoop`` releases the last completed work (``AsyncBarrierWork``,
+which holds the previous ``AsyncAllreduceWork`` and its tensors); releasing a tensor that
+has a Python object takes the GIL (``c10::TensorImpl::decref_pyobject`` ->
+``ConcretePyInterpreterVTable::decref`` -> ``pybind11::gil_scoped_acquire`` -> ``take_gil``)
+while the main thread is inside ``Py_FinalizeEx``; ``take_gil`` during finalisation calls
+``pthread_exit``, whose forced unwind crosses a ``noexcept`` destructor ->
+``std::terminate`` ("terminate called without an active exception") -> SIGABRT. The race is
+torch's: https://github.com/pytorch/pytorch/pull/179291 describes exactly this ("When a
+process exits without calling destroy_process_group(), Gloo's C++ worker threads may still
+hold AsyncWork objects containing tensors with Python references. During interpreter
+finalization, destroying these tensors triggers a GIL acquire that crashes with SIGABRT";
+the fix was abandoned as "much more complicated than I anticipated") and
+https://github.com/pytorch/pytorch/issues/190489 traces such crashes to the PyInterpreter
+decref racing GIL teardown during finalisation. Calling ``dist.destroy_process_group()``
+does not prevent it with torch 2.14.1: it calls the backend's ``shutdown()``, which does not
+join gloo's worker threads, and the ProcessGroup object stays referenced afterwards (its
+Python refcount was 10 after destroy + gc here), so the threads live into finalisation.
+Measured on this machine: 4 aborts in 125 runs without ``destroy_process_group()``, 4 in
+about 120 with it; keeping the collectives' tensors referenced from Python did not help
+either (1 in 60: in torch 2.14 a C++ release of a tensor with a Python object always
+decrefs it). Nothing in this package can close a race between torch's threads and the
+interpreter's teardown, so the workers below call ``destroy_process_group()`` (the
+documented pattern) and then leave with ``os._exit(0)``, after every rank has written its
+results and passed the last barrier; examples/train_ddp.py does the same when launched with
+``--hard-exit`` (the torchrun test does).
 """
 import datetime
 import os
@@ -228,9 +237,17 @@ def _worker(rank, world, init_file, out_dir, seed):
             results["clamps"] = _clamps(rank, world, seed)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
-    finally:
-        # Joins gloo's threads while the interpreter is alive (see the module docstring).
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    # Every rank has written its results and passed the last collective. Leave without
+    # interpreter teardown: torch 2.14's gloo worker threads can abort a process there even
+    # after destroy_process_group() (see the module docstring for the backtrace, the torch
+    # threads and the measured rates).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------- the oracle
@@ -413,7 +430,7 @@ def test_train_ddp_example_under_torchrun(rng):
             proc = subprocess.run(launcher + ["--standalone", "--nproc_per_node=2",
                                               os.path.join(ROOT, "examples", "train_ddp.py"),
                                               "--mode", mode, "--steps", "12", "--out", out,
-                                              "--seed", str(seed)],
+                                              "--seed", str(seed), "--hard-exit"],
                                   env=env, capture_output=True, text=True, timeout=240)
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
             ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False)

@@ -57,6 +57,12 @@ _KEY_PIECES = 3
 _KEY_MAX_WORLD = 1448
 
 
+def _collective_(name: str, tensor: torch.Tensor, op, process_group) -> None:
+    """``dist.all_reduce`` of ``tensor`` (one place for the package's collectives)."""
+    import torch.distributed as dist
+    dist.all_reduce(tensor, op=op, group=process_group)
+
+
 def _key_pieces(key: Optional[int]) -> List[float]:
     key = 0 if key is None else int(key)
     return [float((key >> (16 * i)) & 0xFFFF) for i in range(_KEY_PIECES)]
@@ -80,7 +86,7 @@ def all_ranks_ok(ok: torch.Tensor, process_group, key: Optional[int] = None,
     r = (obs_noise.detach().to(F64).reshape(1) if obs_noise is not None
          else torch.zeros(1, dtype=F64, device=device))
     flat = torch.cat([bad, key_t, r])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    _collective_("flags", flat, dist.ReduceOp.SUM, process_group)
     sums = flat[1:1 + 2 * _KEY_PIECES].reshape(_KEY_PIECES, 2)
     mismatch = (world * sums[:, 1] != sums[:, 0] * sums[:, 0]).any()
     everyone = (flat[0] == 0) & ~mismatch
@@ -410,7 +416,7 @@ def apply_reduced_terms_(kernels, entries, ok, process_group,
             u, d = _zero_terms(param, dtype)
         flat_terms += [u.reshape(-1).to(dtype), d.reshape(-1).to(dtype)]
     flat = torch.cat(flat_terms)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    _collective_("terms", flat, dist.ReduceOp.SUM, process_group)
     offset = 0
     clamps = torch.zeros((), dtype=torch.int64, device=flat.device)
     shrink = None
