@@ -515,15 +515,24 @@ def workspace_bytes(m: int, dense_numel: int = 0, *, batched_ladder: bool = Fals
     return 8 * (_MM_COPIES[bool(batched_ladder)] * m * m + _JAC_COPIES * m * dense_numel)
 
 
+def reference_kron_bytes(batch: int, k: int, d_out: int) -> int:
+    """The reference backend's Kronecker innovation covariance contracts its einsum left to
+    right (no opt_einsum): a (B, K, B, K, d_out) float64 intermediate, twice."""
+    return 2 * 8 * batch * batch * k * k * d_out
+
+
 def check_workspace(m: int, device, *, dense_numel: int = 0, where: str = "kalman_update_",
-                    jacobian_bytes: int = 0, chunked: bool = False) -> None:
+                    jacobian_bytes: int = 0, chunked: bool = False,
+                    extra_bytes: int = 0) -> None:
     """Raise a MemoryError before allocating when a batch step of m observations would need
-    more than MEMORY_FRACTION of the memory available on ``device``."""
+    more than MEMORY_FRACTION of the memory available on ``device`` (``extra_bytes``: the
+    backend's own temporaries, e.g. :func:`reference_kron_bytes`)."""
     device = torch.device(device)
     if compiling() or device.type not in ("cpu", "cuda"):
         return
     batched = device.type != "cpu"
-    need = workspace_bytes(m, dense_numel, batched_ladder=batched) + int(jacobian_bytes)
+    need = workspace_bytes(m, dense_numel, batched_ladder=batched) + int(jacobian_bytes) \
+        + int(extra_bytes)
     if need < _QUERY_ABOVE:
         return
     free = available_bytes(device)
@@ -538,6 +547,7 @@ def check_workspace(m: int, device, *, dense_numel: int = 0, where: str = "kalma
         f"{where}: a batch observation of m = {m} observations needs about {_gib(need)} "
         f"(each m x m float64 matrix -- S, its Cholesky factor, L^-1 -- is {_gib(one)}"
         f"{f'; dense Jacobians {_gib(jacobian_bytes + 8 * _JAC_COPIES * m * dense_numel)}' if (dense_numel or jacobian_bytes) else ''}"
+        f"{f'; the backend temporaries {_gib(extra_bytes)}' if extra_bytes else ''}"
         f"), more than {MEMORY_FRACTION:.0%} of the {_gib(free)} available on {device}. "
         f"Use smaller batches, loss-observation mode (closure() -> scalar loss: m = 1), or "
         f"{hint}")

@@ -38,7 +38,7 @@ from .. import reference as ref
 from .._deferred import PendingFlags, compiling
 from ..backends import resolve
 from ._common import F64, CovValueCheck, KalmanInfo, StepHyper, check_gate, check_workspace, \
-    hyper_from, noise_whitening, obs_noise_matrix, representable_step
+    hyper_from, noise_whitening, obs_noise_matrix, reference_kron_bytes, representable_step
 from .blocks import Block, DenseBlock, KronBlock, validate_blocks
 
 
@@ -251,10 +251,17 @@ def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual:
     if len(bounds) > 1 and r.dim() == 2:
         raise ValueError("max_obs_per_update cannot split an observation whose (m, m) "
                          "obs_noise couples the observations; pass a scalar or (m,) noise")
-    dense_numel = sum(b.param.numel() for b in blocks if isinstance(b, DenseBlock))
-    check_workspace(max(hi - lo for lo, hi in bounds), device, dense_numel=dense_numel,
-                    where="kalman_update_", chunked=len(bounds) > 1)
     kernels = resolve(backend, device)
+    dense_numel = sum(b.param.numel() for b in blocks if isinstance(b, DenseBlock))
+    chunk = max(hi - lo for lo, hi in bounds)
+    extra = 0
+    if getattr(kernels, "NAME", None) == "reference":
+        for b in blocks:
+            if isinstance(b, KronBlock):
+                k = b.grouped_grad_outputs.shape[1]
+                extra += reference_kron_bytes(chunk // k, k, b.weight.shape[0])
+    check_workspace(chunk, device, dense_numel=dense_numel, where="kalman_update_",
+                    chunked=len(bounds) > 1, extra_bytes=extra)
 
     with torch.no_grad():
         e = residual.detach().to(F64)
