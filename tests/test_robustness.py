@@ -462,3 +462,18 @@ def test_optimizer_max_obs_per_update_equals_the_functional_sub_batches(rng):
     assert rel_err(opt.covariance(model.weight), wc) <= 1e-12
     with pytest.raises(ValueError, match="max_obs_per_update must be"):
         kk.KalmanNGD(model.parameters(), max_obs_per_update=0)
+
+
+def test_memory_guard_counts_the_reference_kronecker_temporaries(monkeypatch):
+    """40 samples x 100 classes of a (100, 8) weight: the m x m work is under 1 GiB, but the
+    reference backend's Kronecker einsum would materialise B^2 K^2 d_out float64 numbers
+    (24 GiB) -- the guard counts them for that backend."""
+    monkeypatch.setattr(_common, "available_bytes", lambda device: 4 << 30)
+    w, c = torch.zeros(100, 8), torch.full((100, 8), 0.1)
+    block = ops.KronBlock(w, c, torch.randn(40, 8), torch.randn(40, 100, 100))
+    assert _common.workspace_bytes(4000) < 2 << 30
+    with pytest.raises(MemoryError, match="backend temporaries"):
+        ops.kalman_update_([block], torch.zeros(4000), 1.0, backend="reference")
+    info = ops.kalman_update_([block], torch.zeros(4000), 1.0, backend="reference",
+                              max_obs_per_update=300)          # 3 samples per sub-batch
+    assert info.extras["sub_batches"] == 14 and not info.skipped
