@@ -475,5 +475,5 @@ def test_memory_guard_counts_the_reference_kronecker_temporaries(monkeypatch):
     with pytest.raises(MemoryError, match="backend temporaries"):
         ops.kalman_update_([block], torch.zeros(4000), 1.0, backend="reference")
     info = ops.kalman_update_([block], torch.zeros(4000), 1.0, backend="reference",
-                              max_obs_per_update=300)          # 3 samples per sub-batch
-    assert info.extras["sub_batches"] == 14 and not info.skipped
+                              max_obs_per_update=200)          # 2 samples per sub-batch
+    assert info.extras["sub_batches"] == 20 and not info.skipped
