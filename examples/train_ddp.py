@@ -13,7 +13,8 @@ different all-reduces (docs/robustness.md, "Scale-out"):
   two per-parameter terms u = sum_r H_r^T S_r^-1 e_r and d = sum_r diag(H_r^T S_r^-1 H_r)
   (DESIGN 2.5). DDP's gradient all-reduce never runs: the Jacobian is taken with
   torch.autograd.grad, which does not trigger DDP's gradient hooks. The covariance rule is
-  ``"information"``, which cannot be pushed below zero by the summed terms.
+  ``"information"``, which cannot be pushed below zero by the summed terms, and the step
+  scale is 1/W, since the ranks' steps add up.
 * ``--mode loss`` (loss-observation mode): the closure's ``loss.backward()`` goes through
   DDP, whose gradient all-reduce averages g over the ranks; the closure also averages the
   loss (one scalar all-reduce), so every rank sees the same observation (the mean loss of
@@ -78,7 +79,8 @@ def main(argv=None) -> None:
         x_all, y_all = x_all.to(device), y_all.to(device)
 
         if args.mode == "batch":
-            opt = kk.KalmanNGD(ddp.parameters(), init_cov=0.05, obs_noise=0.1,
+            # information rule and lr = 1/W: the ranks' steps add up (docs/robustness.md)
+            opt = kk.KalmanNGD(ddp.parameters(), lr=1.0 / world, init_cov=0.05, obs_noise=0.1,
                                forgetting=0.999, cov_update="information",
                                process_group=dist.group.WORLD)
             opt.track(ddp.module)
