@@ -9,7 +9,9 @@ injected at random positions. After every step, either
 * the step was applied: all state is finite, P lies in [cov_floor, cov_ceiling] (up to the
   storage dtype's rounding of the bounds), and the state equals the float64 reference's
   (backend "reference" on float64 copies of the same stored inputs) within DESIGN 5's
-  tolerances; or
+  tolerances, each element's error measured against the magnitude of the terms it is made
+  of (as tests/op_checks.py does: the Kalman covariance update cancels where an observation
+  pins a parameter, and a float32 kernel cannot do better than that); or
 * the step was skipped, and every parameter and covariance is bit-for-bit unchanged.
 
 The skip decision must agree with the reference's (an injected NaN / Inf always skips).
@@ -53,30 +55,34 @@ def _cov_dtype(dtype):
 
 
 def _log_uniform(draw, lo_exp, hi_exp):
-    return 10.0 ** draw(st.floats(lo_exp, hi_exp))
+    """10^x, x spread over [lo_exp, hi_exp]: an integer decade (hypothesis spreads integers
+    evenly) plus a fraction."""
+    decade = draw(st.integers(math.floor(lo_exp), max(math.floor(lo_exp), math.ceil(hi_exp) - 1)))
+    return min(10.0 ** hi_exp, 10.0 ** (decade + draw(st.floats(0.0, 1.0))))
 
 
 @st.composite
 def problems(draw):
     backend = draw(st.sampled_from(BACKENDS))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
-    budget = 20_000 if backend in SMALL else 100_000
+    small = backend in SMALL                 # the Triton interpreter: ~1e6 elements/s
+    budget = 2_000 if small else 100_000
     n_blocks = draw(st.integers(1, 3))
     kinds = [draw(st.sampled_from(["dense", "kron"])) for _ in range(n_blocks)]
     k_cls = draw(st.integers(1, 4))
-    batch = draw(st.integers(1, 64 // k_cls))
+    batch = draw(st.integers(1, (16 if small else 64) // k_cls))
     m = batch * k_cls
     shapes = []
     remaining = budget
     for kind in kinds:
         if kind == "dense":
-            cap = max(1, min(remaining, 400_000 // (m * n_blocks)))
+            cap = max(1, min(remaining, 1_000_000 // (m * n_blocks)))
             numel = int(round(_log_uniform(draw, 0, math.log10(cap))))
             numel = max(1, min(numel, cap))
             shapes.append(("dense", (numel,) if draw(st.booleans()) else (1, numel)))
         else:
             cap = max(1, min(remaining, 60_000))
-            d_out = max(1, int(round(_log_uniform(draw, 0, math.log10(min(cap, 300))))))
+            d_out = max(1, min(cap, 300, int(round(_log_uniform(draw, 0, math.log10(min(cap, 300)))))))
             d_in = max(1, min(cap // d_out, int(round(_log_uniform(draw, 0, 3)))))
             shapes.append(("kron", (d_out, d_in)))
         remaining = max(1, remaining - int(np.prod(shapes[-1][1])))
@@ -147,6 +153,43 @@ def _as64(blocks, e, r):
     return out, e.to(F64), r.clone()
 
 
+def _term_scales(pre, blocks, oracle, hp, e):
+    """Per element, the magnitude of the terms each new value is made of (DESIGN 5 measures
+    errors against it, as tests/op_checks.py does): for mu_i, |mu_i| + P-_i sum_j |H_ji c_j|;
+    for P_i under the Kalman rule, P-_i + P-_i^2 sum_l (sum_j |F_lj H_ji|)^2 (the update
+    cancels where an observation pins a parameter); under the information rule, the new P_i
+    itself (no cancellation). c = lr s S^-1 e and F = L^-1 from the reference's S."""
+    s_mat = oracle.innovation_cov
+    factor = torch.linalg.cholesky(s_mat)
+    solved = torch.cholesky_solve(e.reshape(-1, 1), factor).reshape(-1)
+    c = (hp.lr * oracle.gate_scale * solved).abs()
+    f_abs = torch.linalg.solve_triangular(factor, torch.eye(len(e), dtype=F64), upper=False).abs()
+    out = []
+    for (mu0, p0), b in zip(pre, blocks):
+        p_pred = p0 / hp.forgetting + hp.process_noise
+        if isinstance(b, DenseBlock):
+            h = b.jac.to(F64).reshape(len(e), -1).abs()
+            step_terms = (c @ h).reshape(p0.shape)
+            diag_abs = ((f_abs @ h) ** 2).sum(0).reshape(p0.shape)
+        else:
+            a = b.inputs.to(F64).abs()
+            d = b.grouped_grad_outputs.to(F64).abs()
+            batch, k = d.shape[0], d.shape[1]
+            step_terms = torch.einsum("jk,jko,ji->oi", c.reshape(batch, k), d, a)
+            g = torch.einsum("ljk,jko->ljo", f_abs.reshape(-1, batch, k), d)
+            diag_abs = (torch.einsum("ljo,ji->loi", g, a) ** 2).sum(0)
+        mu_scale = mu0.abs() + p_pred * step_terms
+        cov_scale = (b.cov.to(F64).abs() if hp.information
+                     else p_pred + p_pred * p_pred * diag_abs)
+        out.append((mu_scale, cov_scale))
+    return out
+
+
+def _scaled_err(actual, expected, scale):
+    a, b = actual.detach().to(F64).reshape(-1), expected.detach().to(F64).reshape(-1)
+    return float(((a - b).abs() / scale.reshape(-1).clamp_min(1e-300)).max()) if a.numel() else 0.0
+
+
 def _rel(actual, expected):
     a = actual.detach().to(F64).reshape(-1)
     b = expected.detach().to(F64).reshape(-1)
@@ -179,6 +222,7 @@ def test_kalman_step_finite_bounded_and_matches_reference_or_skips_unchanged(p):
             r = r_state
         ref_blocks, ref_e, ref_r = _as64(blocks, e, r)
         before = [(bits(b.param).clone(), bits(b.cov).clone()) for b in blocks]
+        pre = [(b.param.to(F64, copy=True), b.cov.to(F64, copy=True)) for b in blocks]
         kw = dict(gate=p["gate"], adaptive_rate=p["adaptive"])
         info = ops.kalman_step_(blocks, [hp] * len(blocks), e, r, backend=p["backend"], **kw)
         oracle = ops.kalman_step_(ref_blocks, [hp] * len(blocks), ref_e, ref_r,
@@ -210,10 +254,13 @@ def test_kalman_step_finite_bounded_and_matches_reference_or_skips_unchanged(p):
             red = max(RED_TOL[dtype], tol)
             assert abs(info.mahalanobis - oracle.mahalanobis) <= red * max(oracle.mahalanobis,
                                                                            1e-300)
-            for b, rb in zip(blocks, ref_blocks):
-                assert _rel(b.param, rb.param) <= tol, (_rel(b.param, rb.param), tol)
-                cov_tol = max(tol, TOL[b.cov.dtype] if b.cov.dtype in TOL else tol)
-                assert _rel(b.cov, rb.cov) <= cov_tol, (_rel(b.cov, rb.cov), cov_tol)
+            scales = _term_scales(pre, ref_blocks, oracle, hp, ref_e)
+            for b, rb, (mu_scale, cov_scale) in zip(blocks, ref_blocks, scales):
+                err_mu = _scaled_err(b.param, rb.param, mu_scale)
+                assert err_mu <= tol, ("mean", err_mu, tol)
+                cov_tol = max(tol, TOL[b.cov.dtype])
+                err_cov = _scaled_err(b.cov, rb.cov, cov_scale)
+                assert err_cov <= cov_tol, ("covariance", err_cov, cov_tol)
         if p["adaptive"]:
             r_state = info.obs_noise_tensor
 
@@ -222,7 +269,7 @@ def test_kalman_step_finite_bounded_and_matches_reference_or_skips_unchanged(p):
 def loss_problems(draw):
     backend = draw(st.sampled_from(BACKENDS))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
-    budget = 20_000 if backend in SMALL else 100_000
+    budget = 2_000 if backend in SMALL else 100_000
     count = draw(st.integers(1, 3))
     sizes = [max(1, int(round(_log_uniform(draw, 0, math.log10(budget // count)))))
              for _ in range(count)]
@@ -257,6 +304,8 @@ def test_loss_step_finite_bounded_and_matches_reference_or_skips_unchanged(p):
     r = sc["R"] * rng.uniform(0.5, 2.0)
     ref_params = [t.to(F64, copy=True) for t in params]
     ref_covs = [t.to(F64, copy=True) for t in covs]
+    pre_params = [t.clone() for t in ref_params]
+    pre_covs = [t.clone() for t in ref_covs]
     before = [(bits(a).clone(), bits(c).clone()) for a, c in zip(params, covs)]
     kw = dict(gate=p["gate"], adaptive_rate=p["adaptive"])
     hypers = [hp] * len(params)
@@ -282,6 +331,14 @@ def test_loss_step_finite_bounded_and_matches_reference_or_skips_unchanged(p):
     if not oracle.skipped:
         tol = TOL[dtype]
         assert info.mahalanobis == pytest.approx(oracle.mahalanobis, rel=RED_TOL[dtype])
-        for a, ra, c, rc in zip(params, ref_params, covs, ref_covs):
-            assert _rel(a, ra) <= tol
-            assert _rel(c, rc) <= max(tol, TOL[c.dtype])
+        s_val = float(oracle.innovation_cov)
+        coef = abs(hp.lr * oracle.gate_scale * float(-loss.to(F64)) / s_val)
+        weight = 1.0 / oracle.obs_noise if hp.information else 1.0 / s_val
+        for a, ra, c, rc, mu0, p0, g in zip(params, ref_params, covs, ref_covs, pre_params,
+                                            pre_covs, grads):
+            p_pred = p0 / hp.forgetting + hp.process_noise
+            g64 = g.to(F64)
+            mu_scale = mu0.abs() + coef * p_pred * g64.abs()
+            cov_scale = rc.abs() if hp.information else p_pred + p_pred ** 2 * weight * g64 ** 2
+            assert _scaled_err(a, ra, mu_scale) <= tol
+            assert _scaled_err(c, rc, cov_scale) <= max(tol, TOL[c.dtype])
