@@ -190,13 +190,6 @@ def _scaled_err(actual, expected, scale):
     return float(((a - b).abs() / scale.reshape(-1).clamp_min(1e-300)).max()) if a.numel() else 0.0
 
 
-def _rel(actual, expected):
-    a = actual.detach().to(F64).reshape(-1)
-    b = expected.detach().to(F64).reshape(-1)
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return float((a - b).abs().max()) / max(scale, 1e-300)
-
-
 def _check_bounds(cov, hp, dtype):
     eps = torch.finfo(dtype).eps
     c = cov.to(F64)

@@ -4,7 +4,6 @@ backend that runs the step on CPU tensors here (tests/step_backends.py)."""
 import copy
 import math
 import resource
-import warnings
 
 import numpy as np
 import pytest
