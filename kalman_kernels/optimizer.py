@@ -39,10 +39,12 @@ from ._deferred import PendingFlags, compiling
 from .backends import resolve
 from .observations import LinearCapture, batch_observation
 from .ops import KalmanInfo, StepHyper
+from .ops._common import CovValueCheck, check_workspace
 
 _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "cov_ceiling",
                "cov_update")
-_OBSERVATION_KEYS = ("obs_noise", "adaptive_obs_noise", "gate", "process_group", "backend")
+_OBSERVATION_KEYS = ("obs_noise", "adaptive_obs_noise", "gate", "process_group", "backend",
+                     "max_obs_per_update")
 _FILTER = "filter"   # key of the optimizer-wide state (a string, so state_dict keeps it)
 
 
@@ -69,13 +71,22 @@ class KalmanNGD(torch.optim.Optimizer):
         process_group: a torch.distributed group; every rank observes its own batch and
             all ranks apply the same all-reduced update (DESIGN 2.5).
         backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+        max_obs_per_update: batch mode processes at most this many observations per
+            Kalman update: a larger batch is split into sequential sub-batches (the m x m
+            work shrinks quadratically). None (default): one update per batch, and a batch
+            whose m x m work would not fit in memory raises a MemoryError before
+            allocating. See docs/robustness.md.
+
+    Diagnostics: ``last_info`` (:class:`~kalman_kernels.ops.KalmanInfo` of the last step)
+    and :meth:`diagnostics` (a dict of counters and covariance statistics) read device
+    values only when called.
     """
 
     def __init__(self, params, lr: float = 1.0, init_cov: float = 1e-3, obs_noise=1e-2,
                  process_noise: float = 0.0, forgetting: float = 1.0, cov_floor: float = 1e-12,
                  cov_ceiling: Optional[float] = None, adaptive_obs_noise: float = 0.0,
                  gate: Optional[float] = None, cov_update: str = "kalman", process_group=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", max_obs_per_update: Optional[int] = None):
         defaults = dict(lr=lr, init_cov=init_cov, process_noise=process_noise,
                         forgetting=forgetting, cov_floor=cov_floor, cov_ceiling=cov_ceiling,
                         cov_update=cov_update)
@@ -94,6 +105,11 @@ class KalmanNGD(torch.optim.Optimizer):
             raise ValueError("adaptive_obs_noise needs a scalar obs_noise; it cannot adapt an "
                              "(m,) or (m, m) tensor")
         ops.check_gate(gate)
+        if max_obs_per_update is not None and (isinstance(max_obs_per_update, bool) or not
+                                               isinstance(max_obs_per_update, int) or
+                                               max_obs_per_update < 1):
+            raise ValueError(f"max_obs_per_update must be None or an int >= 1, got "
+                             f"{max_obs_per_update!r}")
         if backend not in ("auto",) + _backend_names():
             raise ValueError(f"backend must be one of {('auto',) + _backend_names()}, got "
                              f"{backend!r}")
@@ -102,7 +118,12 @@ class KalmanNGD(torch.optim.Optimizer):
         self.gate = gate
         self.process_group = process_group
         self.backend = backend
+        self.max_obs_per_update = max_obs_per_update
         self.last_info: Optional[KalmanInfo] = None
+        self._cov_checks = CovValueCheck()
+        self._grad_seen: set = set()
+        self._rank_checked = False
+        self._rank_key_cache = None
         self._captures: Dict[nn.Linear, LinearCapture] = {}
         self._warned: set = set()
         self._pending = PendingFlags()
@@ -115,6 +136,8 @@ class KalmanNGD(torch.optim.Optimizer):
         self.state[_FILTER] = {
             "steps": torch.zeros((), dtype=torch.int64, device=device),
             "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
+            "gated_steps": torch.zeros((), dtype=torch.int64, device=device),
+            "cov_clamps": torch.zeros((), dtype=torch.int64, device=device),
             "obs_noise": (torch.tensor(obs_noise, dtype=torch.float64, device=device)
                           if isinstance(obs_noise, float) else None)}
         if backend != "auto":
@@ -148,7 +171,27 @@ class KalmanNGD(torch.optim.Optimizer):
         if "cov" not in state:
             state["cov"] = torch.full_like(p, float(group["init_cov"]), dtype=_cov_dtype(p),
                                            memory_format=torch.contiguous_format)
-        return state["cov"]
+            return state["cov"]
+        cov = state["cov"]
+        if cov.shape != p.shape:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} has a covariance of shape "
+                             f"{tuple(cov.shape)}: the parameter was replaced or reshaped after "
+                             f"the optimizer state was created (or the state was loaded from "
+                             f"another model); create the optimizer for the model as it is now")
+        if cov.device != p.device:
+            raise ValueError(f"a parameter on {p.device} has its covariance on {cov.device}: the "
+                             f"model was moved after the optimizer state was created; call "
+                             f"opt.load_state_dict(opt.state_dict()) after model.to(...) (it "
+                             f"moves the state to the parameters' device), or create the "
+                             f"optimizer after moving the model")
+        if p.dtype == torch.float64 and cov.dtype != torch.float64:
+            # model.double() after the first step: both modes promote, losslessly, and say so.
+            state["cov"] = cov = cov.to(torch.float64)
+            self._warn_once("promote", "KalmanNGD: a parameter became float64 after its float32 "
+                            "covariance was created (model.double() after the optimizer was "
+                            "built?); the covariance was promoted to float64 (lossless). "
+                            "Create the optimizer after setting the model's dtype to avoid this.")
+        return cov
 
     def _group_of(self, p: torch.Tensor) -> dict:
         for g in self.param_groups:
@@ -160,16 +203,85 @@ class KalmanNGD(torch.optim.Optimizer):
         """The diagonal covariance P of parameter ``p`` (same shape; the prior before step 1)."""
         return self._cov(p, self._group_of(p))
 
+    def _counter(self, key: str) -> int:
+        value = self.state[_FILTER][key]
+        if value.device.type == "meta":
+            raise RuntimeError(f"KalmanNGD.{key}: the optimizer state is on the meta device, "
+                               f"which holds no values (shapes only)")
+        return int(value)
+
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped so far (a non-finite observation or a failed factorisation)."""
+        """Steps skipped so far (a non-finite observation, an overflow or a failed
+        factorisation)."""
         self._pending.poll(wait=True)
-        return int(self.state[_FILTER]["skipped_steps"])
+        return self._counter("skipped_steps")
 
     @property
     def steps_taken(self) -> int:
         """Steps applied so far."""
-        return int(self.state[_FILTER]["steps"])
+        return self._counter("steps")
+
+    def diagnostics(self) -> dict:
+        """What the filter is doing, as Python numbers (reads device values: call it between
+        steps, e.g. when logging; never inside a compiled region).
+
+        * ``steps``, ``skipped_steps``, ``gated_steps``: applied steps, skipped steps
+          (non-finite observation, overflow, failed factorisation, ranks disagreeing) and
+          applied steps the gate shrank (s < 1);
+        * ``mahalanobis``, ``p_value``, ``num_obs``, ``gate_scale``, ``skipped``, ``reason``,
+          ``jitter``: the last step (``last_info``): d2 = e^T S^-1 e, the chi-square
+          probability of a d2 at least that large under the model (m degrees of freedom;
+          persistently tiny p-values: R too small or the model misspecified), the gate scale;
+        * ``obs_noise``: the current scalar r (adapted, with ``adaptive_obs_noise``);
+        * ``floor_clamped``: covariance elements now at ``cov_floor`` (frozen parameters,
+          counted now, one pass over P); ``cov_clamps``: elements the ``"kalman"`` rule
+          pushed below zero under ``process_group`` so far (clamped to the floor);
+          ``max_shrink``: under ``process_group`` with the ``"kalman"`` rule, the largest
+          P- d of the last step summed over the ranks (the fraction of a prior variance the
+          step removed): above 1 it is clamped; near 1 the ranks' summed mean steps
+          overshoot (docs/robustness.md, "Scale-out");
+        * ``groups``: per param group, ``cov_min`` / ``cov_mean`` / ``cov_max`` of P,
+          ``numel`` and ``floor_clamped``.
+        """
+        self._pending.poll(wait=True)
+        out = {"steps": self._counter("steps"), "skipped_steps": self._counter("skipped_steps"),
+               "gated_steps": self._counter("gated_steps"),
+               "cov_clamps": self._counter("cov_clamps")}
+        info = self.last_info
+        out.update(mahalanobis=None, p_value=None, num_obs=None, gate_scale=None, skipped=None,
+                   reason=None, jitter=None, max_shrink=None)
+        if info is not None:
+            out.update(mahalanobis=info.mahalanobis, p_value=info.p_value,
+                       num_obs=info.num_obs, gate_scale=info.gate_scale, skipped=info.skipped,
+                       reason=info.reason, jitter=info.jitter)
+            shrink = info.extras.get("max_shrink_tensor")
+            if shrink is not None:
+                out["max_shrink"] = float(shrink)
+        r = self._current_obs_noise()
+        out["obs_noise"] = (float(r) if not isinstance(r, torch.Tensor) or r.dim() == 0
+                            else None)
+        groups = []
+        total_clamped = 0
+        with torch.no_grad():
+            for group in self.param_groups:
+                covs = [self._cov(p, group).reshape(-1) for p in group["params"]
+                        if p.requires_grad]
+                if not covs:
+                    groups.append({"numel": 0, "cov_min": None, "cov_mean": None,
+                                   "cov_max": None, "floor_clamped": 0})
+                    continue
+                flat = torch.cat([c.to(torch.float64) for c in covs])
+                # the floor as stored: rounded into each covariance's dtype
+                clamped = sum(int((c <= c.new_tensor(float(group["cov_floor"]))).sum())
+                              for c in covs)
+                total_clamped += clamped
+                groups.append({"numel": flat.numel(), "cov_min": float(flat.min()),
+                               "cov_mean": float(flat.mean()), "cov_max": float(flat.max()),
+                               "floor_clamped": clamped})
+        out["floor_clamped"] = total_clamped
+        out["groups"] = groups
+        return out
 
     def _current_obs_noise(self):
         r = self.state[_FILTER].get("obs_noise")
@@ -189,33 +301,70 @@ class KalmanNGD(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict) -> None:
-        # torch casts floating state to the parameter's dtype: a bf16 parameter's float32
-        # covariance would come back rounded to bf16. Keep the saved covariances' dtype.
-        saved_covs = {k: v["cov"] for k, v in state_dict["state"].items()
-                      if isinstance(k, int) and isinstance(v, dict) and "cov" in v}
-        for g in state_dict["param_groups"]:
+        """Restore a state saved by :meth:`state_dict` (exact resume, across backends and
+        devices). Everything is checked before anything is changed: the saved covariances
+        must match the parameters' shapes (a state from another model raises, naming the
+        parameter) and hold finite values >= 0, and the saved hyper-parameters must be
+        valid. Covariances keep their saved dtype (never rounded to a bf16 parameter's)."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or \
+                "param_groups" not in state_dict:
+            raise TypeError("load_state_dict expects the dict returned by "
+                            "KalmanNGD.state_dict() (keys 'state' and 'param_groups')")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        index_to_param = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             for key in _OBSERVATION_KEYS:
-                if key in g:
+                if key in saved:
                     raise ValueError(f"state_dict param group carries {key!r}, which is set on "
                                      f"the optimizer, not per group")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {i} of the state_dict has "
+                                 f"{len(saved['params'])} parameters, this optimizer's "
+                                 f"{len(group['params'])}: the state belongs to another model")
+            merged = dict(group)
+            merged.update({k: v for k, v in saved.items() if k != "params"})
+            _check_group(merged, where=f"state_dict param group {i}")
+            index_to_param.update(zip(saved["params"], group["params"]))
+        saved_covs = {}
+        for key, value in state_dict["state"].items():
+            if not (isinstance(key, int) and isinstance(value, dict) and "cov" in value):
+                continue
+            if key not in index_to_param:
+                raise ValueError(f"state_dict['state'][{key}] names no parameter of this "
+                                 f"optimizer")
+            p = index_to_param[key]
+            cov = value["cov"]
+            where = f"state_dict['state'][{key}]['cov']"
+            if not isinstance(cov, torch.Tensor) or cov.dtype not in (torch.float32,
+                                                                       torch.float64):
+                raise TypeError(f"{where} must be a float32 or float64 tensor, got "
+                                f"{getattr(cov, 'dtype', type(cov).__name__)}")
+            if cov.shape != p.shape:
+                raise ValueError(f"{where} has shape {tuple(cov.shape)} but parameter {key} "
+                                 f"has shape {tuple(p.shape)}: the state belongs to another "
+                                 f"model (or the model's layers were reordered)")
+            if cov.device.type != "meta":
+                CovValueCheck()([(where, cov)])
+            saved_covs[key] = cov
         super().load_state_dict(state_dict)
-        flat = [p for g in self.param_groups for p in g["params"]]
         for index, cov in saved_covs.items():
-            p = flat[index]
+            p = index_to_param[index]
             self.state[p]["cov"] = cov.detach().to(device=p.device,
                                                    dtype=torch.promote_types(cov.dtype, _cov_dtype(p)),
                                                    copy=True)
         device = self._device()
         saved = dict(state_dict["state"].get(_FILTER, {}))
         filt = {}
-        for key in ("steps", "skipped_steps"):
+        for key in ("steps", "skipped_steps", "gated_steps", "cov_clamps"):
             filt[key] = torch.as_tensor(saved.get(key, 0), dtype=torch.int64).to(device).clone()
         r = saved.get("obs_noise")
         filt["obs_noise"] = (None if r is None else
                              torch.as_tensor(r, dtype=torch.float64).to(device).clone())
         self.state[_FILTER] = filt
-        for group in self.param_groups:
-            _check_group(group, where="loaded param group")
+        self._cov_checks = CovValueCheck()
 
     # ------------------------------------------------------------------ tracking
     def track(self, module: nn.Module, verify: str = "first") -> "KalmanNGD":
@@ -277,6 +426,7 @@ class KalmanNGD(torch.optim.Optimizer):
                 if opt is None or not opt._in_closure:
                     return
                 opt._backward_calls += 1
+                opt._grad_seen.add(id(param))
                 if opt._quad is not None and param.grad is not None:
                     kernels = resolve(opt.backend, param.device)
                     opt._quad.add(kernels, param.grad, opt._cov(param, group),
@@ -295,6 +445,9 @@ class KalmanNGD(torch.optim.Optimizer):
             raise ValueError("KalmanNGD.step needs a closure: closure() -> (pred, target) for "
                              "batch observations, or closure() -> scalar loss tensor")
         self._pending.poll()
+        for i, group in enumerate(self.param_groups):     # edited since construction?
+            _check_group(group, where=f"param group {i} (checked at every step)")
+        self._check_cov_values()
         self._install_grad_hooks()
         for capture in self._captures.values():
             capture.calls.clear()
@@ -302,6 +455,7 @@ class KalmanNGD(torch.optim.Optimizer):
         if self._quad is not None:
             self._quad.reset()
         self._backward_calls = 0
+        self._grad_seen = set()
         self._in_closure = True
         try:
             with torch.enable_grad():
@@ -312,25 +466,126 @@ class KalmanNGD(torch.optim.Optimizer):
                 capture.armed = False
         try:
             if isinstance(out, (tuple, list)) and len(out) == 2:
-                return self._batch_step(*out)
-            if isinstance(out, torch.Tensor):
-                return self._loss_step(out, self._backward_calls > 0)
-            raise TypeError(f"closure must return (pred, target) tensors or a scalar loss "
-                            f"tensor, got {_describe(out)}")
+                result = self._batch_step(*out)
+            elif isinstance(out, torch.Tensor):
+                result = self._loss_step(out, self._backward_calls > 0)
+            else:
+                raise TypeError(f"closure must return (pred, target) tensors or a scalar loss "
+                                f"tensor, got {_describe(out)}")
         finally:
             for capture in self._captures.values():
                 capture.calls.clear()
+        if not compiling():
+            self._cov_checks.record(self.state[p]["cov"] for p, _ in self._params()
+                                    if "cov" in self.state[p])
+        return result
+
+    def _check_cov_values(self) -> None:
+        """Covariances edited in place since the last step (through covariance(p)) must
+        still be finite and >= 0; unedited ones are not read (see CovValueCheck)."""
+        if compiling():
+            return
+        named = []
+        for i, (p, _) in enumerate(self._params()):
+            cov = self.state[p].get("cov") if p in self.state else None
+            if cov is not None:
+                named.append((f"the covariance of parameter {i} (shape {tuple(p.shape)})", cov))
+        self._cov_checks(named)
+
+    # ------------------------------------------------------------------ process groups
+    def _rank_config(self, mode: str) -> tuple:
+        """What every rank must agree on: mode, shapes, dtypes, hyper-parameters."""
+        r = self.obs_noise
+        noise = (("tensor", tuple(r.shape)) if isinstance(r, torch.Tensor) else float(r))
+        kernels = resolve(self.backend, self._device())
+        tracked = tuple(sorted(i for i, (p, _) in enumerate(self._params())
+                               if any(layer.weight is p for layer in self._captures)))
+        items = [("mode", mode), ("obs_noise", noise),
+                 ("adaptive_obs_noise", self.adaptive_obs_noise), ("gate", self.gate),
+                 ("backend", getattr(kernels, "NAME", str(self.backend))),
+                 ("max_obs_per_update", self.max_obs_per_update), ("tracked", tracked)]
+        for gi, group in enumerate(self.param_groups):
+            items.append((f"group {gi}", tuple((k, group[k]) for k in _GROUP_KEYS)))
+            for p in group["params"]:
+                items.append((f"group {gi} parameter", tuple(p.shape), str(p.dtype),
+                              bool(p.requires_grad)))
+        return tuple(items)
+
+    def _rank_key(self, mode: str) -> Optional[int]:
+        """A 48-bit hash of :meth:`_rank_config`; on the first step under a process group,
+        the configurations themselves are compared across ranks (a clear error on every
+        rank instead of a hang in a mismatched all-reduce)."""
+        if self.process_group is None or compiling():
+            return None
+        config = self._rank_config(mode)
+        if self._rank_key_cache is not None and self._rank_key_cache[0] == config:
+            key = self._rank_key_cache[1]
+        else:
+            import hashlib
+            digest = hashlib.sha256(repr(config).encode()).digest()
+            key = int.from_bytes(digest[:6], "little")
+            self._rank_key_cache = (config, key)
+        if not self._rank_checked and self._device().type != "meta":
+            self._check_ranks_agree(config)
+            self._rank_checked = True
+        return key
+
+    def _check_ranks_agree(self, config: tuple) -> None:
+        import torch.distributed as dist
+        group = self.process_group
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, config, group=group)
+        first = gathered[0]
+        for rank, other in enumerate(gathered[1:], start=1):
+            if other == first:
+                continue
+            diff = next((f"{a} on rank 0, {b} on rank {rank}" for a, b in zip(first, other)
+                         if a != b),
+                        f"{len(first)} entries on rank 0, {len(other)} on rank {rank}")
+            raise ValueError(f"KalmanNGD(process_group=...): the ranks disagree on parameter "
+                             f"shapes or hyper-parameters ({diff}); every rank must build the "
+                             f"same model and optimizer, and return the same kind of closure "
+                             f"result (raised on every rank at the first step)")
 
     def _record(self, info: KalmanInfo) -> None:
         """Counters and adaptive noise on the device; the skip warning once the flag has
         reached the host (see :mod:`kalman_kernels._deferred`)."""
         self.last_info = info
         filt = self.state[_FILTER]
-        skipped = info.skipped_tensor.to(filt["steps"].device)
+        device = filt["steps"].device
+        skipped = info.skipped_tensor.to(device)
         filt["skipped_steps"].add_(skipped.to(torch.int64))
         filt["steps"].add_((~skipped).to(torch.int64))
+        gated = (~skipped) & (info.gate_scale_tensor.to(device) < 1)
+        filt.setdefault("gated_steps", torch.zeros((), dtype=torch.int64, device=device))
+        filt["gated_steps"].add_(gated.to(torch.int64))
+        if info.cov_clamps_tensor is not None:
+            filt.setdefault("cov_clamps", torch.zeros((), dtype=torch.int64, device=device))
+            filt["cov_clamps"].add_(info.cov_clamps_tensor.to(device))
+            if "clamps" not in self._warned:
+                def on_clamps(any_clamped: bool, info=info) -> None:
+                    if any_clamped and "clamps" not in self._warned:
+                        self._warned.add("clamps")
+                        warnings.warn(
+                            f"KalmanNGD: under process_group the 'kalman' covariance rule "
+                            f"pushed {info.cov_clamps} covariance elements below zero (the "
+                            f"ranks' summed diag(H^T S^-1 H) exceeded 1/P-); they were clamped "
+                            f"to cov_floor, which freezes those parameters. Use "
+                            f"cov_update='information' for multi-process training (it cannot "
+                            f"go below zero); diagnostics()['cov_clamps'] counts them. Warned "
+                            f"once.", RuntimeWarning, stacklevel=5)
+                self._pending.add(info.cov_clamps_tensor > 0, on_clamps)
         if self.adaptive_obs_noise > 0 and info.obs_noise_tensor is not None:
             filt["obs_noise"] = info.obs_noise_tensor.detach().to(torch.float64).reshape(())
+        if self.process_group is not None and info.mismatch_tensor is not None:
+            def on_mismatch(mismatch: bool, info=info) -> None:
+                if mismatch:
+                    raise ValueError("KalmanNGD(process_group=...): the ranks' parameter shapes "
+                                     "or hyper-parameters differ (their hash is compared at "
+                                     "every step); the step was skipped on every rank. Every "
+                                     "rank must change param_groups alike (e.g. the same LR "
+                                     "scheduler).")
+            self._pending.add(info.mismatch_tensor, on_mismatch)
         if "skip" in self._warned:
             return
 
@@ -358,30 +613,39 @@ class KalmanNGD(torch.optim.Optimizer):
     def _loss_step(self, loss: torch.Tensor, backward_seen: bool):
         if loss.numel() != 1:
             raise TypeError(f"closure returned a loss of shape {tuple(loss.shape)}; in "
-                            f"loss-observation mode it must be a scalar (reduce it, e.g. "
+                            f"loss-observation mode the loss must be a scalar (reduce it, e.g. "
                             f".mean()), or return (pred, target) for batch-observation mode")
         if not loss.is_floating_point():
             raise TypeError(f"closure returned a {loss.dtype} loss; it must be a floating tensor")
         if isinstance(self.obs_noise, torch.Tensor):
             raise ValueError("obs_noise must be a float in loss-observation mode (one "
                              "observation per step), got a tensor")
+        if loss.device != self._device():
+            raise ValueError(f"closure returned a loss on {loss.device} but the parameters are "
+                             f"on {self._device()}")
+        rank_key = self._rank_key("loss")
         pairs = self._params()
         params = [p for p, _ in pairs]
         if backward_seen:
-            grads = [p.grad for p in params]          # torch.optim's closure convention
+            # torch.optim's closure convention: the gradients backward left -- only those
+            # that this closure's backward reached (a stale .grad from an earlier step, or
+            # a zeroed one the loss never touched, is not a gradient of this loss).
+            grads = [p.grad if id(p) in self._grad_seen else None for p in params]
         elif loss.requires_grad:
             grads = list(torch.autograd.grad(loss.reshape(()), params, allow_unused=True))
         else:
-            grads = [p.grad for p in params]
-            if all(g is None for g in grads):
-                raise ValueError("closure returned a loss that does not require grad and no "
-                                 "parameter has a .grad: call loss.backward() in the closure, or "
-                                 "return the loss tensor with its graph (KalmanNGD then "
-                                 "differentiates it)")
+            raise ValueError("closure returned a loss that does not require grad and its "
+                             "backward pass (if any) reached no parameter of this optimizer: "
+                             "call loss.backward() in the closure on a loss computed from the "
+                             "optimised parameters, or return the loss tensor with its graph "
+                             "(KalmanNGD then differentiates it)")
         if all(g is None for g in grads):
             raise ValueError("the loss does not depend on any parameter of this optimizer (no "
                              "gradient reached them); check the closure and the params given "
                              "to KalmanNGD")
+        if self.process_group is not None:
+            # every rank all-reduces the same layout: zero gradients where its loss is flat
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         used = [(p, g, grad) for (p, g), grad in zip(pairs, grads) if grad is not None]
         quad_form = None
         if self._quad is not None:
@@ -392,21 +656,56 @@ class KalmanNGD(torch.optim.Optimizer):
                                 "exactly one backward pass over the parameters (no backward, "
                                 "or gradient accumulation); g^T P g is recomputed after "
                                 "backward instead")
+        if self.process_group is not None:
+            self._check_ddp_grads_once(loss, [grad for _, _, grad in used])
         info = ops.loss_observation_step_(
             [p for p, _, _ in used], [grad.detach() for _, _, grad in used],
             [self._cov(p, g) for p, g, _ in used], [self._hyper(g) for _, g, _ in used],
             loss.detach(), self._current_obs_noise(), gate=self.gate,
             backend=self.backend, adaptive_rate=self.adaptive_obs_noise,
-            quad_form=quad_form, process_group=self.process_group)
+            quad_form=quad_form, process_group=self.process_group, rank_key=rank_key)
         self._predict_only_([(p, g) for (p, g), grad in zip(pairs, grads) if grad is None],
                             ~info.skipped_tensor)
         self._record(info)
         return loss.detach()
 
+    def _check_ddp_grads_once(self, loss: torch.Tensor, grads) -> None:
+        """Loss mode under process_group, first step: gradients that are bitwise equal on
+        every rank while the losses differ were already averaged across ranks (a
+        DistributedDataParallel backward); the all-reduce of DESIGN 2.5 would then count
+        them W times. One small all-reduce, once."""
+        if getattr(self, "_ddp_checked", False) or compiling() or loss.device.type == "meta":
+            return
+        self._ddp_checked = True
+        import torch.distributed as dist
+        with torch.no_grad():
+            checksum = sum((g.detach().to(torch.float64) * (1.0 + 1e-3 * i)).sum()
+                           for i, g in enumerate(grads))
+            values = torch.stack([checksum, -checksum, loss.detach().to(torch.float64).reshape(()),
+                                  -loss.detach().to(torch.float64).reshape(())]).reshape(-1)
+            from .ops.kalman_update import _collective_
+            _collective_("ddp-check", values, dist.ReduceOp.MAX, self.process_group)
+            grads_equal = bool(values[0] == -values[1])
+            losses_differ = bool(values[2] != -values[3])
+        if grads_equal and losses_differ:
+            raise ValueError(
+                "KalmanNGD(process_group=...) in loss mode: the gradients are identical on every "
+                "rank while the losses differ, so they were already averaged across ranks (a "
+                "DistributedDataParallel backward). With process_group every rank must observe "
+                "its own gradient: run the closure's backward under ddp_model.no_sync(), or "
+                "call the wrapped module (ddp_model.module). Or keep DDP's gradient averaging, "
+                "drop process_group, and average the loss across ranks in the closure "
+                "(docs/robustness.md, 'DistributedDataParallel').")
+
     def _batch_step(self, pred, target):
         if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError(f"closure must return (pred, target) as tensors, got "
                             f"({_describe(pred)}, {_describe(target)})")
+        if pred.dim() == 0 and target.dim() == 0:
+            raise ValueError("closure returned a pair of 0-d tensors: batch-observation mode "
+                             "needs (pred, target) of shape (m,) or (m, K); for loss-"
+                             "observation mode return the loss tensor alone (`return loss`, "
+                             "not `return loss, aux`)")
         if pred.shape != target.shape:
             raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape "
                              f"{tuple(target.shape)}; they must match ((m,) or (m, K))")
@@ -419,15 +718,32 @@ class KalmanNGD(torch.optim.Optimizer):
         if not pred.requires_grad:
             raise ValueError("pred does not require grad: the closure must compute it from the "
                              "parameters with autograd enabled")
-        obs = batch_observation(pred, target, self._params(), self._captures, self._cov,
+        rank_key = self._rank_key("batch")
+        pairs = self._params()
+        m = pred.numel()
+        kron_ids = {id(layer.weight) for layer in self._captures}
+        dense_numel = sum(p.numel() for p, _ in pairs if id(p) not in kron_ids)
+        chunk = m if self.max_obs_per_update is None else min(m, self.max_obs_per_update)
+        check_workspace(chunk, pred.device, dense_numel=dense_numel,
+                        jacobian_bytes=2 * m * dense_numel * pred.element_size(),
+                        where="KalmanNGD.step (batch mode)",
+                        chunked=self.max_obs_per_update is not None)
+        obs = batch_observation(pred, target, pairs, self._captures, self._cov,
                                 self._hyper, self._warn_once)
         if not obs.blocks:
             raise ValueError("pred does not depend on any parameter of this optimizer")
+        untouched, order = (), None
+        if self.process_group is not None:
+            order = {id(p): i for i, (p, _) in enumerate(pairs)}
+            untouched = [(p, self._cov(p, g), self._hyper(g)) for p, g in obs.untouched]
         info = ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, self._current_obs_noise(),
                                 gate=self.gate, backend=self.backend,
                                 adaptive_rate=self.adaptive_obs_noise,
-                                process_group=self.process_group)
-        self._predict_only_(obs.untouched, ~info.skipped_tensor)
+                                process_group=self.process_group,
+                                max_obs_per_update=self.max_obs_per_update,
+                                untouched=untouched, param_order=order, rank_key=rank_key)
+        if self.process_group is None:
+            self._predict_only_(obs.untouched, ~info.skipped_tensor)
         self._record(info)
         return obs.residual.square().mean()
 

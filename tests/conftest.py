@@ -17,6 +17,19 @@ import numpy as np
 import pytest
 import torch
 
+# Hypothesis profiles (tests/test_property.py): "kalman" (default, a few hundred examples
+# in the normal run) and "long" (thousands: pytest --hypothesis-profile=long).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+else:
+    _slow_ok = dict(deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("kalman", max_examples=150, **_slow_ok)
+    settings.register_profile("long", max_examples=3000, **_slow_ok)
+    settings.load_profile(os.environ.get("KALMAN_HYPOTHESIS_PROFILE", "kalman"))
+
 
 def rel_err(actual, expected) -> float:
     """max |a - b| / max |b| in float64 (NaN anywhere -> inf, so NaN never passes)."""

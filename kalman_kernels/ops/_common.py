@@ -8,8 +8,10 @@ where reading them costs nothing (DESIGN 4: no host round trips inside a step).
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +34,56 @@ class StepHyper:
     information: bool = False
 
 
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X >= x) for X chi-square with ``dof`` degrees of freedom (the p-value of a
+    Mahalanobis distance), in plain floats: the regularised upper incomplete gamma
+    Q(dof/2, x/2), by its series below a + 1 and Lentz's continued fraction above, so that
+    small p-values keep their relative precision."""
+    if not math.isfinite(x):
+        return 0.0 if x > 0 else float("nan")
+    if x <= 0.0:
+        return 1.0
+    a, y = dof / 2.0, x / 2.0
+    log_front = a * math.log(y) - y - math.lgamma(a)
+    if y < a + 1.0:
+        term = total = 1.0 / a
+        denom = a
+        for _ in range(100_000):
+            denom += 1.0
+            term *= y / denom
+            total += term
+            if abs(term) < abs(total) * 1e-17:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    tiny = 1e-300
+    b = y + 1.0 - a
+    c = 1.0 / tiny
+    d = 1.0 / b
+    h = d
+    for i in range(1, 100_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-16:
+            break
+    return min(1.0, math.exp(log_front) * h)
+
+
+def _host(t: torch.Tensor, what: str):
+    """The tensor ``t`` for a host read, or a clear error when it holds no values."""
+    if t.device.type == "meta":
+        raise RuntimeError(f"KalmanInfo.{what}: this step ran on meta tensors, which hold no "
+                           f"values; read the *_tensor attributes (shapes and dtypes only), or "
+                           f"run the step on a real device")
+    return t
+
+
 class KalmanInfo:
     """What one Kalman step did.
 
@@ -40,21 +92,29 @@ class KalmanInfo:
     ``torch.compile`` and without a GPU synchronisation); the plain attributes convert them
     to Python numbers only when read:
 
-    * ``mahalanobis``: e^T S^-1 e (NaN when the step was skipped before it was computed);
-    * ``gate_scale``: the factor s applied to the mean step (0.0 when skipped);
+    * ``mahalanobis``: d2 = e^T S^-1 e (NaN when the step was skipped); ``p_value``: the
+      chi-square probability of a d2 at least this large with ``num_obs`` degrees of
+      freedom (small: the batch is an outlier under the model);
+    * ``gate_scale``: the factor s applied to the mean step (0.0 when skipped); ``gated``:
+      whether the gate shrank this step (s < 1);
     * ``skipped``: whether every tensor was left unchanged; ``reason`` says why;
     * ``innovation_cov``: S (m x m, float64, R included), a tensor;
     * ``jitter``: the relative jitter the Cholesky factorisation needed (0.0 for none,
       None when skipped); ``obs_noise``: the scalar r used, when R was a scalar (adaptive
-      noise updates it); ``num_obs``: m.
+      noise updates it); ``num_obs``: m;
+    * ``cov_clamps``: under ``process_group`` with the ``"kalman"`` rule, the number of
+      covariance elements whose summed update went below zero and were clamped to the
+      floor (DESIGN 2.5); None elsewhere (a single observation cannot do that).
     """
 
     __slots__ = ("mahalanobis_tensor", "gate_scale_tensor", "skipped_tensor",
                  "innovation_cov", "jitter_tensor", "obs_noise_tensor", "num_obs",
-                 "nonfinite_tensor", "remote_tensor", "extras")
+                 "nonfinite_tensor", "remote_tensor", "overflow_tensor", "mismatch_tensor",
+                 "cov_clamps_tensor", "extras")
 
     def __init__(self, *, mahalanobis, gate_scale, skipped, innovation_cov=None, jitter=None,
-                 obs_noise=None, num_obs: int = 0, nonfinite=None, remote=None):
+                 obs_noise=None, num_obs: int = 0, nonfinite=None, remote=None,
+                 overflow=None, mismatch=None, cov_clamps=None):
         self.mahalanobis_tensor = mahalanobis
         self.gate_scale_tensor = gate_scale
         self.skipped_tensor = skipped
@@ -64,19 +124,32 @@ class KalmanInfo:
         self.num_obs = int(num_obs)
         self.nonfinite_tensor = nonfinite
         self.remote_tensor = remote
+        self.overflow_tensor = overflow
+        self.mismatch_tensor = mismatch
+        self.cov_clamps_tensor = cov_clamps
         self.extras: dict = {}
 
     @property
     def mahalanobis(self) -> float:
-        return float(self.mahalanobis_tensor)
+        return float(_host(self.mahalanobis_tensor, "mahalanobis"))
+
+    @property
+    def p_value(self) -> float:
+        """P(chi2_m >= d2): NaN when skipped."""
+        d2 = self.mahalanobis
+        return float("nan") if math.isnan(d2) else chi2_sf(d2, max(1, self.num_obs))
 
     @property
     def gate_scale(self) -> float:
-        return float(self.gate_scale_tensor)
+        return float(_host(self.gate_scale_tensor, "gate_scale"))
+
+    @property
+    def gated(self) -> bool:
+        return not self.skipped and self.gate_scale < 1.0
 
     @property
     def skipped(self) -> bool:
-        return bool(self.skipped_tensor)
+        return bool(_host(self.skipped_tensor, "skipped"))
 
     @property
     def jitter(self) -> Optional[float]:
@@ -86,24 +159,45 @@ class KalmanInfo:
 
     @property
     def obs_noise(self) -> Optional[float]:
-        return None if self.obs_noise_tensor is None else float(self.obs_noise_tensor)
+        if self.obs_noise_tensor is None:
+            return None
+        return float(_host(self.obs_noise_tensor, "obs_noise"))
+
+    @property
+    def cov_clamps(self) -> Optional[int]:
+        if self.cov_clamps_tensor is None:
+            return None
+        return int(_host(self.cov_clamps_tensor, "cov_clamps"))
+
+    def _flag(self, t) -> bool:
+        return t is not None and bool(t)
 
     @property
     def reason(self) -> Optional[str]:
         if not self.skipped:
             return None
-        if self.nonfinite_tensor is not None and bool(self.nonfinite_tensor):
+        if self._flag(self.nonfinite_tensor):
             return "non-finite values in the observation (residual, Jacobian, loss, gradient or S)"
-        if self.remote_tensor is not None and bool(self.remote_tensor):
-            return "non-finite observation or failed factorisation on another rank"
+        if self._flag(self.overflow_tensor):
+            return ("the step would overflow the parameters' or kernels' dtype (an extreme "
+                    "residual or loss: lr * s * sqrt(d2) * sqrt(max P-) beyond half the dtype's "
+                    "range, or step coefficients that the kernels cannot represent)")
+        if self._flag(self.mismatch_tensor):
+            return ("the ranks' parameter shapes or hyper-parameters differ (a hash of them is "
+                    "checked at every step)")
+        if self._flag(self.remote_tensor):
+            return "non-finite observation, overflow or failed factorisation on another rank"
         return "the Cholesky factorisation of S failed at every jitter"
 
     def __repr__(self) -> str:
         if compiling():
             return "KalmanInfo(<traced>)"
-        return (f"KalmanInfo(mahalanobis={self.mahalanobis:.6g}, gate_scale={self.gate_scale:.6g}, "
-                f"skipped={self.skipped}, jitter={self.jitter}, obs_noise={self.obs_noise}, "
-                f"num_obs={self.num_obs}, reason={self.reason!r})")
+        if self.skipped_tensor.device.type == "meta":
+            return f"KalmanInfo(<meta tensors>, num_obs={self.num_obs})"
+        return (f"KalmanInfo(mahalanobis={self.mahalanobis:.6g}, p_value={self.p_value:.3g}, "
+                f"gate_scale={self.gate_scale:.6g}, skipped={self.skipped}, "
+                f"jitter={self.jitter}, obs_noise={self.obs_noise}, num_obs={self.num_obs}, "
+                f"reason={self.reason!r})")
 
 
 def check_hyper(*, lr, forgetting, process_noise, cov_floor, cov_ceiling, cov_update,
@@ -243,3 +337,217 @@ def check_no_overlap(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
                                  f"overlapping views of one); every parameter and covariance a "
                                  f"step updates must be a separate tensor")
         spans.append((name, (base, lo, hi)))
+
+
+# ---------------------------------------------------------------------- overflow guard
+def _max_of(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def compute_dtype(param: torch.Tensor, cov: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel may do a block's per-element math in: float64 only when both the
+    parameter and its covariance are float64 (DESIGN 3: at least float32)."""
+    return F64 if (param.dtype == F64 and cov.dtype == F64) else torch.float32
+
+
+def representable_step(params: Sequence[torch.Tensor], covs: Sequence[torch.Tensor],
+                       hypers: Sequence[StepHyper], whitened_norm: torch.Tensor,
+                       coef_max: torch.Tensor, weight_max, world: int = 1) -> torch.Tensor:
+    """The overflow guard of a step, a 0-d bool device tensor (no host read).
+
+    A step must never make finite state non-finite (issue 10). Two conditions, both on the
+    step's scalars, so they cost O(m^2) work and no pass over the parameters:
+
+    1. every scalar handed to the kernels (``coef`` = lr s S^-1 e, the whitening matrix or
+       the loss step's weight) is finite and representable in the dtype the kernels compute
+       in (:func:`compute_dtype`): a kernel that converts it cannot produce an Inf;
+    2. the step on every parameter is at most half the parameter dtype's range. For the
+       Kalman mean step, |delta mu_i| = lr s P-_i |h_i^T S^-1 e| <= lr s sqrt(d2) sqrt(P-_i)
+       (Cauchy-Schwarz in the S^-1 inner product and P-_i h_i^T S^-1 h_i <= 1, since
+       S >= P-_i h_i h_i^T), so it suffices that lr * s * sqrt(d2) * sqrt(max P-) <= max / 2
+       (max / (2 W) on each of W ranks, whose steps add). ``whitened_norm`` is s sqrt(d2).
+
+    ``coef_max`` is max |S^-1 e| (the guard multiplies in each tensor's lr); ``weight_max``
+    maps ``information`` (bool) to the largest whitening entry or weight of that rule.
+    max P- uses the covariance dtype's largest value when that already gives a threshold
+    above 1e6 standard deviations (float32 / bfloat16 parameters with float32 covariances:
+    lr s sqrt(d2) <= 9.2e18; float64: 6.7e153), so no reduction over P is needed; for
+    parameters whose range is narrower than their covariance's (float16, or a float64
+    covariance of a float32 parameter) it is the actual max of the covariances, one
+    multi-tensor reduction of P on the device. A parameter then stays finite whenever
+    |mu| <= max / 2 before the step, and the covariance update never exceeds
+    max(P-, cov_floor). Tensors sharing (dtypes, hyper-parameters) are checked together.
+    """
+    groups: dict = {}
+    for p, c, hp in zip(params, covs, hypers):
+        groups.setdefault((p.dtype, c.dtype, compute_dtype(p, c), hp), []).append(c)
+    ok = torch.ones((), dtype=torch.bool, device=whitened_norm.device)
+    for (p_dtype, c_dtype, k_dtype, hp), group_covs in groups.items():
+        big_c = _max_of(k_dtype)
+        limit = _max_of(p_dtype) / (2.0 * world)
+        big_cov = _max_of(c_dtype)
+        if limit / math.sqrt(big_cov) >= 1e6:
+            sqrt_pbar = math.sqrt(big_cov)
+        else:
+            flat = [c.detach() for c in group_covs if c.numel()]
+            if flat:
+                maxima = torch._foreach_norm(flat, float("inf"))     # P >= 0: max |P| = max P
+                pbar = torch.stack([t.to(F64) for t in maxima]).amax()
+            else:
+                pbar = torch.zeros((), dtype=F64, device=whitened_norm.device)
+            sqrt_pbar = pbar.sqrt()
+        sqrt_ppred = sqrt_pbar * math.sqrt(1.0 / hp.forgetting) + math.sqrt(hp.process_noise)
+        bound = (hp.lr * whitened_norm) * sqrt_ppred
+        ok = ok & ((hp.lr * coef_max) <= big_c) & (weight_max[hp.information] <= big_c) \
+            & (bound <= limit)
+    return ok
+
+
+# ---------------------------------------------------------------------- value checks
+class CovValueCheck:
+    """Checks that covariance tensors hold finite values >= 0 (a negative variance would be
+    used as is and yield NaN when sampled), once per tensor *version*.
+
+    Reading values on the host is a synchronisation on a GPU (DESIGN 4), so each tensor is
+    checked when first seen and again only after something else modified it in place
+    (``tensor._version`` changed since this step's own write, recorded with
+    :meth:`record`). In steady state (the same tensors every step, written only by the
+    step) nothing is read. Nothing is checked while torch.compile traces or on meta
+    tensors.
+    """
+
+    def __init__(self):
+        self._seen: dict = {}
+
+    @staticmethod
+    def _version(t: torch.Tensor):
+        try:
+            return t._version
+        except RuntimeError:          # inference tensors have no version counter
+            return None
+
+    def _known(self, t: torch.Tensor) -> bool:
+        entry = self._seen.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return False
+        version = self._version(t)
+        return version is not None and entry[1] == version
+
+    def __call__(self, named: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        if compiling():
+            return
+        for name, t in named:
+            if t.device.type == "meta" or t.numel() == 0 or self._known(t):
+                continue
+            with torch.no_grad():
+                bad = ~(t >= 0)                     # NaN and negative values
+                bad |= torch.isinf(t)
+                if bool(bad.any()):
+                    count = int(bad.sum())
+                    low = float(torch.nan_to_num(t.detach(), nan=0.0).min())
+                    raise ValueError(
+                        f"{name} holds {count} entr{'y that is' if count == 1 else 'ies that are'} "
+                        f"negative, NaN or Inf (min {low:g}); a covariance is a variance per "
+                        f"element and must be finite and >= 0")
+            self._remember(t)
+
+    def _remember(self, t: torch.Tensor) -> None:
+        version = self._version(t)
+        if version is None:
+            return
+        key = id(t)
+
+        def forget(ref, key=key, seen=self._seen):
+            entry = seen.get(key)
+            if entry is not None and entry[0] is ref:
+                del seen[key]
+
+        self._seen[key] = (weakref.ref(t, forget), version)
+
+    def record(self, tensors: Iterable[torch.Tensor]) -> None:
+        """After the step wrote ``tensors``: their new versions are the step's own."""
+        if compiling():
+            return
+        for t in tensors:
+            entry = self._seen.get(id(t))
+            if entry is not None and entry[0]() is t:
+                self._remember(t)
+
+
+# ---------------------------------------------------------------------- memory guard
+#: m x m float64 matrices alive at once in a batch step (S's parts, S, the factor, the
+#: ladder's temporaries, L^-1 and its right-hand side): about 6 when the ladder is tried rung
+#: by rung (eager CPU), 12 when every rung is factored at once (GPU, torch.compile).
+_MM_COPIES = {False: 6, True: 12}
+#: float64 copies of an (m, n) dense Jacobian the reference kernels make (H, H P-, F H).
+_JAC_COPIES = 3
+#: Refuse when the estimate exceeds this fraction of the memory available now.
+MEMORY_FRACTION = 0.5
+_QUERY_ABOVE = 256 << 20
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.3g} GiB"
+
+
+def available_bytes(device) -> Optional[int]:
+    """Memory available now on ``device`` (CPU: MemAvailable of /proc/meminfo; CUDA: free
+    device memory), or None when unknown."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+            pages = os.sysconf("SC_AVPHYS_PAGES")
+            return int(pages) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def workspace_bytes(m: int, dense_numel: int = 0, *, batched_ladder: bool = False) -> int:
+    """Estimated peak bytes of one batch step with m observations: the m x m float64 work
+    (S, factor, L^-1, ...) and the float64 copies of dense Jacobians (m x dense_numel)."""
+    return 8 * (_MM_COPIES[bool(batched_ladder)] * m * m + _JAC_COPIES * m * dense_numel)
+
+
+def reference_kron_bytes(batch: int, k: int, d_out: int) -> int:
+    """The reference backend's Kronecker innovation covariance contracts its einsum left to
+    right (no opt_einsum): a (B, K, B, K, d_out) float64 intermediate, twice."""
+    return 2 * 8 * batch * batch * k * k * d_out
+
+
+def check_workspace(m: int, device, *, dense_numel: int = 0, where: str = "kalman_update_",
+                    jacobian_bytes: int = 0, chunked: bool = False,
+                    extra_bytes: int = 0) -> None:
+    """Raise a MemoryError before allocating when a batch step of m observations would need
+    more than MEMORY_FRACTION of the memory available on ``device`` (``extra_bytes``: the
+    backend's own temporaries, e.g. :func:`reference_kron_bytes`)."""
+    device = torch.device(device)
+    if compiling() or device.type not in ("cpu", "cuda"):
+        return
+    batched = device.type != "cpu"
+    need = workspace_bytes(m, dense_numel, batched_ladder=batched) + int(jacobian_bytes) \
+        + int(extra_bytes)
+    if need < _QUERY_ABOVE:
+        return
+    free = available_bytes(device)
+    if free is None or need <= MEMORY_FRACTION * free:
+        return
+    one = 8 * m * m
+    hint = ("lower max_obs_per_update" if chunked else
+            "pass max_obs_per_update=N (KalmanNGD(..., max_obs_per_update=N) or "
+            "ops.kalman_update_(..., max_obs_per_update=N)) to process the batch as "
+            "sequential sub-batches of at most N observations")
+    raise MemoryError(
+        f"{where}: a batch observation of m = {m} observations needs about {_gib(need)} "
+        f"(each m x m float64 matrix -- S, its Cholesky factor, L^-1 -- is {_gib(one)}"
+        f"{f'; dense Jacobians {_gib(jacobian_bytes + 8 * _JAC_COPIES * m * dense_numel)}' if (dense_numel or jacobian_bytes) else ''}"
+        f"{f'; the backend temporaries {_gib(extra_bytes)}' if extra_bytes else ''}"
+        f"), more than {MEMORY_FRACTION:.0%} of the {_gib(free)} available on {device}. "
+        f"Use smaller batches, loss-observation mode (closure() -> scalar loss: m = 1), or "
+        f"{hint}")

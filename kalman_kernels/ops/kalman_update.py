@@ -7,23 +7,38 @@ device.
 
 The step never reads a device value on the host (DESIGN 4): non-finite inputs are detected
 from S and the residual (NaN/Inf in H, A or D always reaches S), the jitter ladder, gate,
-adaptive noise and the skip decision are device tensors, and a skipped step reaches the
-kernels as ``ok = False``, which leaves every tensor bit-for-bit unchanged. So the step
-runs on a GPU without a synchronisation, under ``torch.compile(fullgraph=True)`` and on
-``meta`` tensors.
+adaptive noise, the overflow guard and the skip decision are device tensors, and a skipped
+step reaches the kernels as ``ok = False``, which leaves every tensor bit-for-bit
+unchanged. So the step runs on a GPU without a synchronisation, under
+``torch.compile(fullgraph=True)`` and on ``meta`` tensors.
+
+Robustness (issue 10, ``docs/robustness.md``):
+
+* overflow guard: ``ok`` also requires that the step's scalars are representable in the
+  kernels' dtype and that the step on every parameter stays within half its dtype's range
+  (:func:`~._common.representable_step`);
+* memory guard: before any m x m matrix is allocated, the work space is estimated and a
+  ``MemoryError`` says how large it would be and what to do
+  (:func:`~._common.check_workspace`); ``max_obs_per_update`` splits the observation into
+  sequential sub-batches instead;
+* under ``process_group`` one small all-reduce carries the skip flags, a hash of the
+  ranks' configuration (a mismatch skips the step on every rank) and the adaptive noise,
+  and the Kalman rule's clamps of P below zero are counted (``info.cov_clamps``).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import reference as ref
 from .._deferred import PendingFlags, compiling
 from ..backends import resolve
-from ._common import F64, KalmanInfo, StepHyper, check_gate, hyper_from, noise_whitening, \
-    obs_noise_matrix
+from ._common import F64, CovValueCheck, KalmanInfo, StepHyper, check_gate, check_workspace, \
+    hyper_from, noise_whitening, obs_noise_matrix, reference_kron_bytes, representable_step
 from .blocks import Block, DenseBlock, KronBlock, validate_blocks
 
 
@@ -35,17 +50,165 @@ def _innovation_cov(kernels, block: Block, hp: StepHyper) -> torch.Tensor:
                                        hp.forgetting, hp.process_noise)
 
 
-def _all_ranks_ok(ok: torch.Tensor, process_group) -> torch.Tensor:
-    """ok on every rank (an all-reduce of device flags: no host read)."""
+# ---------------------------------------------------------------------- distributed flags
+#: Bits of the configuration hash carried by the per-step all-reduce, in pieces of 16 bits
+#: (sums of squares of W pieces stay exact in float64 for W <= 1448 ranks).
+_KEY_PIECES = 3
+_KEY_MAX_WORLD = 1448
+
+
+def _collective_(name: str, tensor: torch.Tensor, op, process_group) -> None:
+    """``dist.all_reduce`` of ``tensor`` (one place for the package's collectives)."""
     import torch.distributed as dist
-    bad = (~ok).to(torch.float32).reshape(1)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=process_group)
-    return bad.reshape(()) == 0
+    dist.all_reduce(tensor, op=op, group=process_group)
+
+
+def _key_pieces(key: Optional[int]) -> List[float]:
+    key = 0 if key is None else int(key)
+    return [float((key >> (16 * i)) & 0xFFFF) for i in range(_KEY_PIECES)]
+
+
+def all_ranks_ok(ok: torch.Tensor, process_group, key: Optional[int] = None,
+                 obs_noise: Optional[torch.Tensor] = None):
+    """One SUM all-reduce of device values (no host read): returns ``(ok on every rank and
+    configuration hashes equal, hashes differ, mean of obs_noise over the ranks or None)``.
+
+    ``key`` is an integer hash of this rank's shapes and hyper-parameters: the pieces and
+    their squares are summed, and W * sum(h^2) == (sum h)^2 exactly when every rank holds
+    the same h.
+    """
+    import torch.distributed as dist
+    world = dist.get_world_size(process_group)
+    pieces = _key_pieces(key) if world <= _KEY_MAX_WORLD else [0.0] * _KEY_PIECES
+    device = ok.device
+    bad = (~ok).to(F64).reshape(1)
+    key_t = torch.tensor([v for p in pieces for v in (p, p * p)], dtype=F64, device=device)
+    r = (obs_noise.detach().to(F64).reshape(1) if obs_noise is not None
+         else torch.zeros(1, dtype=F64, device=device))
+    flat = torch.cat([bad, key_t, r])
+    _collective_("flags", flat, dist.ReduceOp.SUM, process_group)
+    sums = flat[1:1 + 2 * _KEY_PIECES].reshape(_KEY_PIECES, 2)
+    mismatch = (world * sums[:, 1] != sums[:, 0] * sums[:, 0]).any()
+    everyone = (flat[0] == 0) & ~mismatch
+    mean_r = flat[-1] / world if obs_noise is not None else None
+    return everyone, mismatch, mean_r
+
+
+def _all_ranks_ok(ok: torch.Tensor, process_group) -> torch.Tensor:
+    """ok on every rank (kept for callers of the previous helper)."""
+    return all_ranks_ok(ok, process_group)[0]
+
+
+# ---------------------------------------------------------------------- the m x m work
+class _Terms:
+    """The m x m results of one observation (a plain class: torch.compile traces it)."""
+
+    def __init__(self, r, s_mat, jitter, finite, factored, d2, s, solved, whiten_kalman,
+                 whiten_info, guard):
+        self.r = r
+        self.s_mat = s_mat
+        self.jitter = jitter
+        self.finite = finite
+        self.factored = factored
+        self.d2 = d2
+        self.s = s
+        self.solved = solved
+        self.whiten_kalman = whiten_kalman
+        self.whiten_info = whiten_info
+        self.guard = guard
+
+
+def _factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate, world=1):
+    """S, its factor, the whitened residual, gate and the overflow guard of one observation
+    (or sub-batch). Returns a :class:`_Terms` of device tensors."""
+    m = e.shape[0]
+    hph = None
+    for b, hp in zip(blocks, hypers):
+        part = _innovation_cov(kernels, b, hp)
+        hph = part if hph is None else hph + part
+    finite = torch.isfinite(hph).all() & torch.isfinite(e).all()
+    if adaptive_rate > 0.0:
+        adapted = ref.adapt_obs_noise(r, adaptive_rate, e, torch.diagonal(hph).mean())
+        r = torch.where(finite, adapted, r)
+    s_mat = ref.add_obs_noise(hph, r)
+    factor, jitter, factored = ref.cholesky_with_jitter(s_mat)
+    z = ref.whiten(factor, e)
+    d2 = ref.mahalanobis(z)
+    tau = ref.chi2_quantile(float(gate), m) if gate is not None else None
+    s = ref.gate_scale(d2, tau)
+    solved = ref.solve_from_whitened(factor, z)              # S^-1 e (float64)
+    whiten_kalman = ref.whitening_matrix(factor)             # L^-1
+    whiten_info = noise_whitening(r, m) if any(hp.information for hp in hypers) else None
+    # Overflow guard (issue 10): scalars representable, step within the dtype's range.
+    w_max = {False: whiten_kalman.abs().amax()}
+    if whiten_info is not None:
+        w_max[True] = whiten_info.abs().amax()
+    guard = representable_step([b.param for b in blocks], [b.cov for b in blocks], hypers,
+                               s * torch.sqrt(d2), s * solved.abs().amax(), w_max, world)
+    return _Terms(r, s_mat, jitter, finite, factored, d2, s, solved, whiten_kalman,
+                  whiten_info, guard & finite)
+
+
+# ---------------------------------------------------------------------- sub-batches
+def _sample_lcm(blocks) -> int:
+    lcm = 1
+    for b in blocks:
+        if isinstance(b, KronBlock):
+            k = b.grouped_grad_outputs.shape[1]
+            lcm = lcm * k // math.gcd(lcm, k)
+    return lcm
+
+
+def chunk_bounds(blocks, m: int, max_obs: Optional[int]) -> List[Tuple[int, int]]:
+    """Row ranges of the sub-batches: at most ``max_obs`` observations each, cut on sample
+    boundaries of every Kronecker block (a multiple of each block's K)."""
+    if max_obs is None or m <= max_obs:
+        return [(0, m)]
+    unit = _sample_lcm(blocks)
+    if unit > max_obs:
+        raise ValueError(f"max_obs_per_update = {max_obs} is smaller than one sample's "
+                         f"{unit} observations (the K scores of a Kronecker block's sample "
+                         f"must stay in one sub-batch)")
+    size = (max_obs // unit) * unit
+    return [(lo, min(m, lo + size)) for lo in range(0, m, size)]
+
+
+def _slice_block(b: Block, lo: int, hi: int) -> Block:
+    if isinstance(b, DenseBlock):
+        return DenseBlock(b.param, b.cov, b.jac[lo:hi])
+    g = b.grouped_grad_outputs
+    k = g.shape[1]
+    return KronBlock(b.weight, b.cov, b.inputs[lo // k:hi // k], g[lo // k:hi // k])
+
+
+def _predicted_change(b: Block, delta: torch.Tensor) -> torch.Tensor:
+    """H_b delta (the change of the linearised predictions), float64, (rows,)."""
+    if isinstance(b, DenseBlock):
+        return b.jac_2d().to(F64) @ delta.reshape(-1)
+    out = b.inputs.to(F64) @ delta.reshape(b.weight.shape).T            # (B, d_out)
+    return torch.einsum("jko,jo->jk", b.grouped_grad_outputs.to(F64), out).reshape(-1)
+
+
+def _inputs_finite(blocks, e) -> torch.Tensor:
+    ok = torch.isfinite(e).all()
+    for b in blocks:
+        for name, t in b.tensors().items():
+            if name in ("jac", "inputs", "grad_outputs"):
+                ok = ok & torch.isfinite(t).all()
+    return ok
+
+
+# ---------------------------------------------------------------------- the engine
+_cov_checks = CovValueCheck()
 
 
 def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual: torch.Tensor,
                  obs_noise, *, gate: Optional[float] = None, backend: str = "auto",
-                 adaptive_rate: float = 0.0, process_group=None) -> KalmanInfo:
+                 adaptive_rate: float = 0.0, process_group=None,
+                 max_obs_per_update: Optional[int] = None,
+                 untouched: Sequence[Tuple[torch.Tensor, torch.Tensor, StepHyper]] = (),
+                 param_order: Optional[Dict[int, int]] = None,
+                 rank_key: Optional[int] = None) -> KalmanInfo:
     """The engine behind :func:`kalman_update_` and the optimizer's batch mode.
 
     ``hypers[i]`` holds block i's lr / forgetting / process noise / floor / ceiling / rule.
@@ -53,98 +216,234 @@ def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual:
     scalar noise is first moved towards the innovation-based estimate of DESIGN 2.3 (not
     when the observation is non-finite), and the updated value is used for this step and
     returned in ``info.obs_noise_tensor``. Raises only for bad input (before any write).
+
+    ``max_obs_per_update``: process the m observations as sequential sub-batches of at
+    most that many (cut on sample boundaries): sub-batch k sees the mean and covariance
+    left by sub-batch k - 1 and its residual is corrected by the linearised change of the
+    predictions, e_k - H_k (mu - mu_0); the predict step (forgetting, process noise) runs
+    once, with the first (if that one is skipped, so is the predict). With a full covariance this equals one batch update exactly;
+    with the diagonal one it differs slightly (docs/robustness.md). A non-finite value
+    anywhere skips the whole step (checked before the first sub-batch); a sub-batch whose
+    factorisation fails or that would overflow is skipped alone. Under ``process_group``
+    the sub-batches are instead independent blocks, like the ranks (DESIGN 2.5).
+
+    Distributed only: ``untouched`` are (param, cov, hyper) that the observation does not
+    reach (they get zero terms, so every rank all-reduces the same layout), ``param_order``
+    maps id(param) to its position (the all-reduce layout is sorted by it), ``rank_key`` is
+    the hash of this rank's configuration compared across ranks at every step.
     """
     device = validate_blocks(blocks, residual)
     blocks = list(blocks)
+    hypers = list(hypers)
+    if len(hypers) != len(blocks):
+        raise ValueError(f"hypers has {len(hypers)} entries for {len(blocks)} blocks")
     check_gate(gate)
     m = residual.shape[0]
     r = obs_noise_matrix(obs_noise, m, device)
     if adaptive_rate > 0.0 and r.dim() != 0:
         raise ValueError("adaptive_obs_noise needs a scalar obs_noise; it cannot adapt an "
                          "(m,) or (m, m) noise tensor")
+    if max_obs_per_update is not None and not (isinstance(max_obs_per_update, int)
+                                               and max_obs_per_update >= 1):
+        raise ValueError(f"max_obs_per_update must be None or an int >= 1, got "
+                         f"{max_obs_per_update!r}")
+    bounds = chunk_bounds(blocks, m, max_obs_per_update)
+    if len(bounds) > 1 and r.dim() == 2:
+        raise ValueError("max_obs_per_update cannot split an observation whose (m, m) "
+                         "obs_noise couples the observations; pass a scalar or (m,) noise")
     kernels = resolve(backend, device)
+    dense_numel = sum(b.param.numel() for b in blocks if isinstance(b, DenseBlock))
+    chunk = max(hi - lo for lo, hi in bounds)
+    extra = 0
+    if getattr(kernels, "NAME", None) == "reference":
+        for b in blocks:
+            if isinstance(b, KronBlock):
+                k = b.grouped_grad_outputs.shape[1]
+                extra += reference_kron_bytes(chunk // k, k, b.weight.shape[0])
+    check_workspace(chunk, device, dense_numel=dense_numel, where="kalman_update_",
+                    chunked=len(bounds) > 1, extra_bytes=extra)
 
     with torch.no_grad():
         e = residual.detach().to(F64)
-        hph = None
-        for b, hp in zip(blocks, hypers):
-            part = _innovation_cov(kernels, b, hp)
-            hph = part if hph is None else hph + part
-        finite = torch.isfinite(hph).all() & torch.isfinite(e).all()
-        if adaptive_rate > 0.0:
-            adapted = ref.adapt_obs_noise(r, adaptive_rate, e, torch.diagonal(hph).mean())
-            r = torch.where(finite, adapted, r)
-        s_mat = ref.add_obs_noise(hph, r)
-        factor, jitter, factored = ref.cholesky_with_jitter(s_mat)
-        ok = finite & factored
-        local_ok = ok
         if process_group is not None:
-            ok = _all_ranks_ok(ok, process_group)
-
-        z = ref.whiten(factor, e)
-        d2 = ref.mahalanobis(z)
-        tau = ref.chi2_quantile(float(gate), m) if gate is not None else None
-        s = ref.gate_scale(d2, tau)
-        solved = ref.solve_from_whitened(factor, z)              # S^-1 e (float64)
-        whiten_kalman = ref.whitening_matrix(factor)             # L^-1
-        whiten_info = noise_whitening(r, m) if any(hp.information for hp in hypers) else None
-
-        if process_group is None:
-            for b, hp in zip(blocks, hypers):
-                coef = (hp.lr * s) * solved
-                whitening = whiten_info if hp.information else whiten_kalman
-                args = (coef, whitening, ok, hp.forgetting, hp.process_noise, hp.cov_floor,
-                        hp.cov_ceiling, hp.information)
-                if isinstance(b, DenseBlock):
-                    kernels.fused_update_dense_(b.param, b.cov, b.jac_2d(), *args)
-                else:
-                    kernels.fused_update_kron_(b.weight, b.cov, b.inputs,
-                                               b.grouped_grad_outputs, *args)
-        else:
-            _distributed_update_(kernels, blocks, hypers, s * solved, whiten_kalman, whiten_info,
-                                 ok, process_group)
-
-    nan = torch.full((), float("nan"), dtype=F64, device=device)
-    return KalmanInfo(mahalanobis=torch.where(ok, d2, nan),
-                      gate_scale=torch.where(ok, s, torch.zeros_like(s)),
-                      skipped=~ok, innovation_cov=s_mat, jitter=jitter,
-                      obs_noise=r if r.dim() == 0 else None, num_obs=m,
-                      nonfinite=~finite,
-                      remote=None if process_group is None else (local_ok & ~ok))
+            return _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate,
+                                      process_group, bounds, untouched, param_order,
+                                      rank_key)
+        if len(bounds) == 1:
+            t = _factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate)
+            ok = t.finite & t.factored & t.guard
+            _apply_fused_(kernels, blocks, hypers, t, ok)
+            nan = torch.full((), float("nan"), dtype=F64, device=device)
+            return KalmanInfo(mahalanobis=torch.where(ok, t.d2, nan),
+                              gate_scale=torch.where(ok, t.s, torch.zeros_like(t.s)),
+                              skipped=~ok, innovation_cov=t.s_mat, jitter=t.jitter,
+                              obs_noise=t.r if t.r.dim() == 0 else None, num_obs=m,
+                              nonfinite=~t.finite, overflow=t.finite & ~t.guard)
+        return _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds)
 
 
-def _distributed_update_(kernels, blocks, hypers, coef, whiten_kalman, whiten_info, ok,
-                         process_group):
-    """DESIGN 2.5: all-reduce u = sum_r H_r^T c_r and d = sum_r diag(H_r^T W_r H_r), then
-    every rank applies the same update (the backend's step_terms_* and apply_terms_)."""
-    import torch.distributed as dist
-    terms = []
+def _apply_fused_(kernels, blocks, hypers, t, ok) -> None:
     for b, hp in zip(blocks, hypers):
-        whitening = whiten_info if hp.information else whiten_kalman
-        c = hp.lr * coef
+        coef = (hp.lr * t.s) * t.solved
+        whitening = t.whiten_info if hp.information else t.whiten_kalman
+        args = (coef, whitening, ok, hp.forgetting, hp.process_noise, hp.cov_floor,
+                hp.cov_ceiling, hp.information)
         if isinstance(b, DenseBlock):
-            u, d = kernels.step_terms_dense(b.jac_2d(), c, whitening)
+            kernels.fused_update_dense_(b.param, b.cov, b.jac_2d(), *args)
         else:
-            u, d = kernels.step_terms_kron(b.inputs, b.grouped_grad_outputs, c, whitening)
-        terms += [u.reshape(-1), d.reshape(-1)]
-    apply_reduced_terms_(kernels, [(b.param, b.cov) for b in blocks], hypers, terms, ok,
-                         process_group)
+            kernels.fused_update_kron_(b.weight, b.cov, b.inputs, b.grouped_grad_outputs,
+                                       *args)
 
 
-def apply_reduced_terms_(kernels, pairs, hypers, terms, ok, process_group) -> None:
-    """Sum ``terms`` ([u_0, d_0, u_1, d_1, ...]) over the ranks in one all-reduce and apply
-    them to ``pairs`` of (param, cov)."""
+def _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds):
+    """Sub-batches applied one after the other (see :func:`kalman_step_`)."""
+    device = e.device
+    m = e.shape[0]
+    finite = _inputs_finite(blocks, e)
+    start = [b.param.detach().to(F64, copy=True) for b in blocks]
+    no_predict = [dataclasses.replace(hp, forgetting=1.0, process_noise=0.0) for hp in hypers]
+    applied = torch.zeros((), dtype=torch.int64, device=device)
+    d2_sum = torch.zeros((), dtype=F64, device=device)
+    s_min = torch.ones((), dtype=F64, device=device)
+    jitter = torch.zeros((), dtype=F64, device=device)
+    overflow = torch.zeros((), dtype=torch.bool, device=device)
+    for k, (lo, hi) in enumerate(bounds):
+        sub = [_slice_block(b, lo, hi) for b in blocks]
+        e_k = e[lo:hi]
+        if k > 0:
+            for b, mu0 in zip(sub, start):
+                e_k = e_k - _predicted_change(b, b.param.detach().to(F64) - mu0.reshape(
+                    b.param.shape))
+        r_k = r[lo:hi] if r.dim() == 1 else r
+        # each sub-batch's step within max / (2 K): their sum stays within max / 2
+        t = _factor_terms(kernels, sub, hypers if k == 0 else no_predict, e_k, r_k, gate,
+                          adaptive_rate, world=len(bounds))
+        ok_k = finite & t.finite & t.factored & t.guard
+        _apply_fused_(kernels, sub, hypers if k == 0 else no_predict, t, ok_k)
+        applied = applied + ok_k.to(torch.int64)
+        d2_sum = d2_sum + torch.where(ok_k, t.d2, torch.zeros_like(t.d2))
+        s_min = torch.where(ok_k, torch.minimum(s_min, t.s), s_min)
+        jitter = torch.where(ok_k, torch.maximum(jitter, t.jitter), jitter)
+        overflow = overflow | (finite & t.finite & ~t.guard)
+        if adaptive_rate > 0.0:
+            r = torch.where(ok_k, t.r, r)
+    ok = applied > 0
+    nan = torch.full((), float("nan"), dtype=F64, device=device)
+    info = KalmanInfo(mahalanobis=torch.where(ok, d2_sum, nan),
+                      gate_scale=torch.where(ok, s_min, torch.zeros_like(s_min)),
+                      skipped=~ok, innovation_cov=None, jitter=jitter,
+                      obs_noise=r if r.dim() == 0 else None, num_obs=m, nonfinite=~finite,
+                      overflow=finite & overflow & ~ok)
+    info.extras["sub_batches"] = len(bounds)
+    info.extras["sub_batches_applied_tensor"] = applied
+    return info
+
+
+def _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, process_group,
+                       bounds, untouched, param_order, rank_key):
+    """DESIGN 2.5: all-reduce u = sum_r H_r^T c_r and d = sum_r diag(H_r^T W_r H_r), then
+    every rank applies the same update. Local sub-batches are independent blocks too."""
     import torch.distributed as dist
-    dtype = F64 if any(t.dtype == F64 for t in terms) else torch.float32
-    flat = torch.cat([t.to(dtype) for t in terms])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    world = dist.get_world_size(process_group)
+    device = e.device
+    m = e.shape[0]
+    acc_u: List[Optional[torch.Tensor]] = [None] * len(blocks)
+    acc_d: List[Optional[torch.Tensor]] = [None] * len(blocks)
+    local_ok = torch.ones((), dtype=torch.bool, device=device)
+    finite_all = torch.ones((), dtype=torch.bool, device=device)
+    guard_all = torch.ones((), dtype=torch.bool, device=device)
+    d2_sum = torch.zeros((), dtype=F64, device=device)
+    s_min = torch.ones((), dtype=F64, device=device)
+    jitter = torch.zeros((), dtype=F64, device=device)
+    s_mat = None
+    for lo, hi in bounds:
+        sub = blocks if len(bounds) == 1 else [_slice_block(b, lo, hi) for b in blocks]
+        r_k = r[lo:hi] if (r.dim() == 1 and len(bounds) > 1) else r
+        t = _factor_terms(kernels, sub, hypers, e[lo:hi], r_k, gate, adaptive_rate,
+                          world=world * len(bounds))
+        if adaptive_rate > 0.0:
+            r = t.r
+        s_mat = t.s_mat if len(bounds) == 1 else None
+        local_ok = local_ok & t.finite & t.factored & t.guard
+        finite_all = finite_all & t.finite
+        guard_all = guard_all & t.guard
+        d2_sum = d2_sum + t.d2
+        s_min = torch.minimum(s_min, t.s)
+        jitter = torch.maximum(jitter, t.jitter)
+        for i, (b, hp) in enumerate(zip(sub, hypers)):
+            whitening = t.whiten_info if hp.information else t.whiten_kalman
+            c = (hp.lr * t.s) * t.solved
+            if isinstance(b, DenseBlock):
+                u, d = kernels.step_terms_dense(b.jac_2d(), c, whitening)
+            else:
+                u, d = kernels.step_terms_kron(b.inputs, b.grouped_grad_outputs, c, whitening)
+            acc_u[i] = u if acc_u[i] is None else acc_u[i] + u
+            acc_d[i] = d if acc_d[i] is None else acc_d[i] + d
+    adaptive = adaptive_rate > 0.0 and r.dim() == 0
+    ok, mismatch, mean_r = all_ranks_ok(local_ok, process_group, rank_key,
+                                        r if adaptive else None)
+    entries = [(b.param, b.cov, hp, u, d) for b, hp, u, d in zip(blocks, hypers, acc_u, acc_d)]
+    entries += [(p, c, hp, None, None) for p, c, hp in untouched]
+    clamps, shrink = apply_reduced_terms_(kernels, entries, ok, process_group, param_order)
+    nan = torch.full((), float("nan"), dtype=F64, device=device)
+    info = KalmanInfo(mahalanobis=torch.where(ok, d2_sum, nan),
+                      gate_scale=torch.where(ok, s_min, torch.zeros_like(s_min)),
+                      skipped=~ok, innovation_cov=s_mat, jitter=jitter,
+                      obs_noise=(mean_r if adaptive else (r if r.dim() == 0 else None)),
+                      num_obs=m, nonfinite=~finite_all, overflow=finite_all & ~guard_all,
+                      mismatch=mismatch, remote=local_ok & ~ok & ~mismatch, cov_clamps=clamps)
+    if len(bounds) > 1:
+        info.extras["sub_batches"] = len(bounds)
+    info.extras["max_shrink_tensor"] = shrink
+    return info
+
+
+def _zero_terms(param: torch.Tensor, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    z = torch.zeros(param.numel(), dtype=dtype, device=param.device)
+    return z, z
+
+
+def apply_reduced_terms_(kernels, entries, ok, process_group,
+                         param_order: Optional[Dict[int, int]] = None):
+    """Sum the terms of ``entries`` ((param, cov, hyper, u, d); u = d = None for zero terms)
+    over the ranks in one all-reduce and apply them. The layout is sorted by
+    ``param_order[id(param)]`` when given, so ranks whose observations reach different
+    parameters still all-reduce the same layout. Returns ``(clamps, shrink)``: the number
+    of covariance elements the ``"kalman"`` rule pushed below zero (clamped to the floor), a
+    0-d int64 tensor, and the largest P- d summed over the ranks (Kalman-rule tensors only;
+    None without any), a 0-d tensor."""
+    import torch.distributed as dist
+    entries = list(entries)
+    if param_order is not None:
+        entries.sort(key=lambda t: param_order[id(t[0])])
+    dtype = F64 if any(p.dtype == F64 for p, *_ in entries) else torch.float32
+    flat_terms = []
+    for param, cov, hp, u, d in entries:
+        if u is None:
+            u, d = _zero_terms(param, dtype)
+        flat_terms += [u.reshape(-1).to(dtype), d.reshape(-1).to(dtype)]
+    flat = torch.cat(flat_terms)
+    _collective_("terms", flat, dist.ReduceOp.SUM, process_group)
     offset = 0
-    for (param, cov), hp in zip(pairs, hypers):
+    clamps = torch.zeros((), dtype=torch.int64, device=flat.device)
+    shrink = None
+    for param, cov, hp, _, _ in entries:
         n = param.numel()
         u, d = flat[offset:offset + n], flat[offset + n:offset + 2 * n]
         offset += 2 * n
+        if not hp.information:
+            # P- - P-^2 d < 0 <=> P- d > 1: the floor catches it (DESIGN 2.5's caution).
+            # P- d summed over the ranks is the fraction of the prior variance the step
+            # removes; near 1 the block-diagonal update is a poor approximation.
+            p_pred = cov.reshape(-1).to(d.dtype) / hp.forgetting + hp.process_noise
+            fraction = p_pred * d
+            clamps = clamps + (fraction > 1).sum()
+            if fraction.numel():
+                top = fraction.amax()
+                shrink = top if shrink is None else torch.maximum(shrink, top)
         kernels.apply_terms_(param, cov, u, d, ok, hp.forgetting, hp.process_noise,
                              hp.cov_floor, hp.cov_ceiling, hp.information)
+    return torch.where(ok, clamps, torch.zeros_like(clamps)), shrink
 
 
 _pending = PendingFlags()   # skip warnings of kalman_update_ on devices that cannot be read now
@@ -166,22 +465,34 @@ def kalman_update_(blocks: Sequence[Block], residual: torch.Tensor, obs_noise, *
                    lr: float = 1.0, forgetting: float = 1.0, process_noise: float = 0.0,
                    cov_floor: float = 0.0, cov_ceiling: float = float("inf"),
                    gate: Optional[float] = None, cov_update: str = "kalman",
-                   backend: str = "auto") -> KalmanInfo:
+                   backend: str = "auto", max_obs_per_update: Optional[int] = None
+                   ) -> KalmanInfo:
     """One Kalman step, in place, over ``blocks`` that share the observation ``residual``.
 
     ``residual`` is e = y - yhat (m,); ``obs_noise`` is R: a float, an (m,) diagonal or an
     (m, m) matrix. ``lr`` scales the mean step (1 = the exact Kalman update); ``gate`` is a
     chi-square probability (e.g. 0.999) above which the step is shrunk (DESIGN 2.3).
-    A non-finite residual or Jacobian skips the step, leaves every tensor unchanged bit for
-    bit and warns (on CPU at once; on a GPU once the flag has reached the host, checked at
-    the next call; never while torch.compile traces); ``info.skipped`` reports it.
+    A non-finite residual or Jacobian, or a step that would overflow the parameters'
+    dtype, skips the step, leaves every tensor unchanged bit for bit and warns (on CPU at
+    once; on a GPU once the flag has reached the host, checked at the next call; never
+    while torch.compile traces); ``info.skipped`` / ``info.reason`` report it.
+    Covariances must hold finite values >= 0 (checked when a tensor is first seen or was
+    modified elsewhere since the last step). ``max_obs_per_update`` splits a large
+    observation into sequential sub-batches (see :func:`kalman_step_`); without it a batch
+    whose m x m work would not fit in memory raises a ``MemoryError`` before allocating.
     """
     hp = hyper_from(lr, forgetting, process_noise, cov_floor, cov_ceiling, cov_update)
     if not isinstance(blocks, (DenseBlock, KronBlock)):   # a lone block is refused below
         blocks = list(blocks)
     count = len(blocks) if isinstance(blocks, list) else 1
-    info = kalman_step_(blocks, [hp] * count, residual, obs_noise, gate=gate, backend=backend)
+    if isinstance(blocks, list):
+        validate_blocks(blocks, residual)
+        _cov_checks([(f"blocks[{i}].cov", b.cov) for i, b in enumerate(blocks)
+                     if isinstance(b, (DenseBlock, KronBlock))])
+    info = kalman_step_(blocks, [hp] * count, residual, obs_noise, gate=gate, backend=backend,
+                        max_obs_per_update=max_obs_per_update)
     if not compiling():
+        _cov_checks.record(b.cov for b in blocks)
         warn_if_skipped(info, _pending, lambda i: f"kalman_update_: step skipped ({i.reason}); "
                                                   f"parameters and covariances are unchanged")
     return info

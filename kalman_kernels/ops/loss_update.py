@@ -16,9 +16,9 @@ import torch
 from .. import reference as ref
 from .._deferred import compiling
 from ..backends import resolve
-from ._common import F64, KalmanInfo, StepHyper, check_cov, check_gate, check_no_overlap, \
-    hyper_from
-from .kalman_update import _all_ranks_ok, _pending, apply_reduced_terms_, warn_if_skipped
+from ._common import F64, CovValueCheck, KalmanInfo, StepHyper, check_cov, check_gate, \
+    check_no_overlap, hyper_from, representable_step
+from .kalman_update import _pending, all_ranks_ok, apply_reduced_terms_, warn_if_skipped
 
 
 def runs_by_hyper(hypers: Sequence[StepHyper]):
@@ -41,17 +41,28 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                            obs_noise, *, target: float = 0.0, gate: Optional[float] = None,
                            backend: str = "auto", adaptive_rate: float = 0.0,
                            quad_form: Optional[torch.Tensor] = None,
-                           process_group=None) -> KalmanInfo:
+                           process_group=None, rank_key: Optional[int] = None) -> KalmanInfo:
     """One loss-observation step; tensors with equal hyper-parameters share one
     multi-tensor backend call. ``loss`` and ``obs_noise`` are floats or 0-d tensors.
     ``quad_form`` (g^T P- g, a 0-d tensor) may be supplied when it was accumulated during
     the backward pass. With ``process_group`` every rank observes its own loss and all ranks
-    apply u = sum_r g_r c_r, d = sum_r w_r g_r^2 (DESIGN 2.5).
+    apply u = sum_r g_r c_r, d = sum_r w_r g_r^2 (DESIGN 2.5); every rank must then pass the
+    same parameters in the same order (zero gradients for those its loss does not reach),
+    and ``rank_key`` is the hash of its configuration, compared across ranks at every step.
+
+    The step is skipped (state unchanged) when the loss or g^T P- g is not finite, or when
+    it would overflow the parameters' or kernels' dtype (the guard of
+    :func:`~._common.representable_step`, with |delta mu_i| <= lr s |e| / S P-_i |g_i|
+    <= lr s sqrt(d2) sqrt(P-_i) since P-_i g_i^2 <= g^T P- g < S).
     """
     device = params[0].device if params else torch.device("cpu")
     check_gate(gate)
     kernels = resolve(backend, device)
     runs = runs_by_hyper(hypers)
+    world = 1
+    if process_group is not None:
+        import torch.distributed as dist
+        world = dist.get_world_size(process_group)
     with torch.no_grad():
         r = _as_tensor(obs_noise, device)
         e = _as_tensor(target, device) - _as_tensor(loss, device)
@@ -67,13 +78,19 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
         if adaptive_rate > 0.0:
             r = torch.where(finite, ref.adapt_obs_noise(r, adaptive_rate, e.reshape(1), quad_form), r)
         s_val = ref.loss_innovation(quad_form, r)
-        ok = finite & (s_val > 0)
-        local_ok = ok
-        if process_group is not None:
-            ok = _all_ranks_ok(ok, process_group)
         d2 = e * e / s_val
         tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
         s = ref.gate_scale(d2, tau)
+        guard = finite & representable_step(params, covs, hypers, s * torch.sqrt(d2),
+                                            (s * e / s_val).abs(),
+                                            {False: 1.0 / s_val, True: 1.0 / r}, world)
+        ok = finite & (s_val > 0) & guard
+        local_ok = ok
+        mismatch = None
+        if process_group is not None:
+            ok, mismatch, mean_r = all_ranks_ok(ok, process_group, rank_key,
+                                                r if adaptive_rate > 0.0 else None)
+        clamps = shrink = None
         if process_group is None:
             for hp, idx in runs:
                 coef = (hp.lr * s) * e / s_val
@@ -83,20 +100,29 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                                    hp.process_noise, hp.cov_floor, hp.cov_ceiling,
                                    hp.information)
         else:
-            terms = []
-            for g, hp in zip(grads, hypers):
+            entries = []
+            for p, g, c, hp in zip(params, grads, covs, hypers):
                 coef = ((hp.lr * s) * e / s_val).reshape(1)
                 weight = 1.0 / r if hp.information else 1.0 / s_val
-                u, d = kernels.step_terms_dense(g.reshape(1, -1), coef, weight.sqrt().reshape(1, 1))
-                terms += [u, d]
-            apply_reduced_terms_(kernels, list(zip(params, covs)), hypers, terms, ok,
-                                 process_group)
+                u, d = kernels.step_terms_dense(g.reshape(1, -1), coef,
+                                                weight.sqrt().reshape(1, 1))
+                entries.append((p, c, hp, u, d))
+            clamps, shrink = apply_reduced_terms_(kernels, entries, ok, process_group)
     nan = torch.full((), float("nan"), dtype=F64, device=device)
-    return KalmanInfo(mahalanobis=torch.where(ok, d2, nan),
+    info = KalmanInfo(mahalanobis=torch.where(ok, d2, nan),
                       gate_scale=torch.where(ok, s, torch.zeros_like(s)), skipped=~ok,
                       innovation_cov=s_val.reshape(1, 1), jitter=torch.zeros_like(s),
-                      obs_noise=r, num_obs=1, nonfinite=~finite,
-                      remote=None if process_group is None else (local_ok & ~ok))
+                      obs_noise=(mean_r if (process_group is not None and adaptive_rate > 0.0)
+                                 else r), num_obs=1, nonfinite=~finite,
+                      overflow=finite & ~guard, mismatch=mismatch,
+                      remote=None if process_group is None else (local_ok & ~ok & ~mismatch),
+                      cov_clamps=clamps)
+    if process_group is not None:
+        info.extras["max_shrink_tensor"] = shrink
+    return info
+
+
+_cov_checks = CovValueCheck()
 
 
 def loss_update_(params: List[torch.Tensor], grads: List[torch.Tensor], covs: List[torch.Tensor],
@@ -107,7 +133,10 @@ def loss_update_(params: List[torch.Tensor], grads: List[torch.Tensor], covs: Li
     """Functional loss-observation step (DESIGN 2.2): one observation yhat = L, target y.
 
     S = g^T P- g + r; mu += lr * s * P- g (y - L) / S; P = clamp(P- - P-^2 g^2 / S).
-    ``loss`` is a float or a 0-d tensor (read on the device, never on the host).
+    ``loss`` is a float or a 0-d tensor (read on the device, never on the host). A
+    non-finite loss or gradient, or a step that would overflow the parameters' dtype, skips
+    the step (state unchanged bit for bit, a warning). Covariances must hold finite values
+    >= 0 (checked when a tensor is first seen or was modified elsewhere since the last step).
     """
     hp = hyper_from(lr, forgetting, process_noise, cov_floor, cov_ceiling, cov_update)
     if not (isinstance(obs_noise, (int, float)) and not isinstance(obs_noise, bool)
@@ -126,6 +155,8 @@ def loss_update_(params: List[torch.Tensor], grads: List[torch.Tensor], covs: Li
         if not isinstance(g, torch.Tensor) or g.shape != p.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(getattr(g, 'shape', ()))}, params[{i}] "
                              f"{tuple(p.shape)}")
+        if not g.is_floating_point():
+            raise TypeError(f"grads[{i}] must be a floating-point tensor, got {g.dtype}")
         check_cov(f"covs[{i}]", p, c)
         if p.device != device or g.device != device or c.device != device:
             raise ValueError(f"params[{i}], grads[{i}] and covs[{i}] must be on the device of "
@@ -134,14 +165,20 @@ def loss_update_(params: List[torch.Tensor], grads: List[torch.Tensor], covs: Li
         if loss.numel() != 1:
             raise ValueError(f"loss must be a scalar (one observation), got a tensor of shape "
                              f"{tuple(loss.shape)}")
+        if not loss.is_floating_point():
+            raise TypeError(f"loss must be a floating-point scalar, got {loss.dtype}")
+        if loss.device != device:
+            raise ValueError(f"loss is on {loss.device} but params[0] is on {device}")
     elif not isinstance(loss, (int, float)) or isinstance(loss, bool):
         raise TypeError(f"loss must be a float or a 0-d tensor, got {type(loss).__name__}")
     check_no_overlap([(f"params[{i}]", p) for i, p in enumerate(params)]
                      + [(f"covs[{i}]", c) for i, c in enumerate(covs)])
+    _cov_checks([(f"covs[{i}]", c) for i, c in enumerate(covs)])
     info = loss_observation_step_(list(params), list(grads), list(covs), [hp] * len(params),
                                   loss, float(obs_noise), target=target, gate=gate,
                                   backend=backend)
     if not compiling():
+        _cov_checks.record(covs)
         warn_if_skipped(info, _pending, lambda i: f"loss_update_: step skipped ({i.reason}); "
                                                   f"state unchanged")
     return info
