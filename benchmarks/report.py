@@ -401,8 +401,11 @@ def main(argv=None):
     print()
     print("## Targets (issues 3, 7, 11, 12)")
     for key, val in summary.items():
-        print(f"- {key}: " + ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in val.items()))
+        if isinstance(val, dict):
+            print(f"- {key}: " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in val.items()))
+        else:
+            print(f"- {key}: {val}")
     print(f"# load average start {header['loadavg_start']}, end {header['loadavg_end']}")
     if args.json:
         rows = [{k: v for k, v in r.items()} for r in table.rows]

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._deferred import PendingFlags, compiling
+from ._deferred import PendingFlags, compiling, readable_now
 from .backends import resolve
 from .observations import LinearCapture, batch_observation
 from .ops import KalmanInfo, StepHyper
@@ -553,12 +553,19 @@ class KalmanNGD(torch.optim.Optimizer):
         self.last_info = info
         filt = self.state[_FILTER]
         device = filt["steps"].device
-        skipped = info.skipped_tensor.to(device)
-        filt["skipped_steps"].add_(skipped.to(torch.int64))
-        filt["steps"].add_((~skipped).to(torch.int64))
-        gated = (~skipped) & (info.gate_scale_tensor.to(device) < 1)
         filt.setdefault("gated_steps", torch.zeros((), dtype=torch.int64, device=device))
-        filt["gated_steps"].add_(gated.to(torch.int64))
+        if readable_now(info.skipped_tensor) and readable_now(filt["steps"]):
+            # eager CPU: the flags are host values already; one in-place add per counter
+            skipped = bool(info.skipped_tensor)
+            filt["skipped_steps" if skipped else "steps"].add_(1)
+            if not skipped and float(info.gate_scale_tensor) < 1:
+                filt["gated_steps"].add_(1)
+        else:
+            skipped = info.skipped_tensor.to(device)
+            filt["skipped_steps"].add_(skipped.to(torch.int64))
+            filt["steps"].add_((~skipped).to(torch.int64))
+            gated = (~skipped) & (info.gate_scale_tensor.to(device) < 1)
+            filt["gated_steps"].add_(gated.to(torch.int64))
         if info.cov_clamps_tensor is not None:
             filt.setdefault("cov_clamps", torch.zeros((), dtype=torch.int64, device=device))
             filt["cov_clamps"].add_(info.cov_clamps_tensor.to(device))

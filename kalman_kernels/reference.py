@@ -253,7 +253,9 @@ def gate_scale(d2: torch.Tensor, tau: Optional[float]) -> torch.Tensor:
     one = torch.ones((), dtype=F64, device=d2.device)
     if tau is None:
         return one
-    return torch.where(d2 > tau, torch.sqrt(tau / d2), one)
+    # tau as a tensor: a true division (a Python scalar over a tensor may be computed as a
+    # reciprocal times the scalar, one ulp away from tau / d2 in host arithmetic)
+    return torch.where(d2 > tau, torch.sqrt(torch.full_like(d2, tau) / d2), one)
 
 
 # --------------------------------------------------------------------------------------

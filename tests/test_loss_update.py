@@ -1,4 +1,6 @@
 """Loss-observation mode (DESIGN 2.2) against the m = 1 full-matrix oracle."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,45 @@ def test_loss_update_bad_inputs():
         ops.loss_update_(p, [torch.randn(3)], c, 1.0, -0.1)
     with pytest.raises(ValueError, match="lr"):
         ops.loss_update_(p, [torch.randn(3)], c, 1.0, 0.1, lr=-1.0)
+
+
+@pytest.mark.parametrize("gate", [None, 0.5])
+@pytest.mark.parametrize("adaptive", [0.0, 0.3])
+@pytest.mark.parametrize("rule", ["kalman", "information"])
+def test_host_scalar_path_equals_device_path_bit_for_bit(monkeypatch, gate, adaptive, rule):
+    """On eager CPU tensors the loss step's scalar algebra runs in Python floats (no device
+    round trips to avoid there); the device-tensor path (GPUs, torch.compile, meta) must
+    give the same state bit for bit, the same info, and the same skips."""
+    import kalman_kernels.ops.loss_update as lu
+    from kalman_kernels.ops import StepHyper
+
+    shapes = [(17, 5), (301,)]
+    params0 = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) * 0.3 for s in shapes]
+    covs0 = [torch.rand(s) * 0.1 + 0.01 for s in shapes]
+    hypers = [StepHyper(0.8, 0.97, 1e-3, 1e-6, 10.0, rule == "information"),
+              StepHyper(0.5, 1.0, 0.0, 0.0, float("inf"), rule == "information")]
+    results = []
+    for on_host in (True, False):
+        monkeypatch.setattr(lu, "_on_host", lambda *a, on_host=on_host: on_host)
+        for loss in (2.7, float("nan"), 1e38):
+            ps = [p.clone() for p in params0]
+            cs = [c.clone() for c in covs0]
+            info = lu.loss_observation_step_(ps, grads, cs, hypers, torch.tensor(loss), 0.05,
+                                             gate=gate, adaptive_rate=adaptive)
+            results.append((ps, cs, info))
+    half = len(results) // 2
+    for (ps_h, cs_h, i_h), (ps_d, cs_d, i_d) in zip(results[:half], results[half:]):
+        for a, b in zip(ps_h + cs_h, ps_d + cs_d):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert i_h.skipped == i_d.skipped and i_h.reason == i_d.reason
+        for field in ("mahalanobis", "gate_scale", "obs_noise"):
+            x, y = getattr(i_h, field), getattr(i_d, field)
+            assert (math.isnan(x) and math.isnan(y)) or x == y, field
+        assert torch.equal(i_h.innovation_cov, i_d.innovation_cov) or (
+            bool(torch.isnan(i_h.innovation_cov).all()) and bool(torch.isnan(i_d.innovation_cov).all()))
+    # a loss of 1e38 overflows float32 unless the gate shrinks the step or the adaptive
+    # noise absorbs it (r grows by beta e^2), which keep the step finite
+    assert [r[2].skipped for r in results[:half]] == [False, True,
+                                                     gate is None and adaptive == 0.0], \
+        [r[2].reason for r in results[:half]]

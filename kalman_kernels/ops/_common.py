@@ -378,6 +378,9 @@ def representable_step(params: Sequence[torch.Tensor], covs: Sequence[torch.Tens
     |mu| <= max / 2 before the step, and the covariance update never exceeds
     max(P-, cov_floor). Tensors sharing (dtypes, hyper-parameters) are checked together.
     """
+    if not isinstance(whitened_norm, torch.Tensor):
+        return _representable_step_host(params, covs, hypers, whitened_norm, coef_max,
+                                        weight_max, world)
     groups: dict = {}
     for p, c, hp in zip(params, covs, hypers):
         groups.setdefault((p.dtype, c.dtype, compute_dtype(p, c), hp), []).append(c)
@@ -401,6 +404,31 @@ def representable_step(params: Sequence[torch.Tensor], covs: Sequence[torch.Tens
         ok = ok & ((hp.lr * coef_max) <= big_c) & (weight_max[hp.information] <= big_c) \
             & (bound <= limit)
     return ok
+
+
+def _representable_step_host(params, covs, hypers, whitened_norm: float, coef_max: float,
+                             weight_max, world: int) -> bool:
+    """:func:`representable_step` on Python floats (eager CPU tensors, where reading the
+    step's scalars costs nothing): the same two conditions, evaluated on the host."""
+    groups: dict = {}
+    for p, c, hp in zip(params, covs, hypers):
+        groups.setdefault((p.dtype, c.dtype, compute_dtype(p, c), hp), []).append(c)
+    for (p_dtype, c_dtype, k_dtype, hp), group_covs in groups.items():
+        big_c = _max_of(k_dtype)
+        limit = _max_of(p_dtype) / (2.0 * world)
+        big_cov = _max_of(c_dtype)
+        if limit / math.sqrt(big_cov) >= 1e6:
+            sqrt_pbar = math.sqrt(big_cov)
+        else:
+            flat = [c.detach() for c in group_covs if c.numel()]
+            pbar = max((float(t) for t in torch._foreach_norm(flat, float("inf"))), default=0.0)
+            sqrt_pbar = math.sqrt(pbar)
+        sqrt_ppred = sqrt_pbar * math.sqrt(1.0 / hp.forgetting) + math.sqrt(hp.process_noise)
+        bound = hp.lr * whitened_norm * sqrt_ppred
+        if not (hp.lr * coef_max <= big_c and weight_max[hp.information] <= big_c
+                and bound <= limit):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------- value checks

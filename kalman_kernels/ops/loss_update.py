@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import reference as ref
-from .._deferred import compiling
+from .._deferred import compiling, readable_now
 from ..backends import resolve
 from ._common import F64, CovValueCheck, KalmanInfo, StepHyper, check_cov, check_gate, \
     check_no_overlap, hyper_from, representable_step
@@ -74,6 +74,9 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
             if quad_form is None:
                 quad_form = torch.zeros((), dtype=F64, device=device)
         quad_form = _as_tensor(quad_form, device)
+        if process_group is None and _on_host(quad_form, e, r):
+            return _loss_step_on_host(kernels, params, grads, covs, hypers, runs, e, r,
+                                      quad_form, gate, adaptive_rate)
         finite = torch.isfinite(e) & torch.isfinite(quad_form)
         if adaptive_rate > 0.0:
             r = torch.where(finite, ref.adapt_obs_noise(r, adaptive_rate, e.reshape(1), quad_form), r)
@@ -120,6 +123,49 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
     if process_group is not None:
         info.extras["max_shrink_tensor"] = shrink
     return info
+
+
+def _on_host(*scalars: torch.Tensor) -> bool:
+    """Whether the step's scalars can be worked on as Python numbers: eager CPU tensors,
+    where reading them costs no synchronisation (see :mod:`kalman_kernels._deferred`)."""
+    return all(readable_now(t) for t in scalars)
+
+
+def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, e_t, r_t, quad_t, gate,
+                       adaptive_rate) -> KalmanInfo:
+    """The scalar algebra of :func:`loss_observation_step_` in Python floats, for eager CPU
+    tensors: the same formulas (S, d2, the gate, adaptive noise, the overflow guard) as the
+    device path, without its ~40 small tensor ops (about 1 ms per step after the kernels
+    have streamed the parameters through the caches). The kernels, their inputs and the
+    result are the same; ``tests/test_loss_update.py`` compares both paths."""
+    e, r, quad = float(e_t), float(r_t), float(quad_t)
+    finite = math.isfinite(e) and math.isfinite(quad)
+    if adaptive_rate > 0.0 and finite:
+        r = (1.0 - adaptive_rate) * r + adaptive_rate * max(ref.ADAPTIVE_NOISE_FLOOR,
+                                                            e * e - quad)
+    s_val = quad + r
+    d2 = e * e / s_val if finite else math.nan
+    tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
+    s = math.sqrt(tau / d2) if (tau is not None and d2 > tau) else 1.0
+    guard = finite and representable_step(params, covs, hypers, s * math.sqrt(d2),
+                                          abs(s * e / s_val), {False: 1.0 / s_val,
+                                                               True: 1.0 / r}, 1)
+    ok = bool(finite and s_val > 0 and guard)
+    flags = torch.tensor([ok, not finite, finite and not guard])
+    ok_t = flags[0]
+    scalars = torch.tensor([hp.lr * s * e / s_val for hp, _ in runs]
+                           + [1.0 / r, 1.0 / s_val, d2 if ok else math.nan,
+                              s if ok else 0.0, r, s_val, 0.0], dtype=F64)
+    n_runs = len(runs)
+    for i, (hp, idx) in enumerate(runs):
+        weight = scalars[n_runs] if hp.information else scalars[n_runs + 1]
+        kernels.loss_step_([params[j] for j in idx], [grads[j] for j in idx],
+                           [covs[j] for j in idx], scalars[i], weight, ok_t, hp.forgetting,
+                           hp.process_noise, hp.cov_floor, hp.cov_ceiling, hp.information)
+    tail = scalars[n_runs + 2:]
+    return KalmanInfo(mahalanobis=tail[0], gate_scale=tail[1], skipped=~ok_t,
+                      innovation_cov=tail[3].reshape(1, 1), jitter=tail[4], obs_noise=tail[2],
+                      num_obs=1, nonfinite=flags[1], overflow=flags[2])
 
 
 _cov_checks = CovValueCheck()
