@@ -94,8 +94,9 @@ def innovation_cov_kron(inputs: torch.Tensor, grad_outputs: torch.Tensor, cov: t
     batch, k = d.shape[0], d.shape[1]
     p = predict_cov(cov.to(F64), forgetting, process_noise)
     q = pair_products(inputs) @ p.T                              # (B, B, d_out)
-    s = torch.einsum("jko,JKo,jJo->jkJK", d, d, q)
-    return _symmetric(s.reshape(batch * k, batch * k))
+    # one sample j at a time: a (K, B, d_out) temporary, never (B, K, B, K, d_out)
+    rows = [torch.einsum("ko,Jo,JKo->kJK", d[j], q[j], d) for j in range(batch)]
+    return _symmetric(torch.stack(rows).reshape(batch * k, batch * k))
 
 
 def add_obs_noise(hph: torch.Tensor, obs_noise: torch.Tensor) -> torch.Tensor:
@@ -312,7 +313,9 @@ def kron_diag_term(inputs: torch.Tensor, grad_outputs: torch.Tensor,
     batch, k = d.shape[0], d.shape[1]
     f = whitening.to(F64)
     w = (f.T @ f).reshape(batch, k, batch, k)
-    g = torch.einsum("jkJK,jko,JKo->jJo", w, d, d)              # (B, B, d_out)
+    # one sample j at a time: z[J, k, o] = sum_K w[j, k, J, K] D[J, K, o], then G[j, J, o]
+    g = torch.stack([torch.einsum("ko,kJo->Jo", d[j], torch.einsum("kJK,JKo->kJo", w[j], d))
+                     for j in range(batch)])                    # (B, B, d_out)
     return torch.einsum("jJo,jJi->oi", g, pair_products(inputs))
 
 

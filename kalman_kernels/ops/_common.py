@@ -544,9 +544,9 @@ def workspace_bytes(m: int, dense_numel: int = 0, *, batched_ladder: bool = Fals
 
 
 def reference_kron_bytes(batch: int, k: int, d_out: int) -> int:
-    """The reference backend's Kronecker innovation covariance contracts its einsum left to
-    right (no opt_einsum): a (B, K, B, K, d_out) float64 intermediate, twice."""
-    return 2 * 8 * batch * batch * k * k * d_out
+    """The reference backend's Kronecker temporaries: Q (B, B, d_out) float64 and, one
+    sample at a time, a (K, B, d_out) and a (K, B, K) product (kalman_kernels/reference.py)."""
+    return 8 * (batch * batch * d_out + 2 * k * batch * d_out + batch * k * batch * k)
 
 
 def check_workspace(m: int, device, *, dense_numel: int = 0, where: str = "kalman_update_",
