@@ -486,11 +486,13 @@ class KalmanNGD(torch.optim.Optimizer):
         if compiling():
             return
         named = []
+        known = self._cov_checks._known
         for i, (p, _) in enumerate(self._params()):
             cov = self.state[p].get("cov") if p in self.state else None
-            if cov is not None:
+            if cov is not None and not known(cov):      # names only for what is read
                 named.append((f"the covariance of parameter {i} (shape {tuple(p.shape)})", cov))
-        self._cov_checks(named)
+        if named:
+            self._cov_checks(named)
 
     # ------------------------------------------------------------------ process groups
     def _rank_config(self, mode: str) -> tuple:

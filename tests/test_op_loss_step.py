@@ -187,3 +187,18 @@ def test_loss_many_tensors_and_dtypes(kb):
         assert_close_scaled(p, exp_p, p0.to(F64).abs() + 0.5 * c64 * g64.abs(),
                             tol_for(p0.dtype, exact64=kb.exact64), f"loss {kb} param[{i}]")
         assert_close_scaled(c, exp_c, exp_c, 1e-5, f"loss {kb} cov[{i}]")
+
+
+def test_inf_gradient_where_p_is_at_the_floor_reaches_the_quad_form(kb):
+    """An Inf in g at an element whose covariance sits at a tiny floor still makes g^T P- g
+    non-finite (Inf * 1e-12 = Inf; NaN * anything = NaN): the ops layer skips on it without
+    reading the gradients a second time."""
+    for value in (float("inf"), float("nan")):
+        g = randn((4099,), torch.float32, scale=0.1)
+        c = rand_cov((4099,), torch.float32)
+        i = int(torch.randint(4099, ()))
+        g[i] = value
+        c[i] = 1e-12
+        with kb.active() as be:
+            got = be.loss_quad_form([kb.to(g)], [kb.to(c)], 1.0, 0.0)
+        assert not bool(torch.isfinite(got.cpu())), (value, float(got))
