@@ -405,6 +405,21 @@ std::tuple<at::Tensor, at::Tensor> kron_update_terms(const KronOperands& x, cons
   return {dct, gt};
 }
 
+// The diagonal term G^T Ap at full size (d_out, d_in), accumulated over blocks of pairs so
+// that their input products never exist all at once (many samples; the distributed terms).
+at::Tensor diag_over_pair_blocks(const KronOperands& x, const Pairs& pairs, const at::Tensor& gt) {
+  at::Tensor diag = at::zeros({x.d_out, x.d_in}, x.a.options());
+  const int64_t esz = x.acc == at::kDouble ? 8 : 4;
+  const int64_t blk = pair_block(pairs.count, x.d_in, esz);
+  for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
+    const int64_t t1 = std::min(pairs.count, t0 + blk);
+    at::Tensor ap = x.a.index_select(0, pairs.iu.slice(0, t0, t1))
+                        .mul_(x.a.index_select(0, pairs.ju.slice(0, t0, t1)));
+    diag.addmm_(gt.slice(1, t0, t1), ap);
+  }
+  return diag;
+}
+
 // Rows of the weight per tile: the tile's step and diagonal stay in cache.
 int64_t tile_rows(int64_t d_out, int64_t d_in, int64_t esz) {
   const int64_t rows = kTileBytes / std::max<int64_t>(1, 2 * d_in * esz);
@@ -444,14 +459,7 @@ void fused_update_kron_(const at::Tensor& weight, const at::Tensor& cov, const a
   if (pairs.count * x.d_in * esz > kPairBlockBytes) {
     // Too many pairs to keep their products: accumulate the diagonal term over pair blocks
     // into one (d_out, d_in) buffer, then one epilogue pass.
-    at::Tensor diag = at::zeros({x.d_out, x.d_in}, x.a.options());
-    const int64_t blk = pair_block(pairs.count, x.d_in, esz);
-    for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
-      const int64_t t1 = std::min(pairs.count, t0 + blk);
-      at::Tensor ap = x.a.index_select(0, pairs.iu.slice(0, t0, t1))
-                          .mul_(x.a.index_select(0, pairs.ju.slice(0, t0, t1)));
-      diag.addmm_(gt.slice(1, t0, t1), ap);
-    }
+    at::Tensor diag = diag_over_pair_blocks(x, pairs, gt);
     at::Tensor step = at::mm(dct, x.a);
     kt->kron_epilogue(wp, wt, cp, ct, 0, x.d_out * x.d_in, step.const_data_ptr(),
                       diag.const_data_ptr(), s);
@@ -494,16 +502,7 @@ std::tuple<at::Tensor, at::Tensor> step_terms_kron(const at::Tensor& inputs,
   const Pairs pairs = make_pairs(x.b, x.acc);
   at::Tensor dct, gt;
   std::tie(dct, gt) = kron_update_terms(x, pairs, coef, whitening);
-  at::Tensor diag = at::zeros({x.d_out, x.d_in}, x.a.options());
-  const int64_t esz = acc64 ? 8 : 4;
-  const int64_t blk = pair_block(pairs.count, x.d_in, esz);
-  for (int64_t t0 = 0; t0 < pairs.count; t0 += blk) {
-    const int64_t t1 = std::min(pairs.count, t0 + blk);
-    at::Tensor ap = x.a.index_select(0, pairs.iu.slice(0, t0, t1))
-                        .mul_(x.a.index_select(0, pairs.ju.slice(0, t0, t1)));
-    diag.addmm_(gt.slice(1, t0, t1), ap);
-  }
-  return {at::mm(dct, x.a), diag};
+  return {at::mm(dct, x.a), diag_over_pair_blocks(x, pairs, gt)};
 }
 
 // ---------------------------------------------------------------------------------------

@@ -175,28 +175,30 @@ def whitening_matrix(factor: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Step 5: gate
 # --------------------------------------------------------------------------------------
-def _gammainc_lower(a: float, x: float) -> float:
-    """Regularised lower incomplete gamma P(a, x) in plain floats (series below a + 1,
-    Lentz's continued fraction for Q above)."""
+def _regularized_gamma(a: float, x: float):
+    """(P(a, x), Q(a, x)), the regularised lower and upper incomplete gamma functions, in
+    plain floats: the series for P below a + 1, Lentz's continued fraction for Q above (so a
+    small Q keeps its relative precision)."""
     if x <= 0.0:
-        return 0.0
+        return 0.0, 1.0
     log_front = a * math.log(x) - x - math.lgamma(a)
     if x < a + 1.0:
         term = total = 1.0 / a
         denom = a
-        for _ in range(10_000):
+        for _ in range(100_000):
             denom += 1.0
             term *= x / denom
             total += term
             if abs(term) < abs(total) * 1e-17:
                 break
-        return min(1.0, total * math.exp(log_front))
+        p = min(1.0, total * math.exp(log_front))
+        return p, max(0.0, 1.0 - p)
     tiny = 1e-300
     b = x + 1.0 - a
     c = 1.0 / tiny
     d = 1.0 / b
     h = d
-    for i in range(1, 10_000):
+    for i in range(1, 100_000):
         an = -i * (i - a)
         b += 2.0
         d = an * d + b
@@ -208,7 +210,22 @@ def _gammainc_lower(a: float, x: float) -> float:
         h *= delta
         if abs(delta - 1.0) < 1e-16:
             break
-    return max(0.0, 1.0 - math.exp(log_front) * h)
+    q = min(1.0, math.exp(log_front) * h)
+    return max(0.0, 1.0 - q), q
+
+
+def _gammainc_lower(a: float, x: float) -> float:
+    """Regularised lower incomplete gamma P(a, x)."""
+    return _regularized_gamma(a, x)[0]
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X >= x) for X chi-square with ``dof`` degrees of freedom: the p-value of a
+    Mahalanobis distance d2 = x (plain floats; small p-values keep their relative
+    precision)."""
+    if not math.isfinite(x):
+        return 0.0 if x > 0 else float("nan")
+    return _regularized_gamma(dof / 2.0, x / 2.0)[1]
 
 
 _CHI2_CACHE: dict = {}

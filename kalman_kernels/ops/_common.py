@@ -34,45 +34,7 @@ class StepHyper:
     information: bool = False
 
 
-def chi2_sf(x: float, dof: int) -> float:
-    """P(X >= x) for X chi-square with ``dof`` degrees of freedom (the p-value of a
-    Mahalanobis distance), in plain floats: the regularised upper incomplete gamma
-    Q(dof/2, x/2), by its series below a + 1 and Lentz's continued fraction above, so that
-    small p-values keep their relative precision."""
-    if not math.isfinite(x):
-        return 0.0 if x > 0 else float("nan")
-    if x <= 0.0:
-        return 1.0
-    a, y = dof / 2.0, x / 2.0
-    log_front = a * math.log(y) - y - math.lgamma(a)
-    if y < a + 1.0:
-        term = total = 1.0 / a
-        denom = a
-        for _ in range(100_000):
-            denom += 1.0
-            term *= y / denom
-            total += term
-            if abs(term) < abs(total) * 1e-17:
-                break
-        return max(0.0, 1.0 - total * math.exp(log_front))
-    tiny = 1e-300
-    b = y + 1.0 - a
-    c = 1.0 / tiny
-    d = 1.0 / b
-    h = d
-    for i in range(1, 100_000):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-16:
-            break
-    return min(1.0, math.exp(log_front) * h)
+chi2_sf = ref.chi2_sf   # the p-value of a Mahalanobis distance (kalman_kernels.reference)
 
 
 def _host(t: torch.Tensor, what: str):
@@ -378,57 +340,41 @@ def representable_step(params: Sequence[torch.Tensor], covs: Sequence[torch.Tens
     |mu| <= max / 2 before the step, and the covariance update never exceeds
     max(P-, cov_floor). Tensors sharing (dtypes, hyper-parameters) are checked together.
     """
-    if not isinstance(whitened_norm, torch.Tensor):
-        return _representable_step_host(params, covs, hypers, whitened_norm, coef_max,
-                                        weight_max, world)
-    groups: dict = {}
-    for p, c, hp in zip(params, covs, hypers):
-        groups.setdefault((p.dtype, c.dtype, compute_dtype(p, c), hp), []).append(c)
-    ok = torch.ones((), dtype=torch.bool, device=whitened_norm.device)
-    for (p_dtype, c_dtype, k_dtype, hp), group_covs in groups.items():
-        big_c = _max_of(k_dtype)
-        limit = _max_of(p_dtype) / (2.0 * world)
-        big_cov = _max_of(c_dtype)
-        if limit / math.sqrt(big_cov) >= 1e6:
-            sqrt_pbar = math.sqrt(big_cov)
-        else:
-            flat = [c.detach() for c in group_covs if c.numel()]
-            if flat:
-                maxima = torch._foreach_norm(flat, float("inf"))     # P >= 0: max |P| = max P
-                pbar = torch.stack([t.to(F64) for t in maxima]).amax()
-            else:
-                pbar = torch.zeros((), dtype=F64, device=whitened_norm.device)
-            sqrt_pbar = pbar.sqrt()
+    host = not isinstance(whitened_norm, torch.Tensor)
+    ok = True if host else torch.ones((), dtype=torch.bool, device=whitened_norm.device)
+    for hp, big_c, limit, sqrt_pbar in _guard_groups(params, covs, hypers, world, host):
         sqrt_ppred = sqrt_pbar * math.sqrt(1.0 / hp.forgetting) + math.sqrt(hp.process_noise)
         bound = (hp.lr * whitened_norm) * sqrt_ppred
-        ok = ok & ((hp.lr * coef_max) <= big_c) & (weight_max[hp.information] <= big_c) \
-            & (bound <= limit)
+        if host:      # eager CPU: the same conditions on Python floats
+            ok = ok and (hp.lr * coef_max <= big_c and weight_max[hp.information] <= big_c
+                         and bound <= limit)
+        else:
+            ok = ok & ((hp.lr * coef_max) <= big_c) & (weight_max[hp.information] <= big_c) \
+                & (bound <= limit)
     return ok
 
 
-def _representable_step_host(params, covs, hypers, whitened_norm: float, coef_max: float,
-                             weight_max, world: int) -> bool:
-    """:func:`representable_step` on Python floats (eager CPU tensors, where reading the
-    step's scalars costs nothing): the same two conditions, evaluated on the host."""
+def _guard_groups(params, covs, hypers, world: int, host: bool):
+    """Per group of tensors sharing (dtypes, hyper-parameters): (hyper, largest kernel
+    scalar, half the parameter dtype's range per rank, sqrt(max P) or its bound)."""
     groups: dict = {}
     for p, c, hp in zip(params, covs, hypers):
         groups.setdefault((p.dtype, c.dtype, compute_dtype(p, c), hp), []).append(c)
     for (p_dtype, c_dtype, k_dtype, hp), group_covs in groups.items():
-        big_c = _max_of(k_dtype)
         limit = _max_of(p_dtype) / (2.0 * world)
         big_cov = _max_of(c_dtype)
         if limit / math.sqrt(big_cov) >= 1e6:
             sqrt_pbar = math.sqrt(big_cov)
         else:
             flat = [c.detach() for c in group_covs if c.numel()]
-            pbar = max((float(t) for t in torch._foreach_norm(flat, float("inf"))), default=0.0)
-            sqrt_pbar = math.sqrt(pbar)
-        sqrt_ppred = sqrt_pbar * math.sqrt(1.0 / hp.forgetting) + math.sqrt(hp.process_noise)
-        bound = hp.lr * whitened_norm * sqrt_ppred
-        if not (hp.lr * coef_max <= big_c and weight_max[hp.information] <= big_c
-                and bound <= limit):
-            return False
-    return True
+            maxima = torch._foreach_norm(flat, float("inf")) if flat else []  # P >= 0
+            if host:
+                sqrt_pbar = math.sqrt(max((float(t) for t in maxima), default=0.0))
+            elif maxima:
+                sqrt_pbar = torch.stack([t.to(F64) for t in maxima]).amax().sqrt()
+            else:
+                sqrt_pbar = 0.0
+        yield hp, _max_of(k_dtype), limit, sqrt_pbar
 
 
 # ---------------------------------------------------------------------- value checks
