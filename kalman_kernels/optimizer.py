@@ -129,6 +129,7 @@ class KalmanNGD(torch.optim.Optimizer):
         self._pending = PendingFlags()
         self._quad = None            # QuadFormAccumulator when reduce_in_backward() is on
         self._hooked: Dict[int, object] = {}
+        self._checked_groups: Dict[int, tuple] = {}   # id(group) -> (values, StepHyper)
         self._in_closure = False
         self._backward_calls = 0
         super().__init__(params, defaults)
@@ -445,8 +446,7 @@ class KalmanNGD(torch.optim.Optimizer):
             raise ValueError("KalmanNGD.step needs a closure: closure() -> (pred, target) for "
                              "batch observations, or closure() -> scalar loss tensor")
         self._pending.poll()
-        for i, group in enumerate(self.param_groups):     # edited since construction?
-            _check_group(group, where=f"param group {i} (checked at every step)")
+        self._check_groups()
         self._check_cov_values()
         self._install_grad_hooks()
         for capture in self._captures.values():
@@ -456,6 +456,7 @@ class KalmanNGD(torch.optim.Optimizer):
             self._quad.reset()
         self._backward_calls = 0
         self._grad_seen = set()
+        self._written_covs = None     # the loss step names the covariances it wrote
         self._in_closure = True
         try:
             with torch.enable_grad():
@@ -476,9 +477,28 @@ class KalmanNGD(torch.optim.Optimizer):
             for capture in self._captures.values():
                 capture.calls.clear()
         if not compiling():
-            self._cov_checks.record(self.state[p]["cov"] for p, _ in self._params()
-                                    if "cov" in self.state[p])
+            written = self._written_covs
+            self._cov_checks.record(written if written is not None else
+                                    (self.state[p]["cov"] for p, _ in self._params()
+                                     if "cov" in self.state[p]))
         return result
+
+    def _check_groups(self) -> None:
+        """Groups edited since the last step (a scheduler's lr, a user's cov_floor) are
+        validated again; unchanged ones are not (their values are compared, not re-checked:
+        the validation and the StepHyper it yields are functions of those values)."""
+        checked = self._checked_groups
+        for i, group in enumerate(self.param_groups):
+            values = tuple(group[k] for k in _GROUP_KEYS)
+            entry = checked.get(id(group))
+            if entry is None or entry[0] != values:
+                _check_group(group, where=f"param group {i} (checked at every step)")
+                checked[id(group)] = (values, self._hyper(group))
+
+    def _hyper_of(self, group: dict) -> StepHyper:
+        """The group's StepHyper as validated at the start of this step."""
+        entry = self._checked_groups.get(id(group))
+        return entry[1] if entry is not None else self._hyper(group)
 
     def _check_cov_values(self) -> None:
         """Covariances edited in place since the last step (through covariance(p)) must
@@ -549,27 +569,49 @@ class KalmanNGD(torch.optim.Optimizer):
                              f"same model and optimizer, and return the same kind of closure "
                              f"result (raised on every rank at the first step)")
 
-    def _record(self, info: KalmanInfo) -> None:
+    def _record(self, info: KalmanInfo):
         """Counters and adaptive noise on the device; the skip warning once the flag has
-        reached the host (see :mod:`kalman_kernels._deferred`)."""
+        reached the host (see :mod:`kalman_kernels._deferred`). Returns a function that
+        takes the counters, ``last_info`` and the adapted noise back (for a step whose
+        elementwise pass raises after its outcome was recorded)."""
+        previous = (self.last_info, self.state[_FILTER].get("obs_noise"))
         self.last_info = info
         filt = self.state[_FILTER]
         device = filt["steps"].device
-        filt.setdefault("gated_steps", torch.zeros((), dtype=torch.int64, device=device))
+        if "gated_steps" not in filt:
+            filt["gated_steps"] = torch.zeros((), dtype=torch.int64, device=device)
+        host_skipped = None
         if readable_now(info.skipped_tensor) and readable_now(filt["steps"]):
             # eager CPU: the flags are host values already; one in-place add per counter
-            skipped = bool(info.skipped_tensor)
-            filt["skipped_steps" if skipped else "steps"].add_(1)
-            if not skipped and float(info.gate_scale_tensor) < 1:
-                filt["gated_steps"].add_(1)
+            flags = info.extras.get("host_flags")
+            if flags is None:
+                skipped = bool(info.skipped_tensor)
+                flags = (skipped, not skipped and float(info.gate_scale_tensor) < 1)
+            host_skipped, gated = flags
+            bumped = ["skipped_steps" if host_skipped else "steps"] + (["gated_steps"] if gated
+                                                                        else [])
+            for key in bumped:
+                filt[key].add_(1)
+
+            def undo() -> None:
+                self.last_info, filt["obs_noise"] = previous
+                for key in bumped:
+                    filt[key].sub_(1)
         else:
             skipped = info.skipped_tensor.to(device)
             filt["skipped_steps"].add_(skipped.to(torch.int64))
             filt["steps"].add_((~skipped).to(torch.int64))
             gated = (~skipped) & (info.gate_scale_tensor.to(device) < 1)
             filt["gated_steps"].add_(gated.to(torch.int64))
+
+            def undo() -> None:
+                self.last_info, filt["obs_noise"] = previous
+                filt["skipped_steps"].sub_(skipped.to(torch.int64))
+                filt["steps"].sub_((~skipped).to(torch.int64))
+                filt["gated_steps"].sub_(gated.to(torch.int64))
         if info.cov_clamps_tensor is not None:
-            filt.setdefault("cov_clamps", torch.zeros((), dtype=torch.int64, device=device))
+            if "cov_clamps" not in filt:
+                filt["cov_clamps"] = torch.zeros((), dtype=torch.int64, device=device)
             filt["cov_clamps"].add_(info.cov_clamps_tensor.to(device))
             if "clamps" not in self._warned:
                 def on_clamps(any_clamped: bool, info=info) -> None:
@@ -595,8 +637,8 @@ class KalmanNGD(torch.optim.Optimizer):
                                      "rank must change param_groups alike (e.g. the same LR "
                                      "scheduler).")
             self._pending.add(info.mismatch_tensor, on_mismatch)
-        if "skip" in self._warned:
-            return
+        if "skip" in self._warned or host_skipped is False:
+            return undo
 
         def callback(was_skipped: bool, info=info) -> None:
             if was_skipped and "skip" not in self._warned:
@@ -607,12 +649,13 @@ class KalmanNGD(torch.optim.Optimizer):
                               stacklevel=5)
 
         self._pending.add(info.skipped_tensor, callback)
+        return undo
 
     def _predict_only_(self, pairs, ok: torch.Tensor) -> None:
         """Parameters the observation does not touch still go through the predict step
         (when the step is applied)."""
         for p, g in pairs:
-            hp = self._hyper(g)
+            hp = self._hyper_of(g)
             cov = self._cov(p, g)
             if hp.forgetting != 1.0 or hp.process_noise != 0.0 or hp.cov_floor > 0 or \
                     math.isfinite(hp.cov_ceiling):
@@ -667,16 +710,21 @@ class KalmanNGD(torch.optim.Optimizer):
                                 "backward instead")
         if self.process_group is not None:
             self._check_ddp_grads_once(loss, [grad for _, _, grad in used])
+        loss_value = loss.detach()
+        covs = [self._cov(p, g) for p, g, _ in used]
+        untouched = [(p, g) for (p, g), grad in zip(pairs, grads) if grad is None]
+        self._written_covs = covs + [self._cov(p, g) for p, g in untouched]
         info = ops.loss_observation_step_(
-            [p for p, _, _ in used], [grad.detach() for _, _, grad in used],
-            [self._cov(p, g) for p, g, _ in used], [self._hyper(g) for _, g, _ in used],
-            loss.detach(), self._current_obs_noise(), gate=self.gate,
+            [p for p, _, _ in used],
+            [grad.detach() if grad.requires_grad else grad for _, _, grad in used],
+            covs, [self._hyper_of(g) for _, g, _ in used],
+            loss_value, self._current_obs_noise(), gate=self.gate,
             backend=self.backend, adaptive_rate=self.adaptive_obs_noise,
-            quad_form=quad_form, process_group=self.process_group, rank_key=rank_key)
-        self._predict_only_([(p, g) for (p, g), grad in zip(pairs, grads) if grad is None],
-                            ~info.skipped_tensor)
-        self._record(info)
-        return loss.detach()
+            quad_form=quad_form, process_group=self.process_group, rank_key=rank_key,
+            on_decided=self._record)
+        if untouched:
+            self._predict_only_(untouched, ~info.skipped_tensor)
+        return loss_value
 
     def _check_ddp_grads_once(self, loss: torch.Tensor, grads) -> None:
         """Loss mode under process_group, first step: gradients that are bitwise equal on
@@ -738,13 +786,13 @@ class KalmanNGD(torch.optim.Optimizer):
                         where="KalmanNGD.step (batch mode)",
                         chunked=self.max_obs_per_update is not None)
         obs = batch_observation(pred, target, pairs, self._captures, self._cov,
-                                self._hyper, self._warn_once)
+                                self._hyper_of, self._warn_once)
         if not obs.blocks:
             raise ValueError("pred does not depend on any parameter of this optimizer")
         untouched, order = (), None
         if self.process_group is not None:
             order = {id(p): i for i, (p, _) in enumerate(pairs)}
-            untouched = [(p, self._cov(p, g), self._hyper(g)) for p, g in obs.untouched]
+            untouched = [(p, self._cov(p, g), self._hyper_of(g)) for p, g in obs.untouched]
         info = ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, self._current_obs_noise(),
                                 gate=self.gate, backend=self.backend,
                                 adaptive_rate=self.adaptive_obs_noise,

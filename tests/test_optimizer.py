@@ -451,8 +451,56 @@ def test_gradient_accumulation_in_the_closure_is_the_accumulated_gradient(rng):
     total = sum(ref_model(x).pow(2).mean() for x in xs)
     g = torch.autograd.grad(total, list(ref_model.parameters()))
     mu_new, p_new, _, _ = loss_step(_flat(ref_model.parameters()), np.full(4, 0.1), _flat(g),
-                                    float(total), 0.5)
+                                    float(total.detach()), 0.5)
     with pytest.warns(RuntimeWarning, match="recomputed"):
         opt.step(closure)
     assert rel_err(_flat(model.parameters()), mu_new) <= 1e-12
     assert rel_err(_flat([opt.covariance(p) for p in model.parameters()]), p_new) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("adaptive", [0.0, 0.5])
+def test_a_loss_step_whose_elementwise_pass_raises_leaves_every_counter_unchanged(
+        monkeypatch, backend, adaptive):
+    """On eager CPU the loss step records its outcome (counters, last_info, the adapted
+    noise) before the elementwise pass, so that nothing but the return follows the pass;
+    if that pass raises, the record is taken back and the state is as before the step."""
+    from kalman_kernels.backends import resolve
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+    opt = kk.KalmanNGD(model.parameters(), obs_noise=0.1, adaptive_obs_noise=adaptive,
+                       gate=0.9, backend=backend)
+    x = torch.randn(8, 5)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.step(closure)
+    before = opt.state_dict()
+    params0 = [p.detach().clone() for p in model.parameters()]
+    info0, steps0, skipped0 = opt.last_info, opt.steps_taken, opt.skipped_steps
+    kernels = resolve(backend, torch.device("cpu"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault in loss_step_")
+
+    monkeypatch.setattr(kernels, "loss_step_", broken)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        opt.step(closure)
+    assert opt.last_info is info0
+    assert (opt.steps_taken, opt.skipped_steps) == (steps0, skipped0)
+    after = opt.state_dict()
+    assert after["state"]["filter"].keys() == before["state"]["filter"].keys()
+    for key, value in before["state"]["filter"].items():
+        assert torch.equal(torch.as_tensor(after["state"]["filter"][key]),
+                           torch.as_tensor(value)), key
+    for p, p0 in zip(model.parameters(), params0):
+        assert torch.equal(p.detach(), p0)
+    monkeypatch.undo()
+    opt.step(closure)                      # and the next step goes on from there
+    assert opt.steps_taken == steps0 + 1

@@ -89,8 +89,27 @@ def auto_order(device_type: str):
     return [name for _, name in sorted(ranked, key=lambda t: -t[0])]
 
 
+#: (name, device) -> module. Every backend is loaded at import and none appears later, so a
+#: resolution never changes; steps resolve their backend each time, right after the backward
+#: pass has flushed the caches, where the ~60 lines of the lookup cost tens of microseconds.
+_resolved: Dict[tuple, ModuleType] = {}
+
+
 def resolve(name: str, device: torch.device) -> ModuleType:
     """The backend module for ``name`` ("auto" picks the fastest available for ``device``)."""
+    try:
+        return _resolved[(name, device)]
+    except (KeyError, TypeError):             # TypeError: an unhashable device argument
+        pass
+    module = _resolve(name, device)
+    try:
+        _resolved[(name, device)] = module
+    except TypeError:
+        pass
+    return module
+
+
+def _resolve(name: str, device) -> ModuleType:
     device = torch.device(device)
     if name == "auto":
         order = auto_order(device.type)

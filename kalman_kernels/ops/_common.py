@@ -442,10 +442,14 @@ class CovValueCheck:
         """After the step wrote ``tensors``: their new versions are the step's own."""
         if compiling():
             return
+        seen = self._seen
         for t in tensors:
-            entry = self._seen.get(id(t))
+            entry = seen.get(id(t))
             if entry is not None and entry[0]() is t:
-                self._remember(t)
+                version = self._version(t)
+                if version is None:
+                    continue
+                seen[id(t)] = (entry[0], version)       # the same weak reference
 
 
 # ---------------------------------------------------------------------- memory guard

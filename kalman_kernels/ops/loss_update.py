@@ -9,7 +9,7 @@ reaches the loss or g^T P- g, since NaN * P = NaN and Inf * P > 0 = Inf or NaN).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -41,7 +41,9 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                            obs_noise, *, target: float = 0.0, gate: Optional[float] = None,
                            backend: str = "auto", adaptive_rate: float = 0.0,
                            quad_form: Optional[torch.Tensor] = None,
-                           process_group=None, rank_key: Optional[int] = None) -> KalmanInfo:
+                           process_group=None, rank_key: Optional[int] = None,
+                           on_decided: Optional[Callable[[KalmanInfo], Callable[[], None]]]
+                           = None) -> KalmanInfo:
     """One loss-observation step; tensors with equal hyper-parameters share one
     multi-tensor backend call. ``loss`` and ``obs_noise`` are floats or 0-d tensors.
     ``quad_form`` (g^T P- g, a 0-d tensor) may be supplied when it was accumulated during
@@ -54,6 +56,11 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
     it would overflow the parameters' or kernels' dtype (the guard of
     :func:`~._common.representable_step`, with |delta mu_i| <= lr s |e| / S P-_i |g_i|
     <= lr s sqrt(d2) sqrt(P-_i) since P-_i g_i^2 <= g^T P- g < S).
+
+    ``on_decided(info)`` (the optimizer's bookkeeping) is called once the step's outcome is
+    known and returns an undo function: on eager CPU before the elementwise pass (host code
+    run between the passes is cheaper than after the last one, see
+    :func:`_loss_step_on_host`; the undo runs if that pass raises), elsewhere after it.
     """
     device = params[0].device if params else torch.device("cpu")
     check_gate(gate)
@@ -63,6 +70,11 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
     if process_group is not None:
         import torch.distributed as dist
         world = dist.get_world_size(process_group)
+    if process_group is None and _on_host(device, loss, obs_noise, target, quad_form):
+        with torch.no_grad():
+            return _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss,
+                                      target, obs_noise, quad_form, gate, adaptive_rate,
+                                      on_decided)
     with torch.no_grad():
         r = _as_tensor(obs_noise, device)
         e = _as_tensor(target, device) - _as_tensor(loss, device)
@@ -74,9 +86,6 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
             if quad_form is None:
                 quad_form = torch.zeros((), dtype=F64, device=device)
         quad_form = _as_tensor(quad_form, device)
-        if process_group is None and _on_host(quad_form, e, r):
-            return _loss_step_on_host(kernels, params, grads, covs, hypers, runs, e, r,
-                                      quad_form, gate, adaptive_rate)
         finite = torch.isfinite(e) & torch.isfinite(quad_form)
         if adaptive_rate > 0.0:
             r = torch.where(finite, ref.adapt_obs_noise(r, adaptive_rate, e.reshape(1), quad_form), r)
@@ -122,23 +131,41 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                       cov_clamps=clamps)
     if process_group is not None:
         info.extras["max_shrink_tensor"] = shrink
+    if on_decided is not None:
+        on_decided(info)
     return info
 
 
-def _on_host(*scalars: torch.Tensor) -> bool:
-    """Whether the step's scalars can be worked on as Python numbers: eager CPU tensors,
-    where reading them costs no synchronisation (see :mod:`kalman_kernels._deferred`)."""
-    return all(readable_now(t) for t in scalars)
+def _on_host(device: torch.device, *scalars) -> bool:
+    """Whether the step's scalars can be worked on as Python numbers: eager CPU, where
+    reading a tensor costs no synchronisation (see :mod:`kalman_kernels._deferred`)."""
+    if device.type != "cpu" or compiling():
+        return False
+    return all(not isinstance(x, torch.Tensor) or x.device.type == "cpu" for x in scalars)
 
 
-def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, e_t, r_t, quad_t, gate,
-                       adaptive_rate) -> KalmanInfo:
+def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss, target, obs_noise,
+                       quad_form, gate, adaptive_rate, on_decided=None) -> KalmanInfo:
     """The scalar algebra of :func:`loss_observation_step_` in Python floats, for eager CPU
-    tensors: the same formulas (S, d2, the gate, adaptive noise, the overflow guard) as the
-    device path, without its ~40 small tensor ops (about 1 ms per step after the kernels
-    have streamed the parameters through the caches). The kernels, their inputs and the
-    result are the same; ``tests/test_loss_update.py`` compares both paths."""
-    e, r, quad = float(e_t), float(r_t), float(quad_t)
+    tensors: the same formulas, in the same order of float64 operations (S, d2, the gate,
+    adaptive noise, the overflow guard), as the device path, without its ~40 small tensor
+    ops. Those cost far more than their warm-cache microseconds here: they run right after
+    backward and the quadratic form have streamed the parameters through every cache, and
+    each cold dispatcher call is tens of microseconds (about 1 ms per step at 10M
+    parameters; ``benchmarks/public_api.py``). For the same reason everything the host does
+    for this step (the info, ``on_decided``) happens before the elementwise pass, so that
+    nothing but the return follows it. One small tensor carries every scalar the kernels
+    and :class:`KalmanInfo` need. ``tests/test_loss_update.py`` compares both paths bit
+    for bit."""
+    if quad_form is None:
+        quad = 0.0
+        for hp, idx in runs:      # float64 sums in the device path's order
+            quad = quad + float(kernels.loss_quad_form([grads[i] for i in idx],
+                                                       [covs[i] for i in idx],
+                                                       hp.forgetting, hp.process_noise))
+    else:
+        quad = float(quad_form)
+    e, r = float(target) - _float(loss), _float(obs_noise)
     finite = math.isfinite(e) and math.isfinite(quad)
     if adaptive_rate > 0.0 and finite:
         r = (1.0 - adaptive_rate) * r + adaptive_rate * max(ref.ADAPTIVE_NOISE_FLOOR,
@@ -148,24 +175,48 @@ def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, e_t, r_t, qua
     tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
     s = math.sqrt(tau / d2) if (tau is not None and d2 > tau) else 1.0
     guard = finite and representable_step(params, covs, hypers, s * math.sqrt(d2),
-                                          abs(s * e / s_val), {False: 1.0 / s_val,
-                                                               True: 1.0 / r}, 1)
+                                          abs(s * e / s_val),
+                                          {False: 1.0 / s_val, True: 1.0 / r}, 1)
     ok = bool(finite and s_val > 0 and guard)
-    flags = torch.tensor([ok, not finite, finite and not guard])
-    ok_t = flags[0]
+    flag = _HOST_FLAGS
+    n_runs = len(runs)
     scalars = torch.tensor([hp.lr * s * e / s_val for hp, _ in runs]
                            + [1.0 / r, 1.0 / s_val, d2 if ok else math.nan,
-                              s if ok else 0.0, r, s_val, 0.0], dtype=F64)
-    n_runs = len(runs)
-    for i, (hp, idx) in enumerate(runs):
-        weight = scalars[n_runs] if hp.information else scalars[n_runs + 1]
-        kernels.loss_step_([params[j] for j in idx], [grads[j] for j in idx],
-                           [covs[j] for j in idx], scalars[i], weight, ok_t, hp.forgetting,
-                           hp.process_noise, hp.cov_floor, hp.cov_ceiling, hp.information)
-    tail = scalars[n_runs + 2:]
-    return KalmanInfo(mahalanobis=tail[0], gate_scale=tail[1], skipped=~ok_t,
-                      innovation_cov=tail[3].reshape(1, 1), jitter=tail[4], obs_noise=tail[2],
-                      num_obs=1, nonfinite=flags[1], overflow=flags[2])
+                              s if ok else 0.0, r, s_val, 0.0], dtype=F64).unbind()
+    d2_t, s_t, r_t, sval_t, zero_t = scalars[n_runs + 2:]
+    info = KalmanInfo(mahalanobis=d2_t, gate_scale=s_t, skipped=flag[not ok],
+                      innovation_cov=sval_t.view(1, 1), jitter=zero_t, obs_noise=r_t,
+                      num_obs=1, nonfinite=flag[not finite], overflow=flag[finite and not guard])
+    info.extras["host_flags"] = (not ok, ok and s < 1.0)     # (skipped, gated), read for free
+    undo = on_decided(info) if on_decided is not None else None
+    try:
+        for i, (hp, idx) in enumerate(runs):
+            weight = scalars[n_runs] if hp.information else scalars[n_runs + 1]
+            kernels.loss_step_([params[j] for j in idx], [grads[j] for j in idx],
+                               [covs[j] for j in idx], scalars[i], weight, flag[ok],
+                               hp.forgetting, hp.process_noise, hp.cov_floor, hp.cov_ceiling,
+                               hp.information)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    return info
+
+
+def _float(x) -> float:
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        x = x.detach()               # float() of a tensor that requires grad warns
+    return float(x)
+
+
+def _frozen_flag(value: bool) -> torch.Tensor:
+    with torch.inference_mode():     # in-place writes outside inference mode raise
+        return torch.tensor(value)
+
+
+#: The host path's 0-d bool flags, shared by every step (a fresh tensor per flag would be
+#: three more dispatcher calls per step); inference tensors, so they cannot be modified.
+_HOST_FLAGS = {False: _frozen_flag(False), True: _frozen_flag(True)}
 
 
 _cov_checks = CovValueCheck()
