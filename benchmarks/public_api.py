@@ -170,8 +170,10 @@ def bench_loss_public(table, threads: int, rounds: int, summary: Dict, n: int = 
         case = LossPublicCase(n, reduce_in_backward=hooked)
         adam = case.adamw()
         raw = case.raw_step_only() if hooked else case.raw_ops()
+        # 4x the rounds: each round is ~50 ms, and the medians of 15 moved by +-8% between
+        # runs on this shared 2-core VM (the 1.25x target sits within that spread)
         part, closure, plain, others = _step_minus_closure(
-            case, rounds, {"raw ops": raw, "AdamW(fused=True).step": adam})
+            case, 4 * rounds, {"raw ops": raw, "AdamW(fused=True).step": adam})
         adam_t = others["AdamW(fused=True).step"].median
         nbytes = (5 if hooked else 7) * 4.0 * n
         label = "loss mode, reduce_in_backward" if hooked else "loss mode, 4 tensors"

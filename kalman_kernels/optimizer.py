@@ -130,6 +130,7 @@ class KalmanNGD(torch.optim.Optimizer):
         self._quad = None            # QuadFormAccumulator when reduce_in_backward() is on
         self._hooked: Dict[int, object] = {}
         self._checked_groups: Dict[int, tuple] = {}   # id(group) -> (values, StepHyper)
+        self._counter_views: Dict[str, tuple] = {}    # key -> (counter tensor, numpy view)
         self._in_closure = False
         self._backward_calls = 0
         super().__init__(params, defaults)
@@ -179,7 +180,7 @@ class KalmanNGD(torch.optim.Optimizer):
                              f"{tuple(cov.shape)}: the parameter was replaced or reshaped after "
                              f"the optimizer state was created (or the state was loaded from "
                              f"another model); create the optimizer for the model as it is now")
-        if cov.device != p.device:
+        if not (cov.is_cpu and p.is_cpu) and cov.device != p.device:
             raise ValueError(f"a parameter on {p.device} has its covariance on {cov.device}: the "
                              f"model was moved after the optimizer state was created; call "
                              f"opt.load_state_dict(opt.state_dict()) after model.to(...) (it "
@@ -577,27 +578,30 @@ class KalmanNGD(torch.optim.Optimizer):
         previous = (self.last_info, self.state[_FILTER].get("obs_noise"))
         self.last_info = info
         filt = self.state[_FILTER]
-        device = filt["steps"].device
         if "gated_steps" not in filt:
-            filt["gated_steps"] = torch.zeros((), dtype=torch.int64, device=device)
+            filt["gated_steps"] = torch.zeros((), dtype=torch.int64,
+                                              device=filt["steps"].device)
         host_skipped = None
-        if readable_now(info.skipped_tensor) and readable_now(filt["steps"]):
-            # eager CPU: the flags are host values already; one in-place add per counter
-            flags = info.extras.get("host_flags")
+        flags = info.extras.get("host_flags")     # a step decided on the host (eager CPU)
+        if (flags is not None and filt["steps"].is_cpu) or (
+                readable_now(info.skipped_tensor) and readable_now(filt["steps"])):
+            # eager CPU: the flags are host values already; one increment per counter
             if flags is None:
                 skipped = bool(info.skipped_tensor)
                 flags = (skipped, not skipped and float(info.gate_scale_tensor) < 1)
             host_skipped, gated = flags
-            bumped = ["skipped_steps" if host_skipped else "steps"] + (["gated_steps"] if gated
-                                                                        else [])
-            for key in bumped:
-                filt[key].add_(1)
+            bumped = [self._host_counter("skipped_steps" if host_skipped else "steps")]
+            if gated:
+                bumped.append(self._host_counter("gated_steps"))
+            for count in bumped:
+                count[...] += 1
 
             def undo() -> None:
                 self.last_info, filt["obs_noise"] = previous
-                for key in bumped:
-                    filt[key].sub_(1)
+                for count in bumped:
+                    count[...] -= 1
         else:
+            device = filt["steps"].device
             skipped = info.skipped_tensor.to(device)
             filt["skipped_steps"].add_(skipped.to(torch.int64))
             filt["steps"].add_((~skipped).to(torch.int64))
@@ -651,6 +655,17 @@ class KalmanNGD(torch.optim.Optimizer):
         self._pending.add(info.skipped_tensor, callback)
         return undo
 
+    def _host_counter(self, key: str):
+        """The numpy view of a CPU counter tensor: a step counts through it with no
+        dispatcher call (an ``add_`` on a 0-d tensor costs tens of microseconds in the cold
+        caches the kernels leave; see ops/loss_update.py). Re-made when the tensor is
+        replaced (load_state_dict)."""
+        tensor = self.state[_FILTER][key]
+        entry = self._counter_views.get(key)
+        if entry is None or entry[0] is not tensor:
+            entry = self._counter_views[key] = (tensor, tensor.numpy())
+        return entry[1]
+
     def _predict_only_(self, pairs, ok: torch.Tensor) -> None:
         """Parameters the observation does not touch still go through the predict step
         (when the step is applied)."""
@@ -672,7 +687,8 @@ class KalmanNGD(torch.optim.Optimizer):
         if isinstance(self.obs_noise, torch.Tensor):
             raise ValueError("obs_noise must be a float in loss-observation mode (one "
                              "observation per step), got a tensor")
-        if loss.device != self._device():
+        if not (loss.is_cpu and self.param_groups[0]["params"][0].is_cpu) and \
+                loss.device != self._device():
             raise ValueError(f"closure returned a loss on {loss.device} but the parameters are "
                              f"on {self._device()}")
         rank_key = self._rank_key("loss")

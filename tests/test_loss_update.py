@@ -96,8 +96,57 @@ def test_host_scalar_path_equals_device_path_bit_for_bit(monkeypatch, gate, adap
             assert (math.isnan(x) and math.isnan(y)) or x == y, field
         assert torch.equal(i_h.innovation_cov, i_d.innovation_cov) or (
             bool(torch.isnan(i_h.innovation_cov).all()) and bool(torch.isnan(i_d.innovation_cov).all()))
+        # the host path's report makes its tensors when read: same dtypes, shapes, values
+        for field in ("mahalanobis_tensor", "gate_scale_tensor", "skipped_tensor",
+                      "jitter_tensor", "obs_noise_tensor", "nonfinite_tensor",
+                      "overflow_tensor", "innovation_cov"):
+            x, y = getattr(i_h, field), getattr(i_d, field)
+            assert (x.dtype, x.shape, x.device) == (y.dtype, y.shape, y.device), field
+            assert torch.equal(x, y) or bool((x.isnan() & y.isnan()).all()), field
+            assert getattr(i_h, field) is x, f"{field} is made once"
+        assert (i_h.jitter, i_h.gated, i_h.num_obs) == (i_d.jitter, i_d.gated, i_d.num_obs)
+        assert math.isnan(i_h.p_value) == math.isnan(i_d.p_value)
+        if not i_h.skipped:
+            assert i_h.p_value == i_d.p_value
     # a loss of 1e38 overflows float32 unless the gate shrinks the step or the adaptive
     # noise absorbs it (r grows by beta e^2), which keep the step finite
     assert [r[2].skipped for r in results[:half]] == [False, True,
                                                      gate is None and adaptive == 0.0], \
         [r[2].reason for r in results[:half]]
+
+
+def test_concurrent_host_steps_in_threads_match_sequential_steps():
+    """The eager-CPU loss step carries its scalars into the kernels in per-thread reused
+    tensors: steps running at once in several threads (the kernels release the GIL) must
+    give what the same steps give one after another."""
+    import threading
+
+    def problem(seed):
+        gen = torch.Generator().manual_seed(seed)
+        shapes = [(4001,), (37, 129)]
+        return ([torch.randn(s, generator=gen) for s in shapes],
+                [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)],
+                [torch.rand(s, generator=gen) * 0.1 + 1e-3 for s in shapes],
+                [float(torch.randn((), generator=gen)) * 3 for _ in range(steps)])
+
+    steps = 500
+
+    seeds = [int(torch.randint(0, 2**31 - 1, ())) + k for k in range(4)]
+
+    def run(seed, out):
+        params, grads, covs, losses = problem(seed)
+        for g, loss in zip(grads, losses):
+            ops.loss_update_(params, g, covs, loss, 0.3, lr=0.7, gate=0.99)
+        out[seed] = params + covs
+
+    sequential, concurrent = {}, {}
+    for seed in seeds:
+        run(seed, sequential)
+    threads = [threading.Thread(target=run, args=(seed, concurrent)) for seed in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in seeds:
+        for a, b in zip(sequential[seed], concurrent[seed]):
+            assert torch.equal(a, b)

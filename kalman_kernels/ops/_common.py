@@ -7,6 +7,7 @@ where reading them costs nothing (DESIGN 4: no host round trips inside a step).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -162,6 +163,69 @@ class KalmanInfo:
                 f"reason={self.reason!r})")
 
 
+def _frozen_flag(value: bool) -> torch.Tensor:
+    with torch.inference_mode():     # in-place writes outside inference mode raise
+        return torch.tensor(value)
+
+
+#: 0-d bool flags shared by every host-decided step (a fresh tensor per flag is a dispatcher
+#: call each); inference tensors, so they cannot be modified in place.
+HOST_FLAGS = {False: _frozen_flag(False), True: _frozen_flag(True)}
+
+
+def _made_on_read(name: str, make):
+    """A KalmanInfo tensor field made from the host numbers when first read, then kept."""
+    def get(self):
+        made = self._made
+        t = made.get(name)
+        if t is None:
+            t = made[name] = make(self._numbers)
+        return t
+    get.__name__ = name
+    return property(get)
+
+
+def _f64(key: str):
+    return lambda nums: torch.tensor(nums[key], dtype=F64)
+
+
+class HostKalmanInfo(KalmanInfo):
+    """The :class:`KalmanInfo` of a step whose scalars were decided as Python numbers
+    (the eager-CPU loss step, where reading a value costs no synchronisation). It holds the
+    numbers and makes each ``*_tensor`` field only when it is read: the step itself creates
+    no tensor for its report (each small tensor op costs tens of microseconds right after
+    the kernels have streamed the parameters through the caches). Reads give the same
+    values, dtypes and shapes as the device-decided :class:`KalmanInfo`."""
+
+    __slots__ = ("_numbers", "_made")
+
+    def __init__(self, *, mahalanobis: float, gate_scale: float, skipped: bool,
+                 innovation_cov: float, obs_noise: float, nonfinite: bool, overflow: bool):
+        self._numbers = {"mahalanobis": mahalanobis, "gate_scale": gate_scale,
+                         "skipped": skipped, "innovation_cov": innovation_cov,
+                         "obs_noise": obs_noise, "nonfinite": nonfinite, "overflow": overflow}
+        self._made = {}
+        self.num_obs = 1
+        self.remote_tensor = self.mismatch_tensor = self.cov_clamps_tensor = None
+        self.extras = {}
+
+    mahalanobis_tensor = _made_on_read("mahalanobis_tensor", _f64("mahalanobis"))
+    gate_scale_tensor = _made_on_read("gate_scale_tensor", _f64("gate_scale"))
+    obs_noise_tensor = _made_on_read("obs_noise_tensor", _f64("obs_noise"))
+    jitter_tensor = _made_on_read("jitter_tensor", lambda nums: torch.zeros((), dtype=F64))
+    innovation_cov = _made_on_read(
+        "innovation_cov", lambda nums: torch.tensor([[nums["innovation_cov"]]], dtype=F64))
+    skipped_tensor = property(lambda self: HOST_FLAGS[self._numbers["skipped"]])
+    nonfinite_tensor = property(lambda self: HOST_FLAGS[self._numbers["nonfinite"]])
+    overflow_tensor = property(lambda self: HOST_FLAGS[self._numbers["overflow"]])
+
+    mahalanobis = property(lambda self: self._numbers["mahalanobis"])
+    gate_scale = property(lambda self: self._numbers["gate_scale"])
+    skipped = property(lambda self: self._numbers["skipped"])
+    obs_noise = property(lambda self: self._numbers["obs_noise"])
+    jitter = property(lambda self: None if self._numbers["skipped"] else 0.0)
+
+
 def check_hyper(*, lr, forgetting, process_noise, cov_floor, cov_ceiling, cov_update,
                 where: str = "") -> None:
     """Raise a ValueError naming the first bad hyper-parameter."""
@@ -302,6 +366,7 @@ def check_no_overlap(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
 
 
 # ---------------------------------------------------------------------- overflow guard
+@functools.lru_cache(maxsize=None)
 def _max_of(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 

@@ -9,6 +9,7 @@ reaches the loss or g^T P- g, since NaN * P = NaN and Inf * P > 0 = Inf or NaN).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -16,8 +17,8 @@ import torch
 from .. import reference as ref
 from .._deferred import compiling, readable_now
 from ..backends import resolve
-from ._common import F64, CovValueCheck, KalmanInfo, StepHyper, check_cov, check_gate, \
-    check_no_overlap, hyper_from, representable_step
+from ._common import F64, HOST_FLAGS, CovValueCheck, HostKalmanInfo, KalmanInfo, StepHyper, \
+    check_cov, check_gate, check_no_overlap, hyper_from, representable_step
 from .kalman_update import _pending, all_ranks_ok, apply_reduced_terms_, warn_if_skipped
 
 
@@ -62,19 +63,19 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
     run between the passes is cheaper than after the last one, see
     :func:`_loss_step_on_host`; the undo runs if that pass raises), elsewhere after it.
     """
-    device = params[0].device if params else torch.device("cpu")
     check_gate(gate)
-    kernels = resolve(backend, device)
     runs = runs_by_hyper(hypers)
+    if process_group is None and _on_host(params, loss, obs_noise, target, quad_form):
+        with torch.no_grad():
+            return _loss_step_on_host(resolve(backend, _CPU), params, grads, covs, hypers,
+                                      runs, loss, target, obs_noise, quad_form, gate,
+                                      adaptive_rate, on_decided)
+    device = params[0].device if params else _CPU
+    kernels = resolve(backend, device)
     world = 1
     if process_group is not None:
         import torch.distributed as dist
         world = dist.get_world_size(process_group)
-    if process_group is None and _on_host(device, loss, obs_noise, target, quad_form):
-        with torch.no_grad():
-            return _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss,
-                                      target, obs_noise, quad_form, gate, adaptive_rate,
-                                      on_decided)
     with torch.no_grad():
         r = _as_tensor(obs_noise, device)
         e = _as_tensor(target, device) - _as_tensor(loss, device)
@@ -136,12 +137,20 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
     return info
 
 
-def _on_host(device: torch.device, *scalars) -> bool:
+_CPU = torch.device("cpu")
+
+
+def _on_host(params: List[torch.Tensor], *scalars) -> bool:
     """Whether the step's scalars can be worked on as Python numbers: eager CPU, where
-    reading a tensor costs no synchronisation (see :mod:`kalman_kernels._deferred`)."""
-    if device.type != "cpu" or compiling():
+    reading a tensor costs no synchronisation (see :mod:`kalman_kernels._deferred`).
+    ``is_cpu``, not ``.device``: no device object is made (each kind of small host
+    operation costs tens of microseconds in the caches the kernels leave)."""
+    if compiling() or (params and not params[0].is_cpu):
         return False
-    return all(not isinstance(x, torch.Tensor) or x.device.type == "cpu" for x in scalars)
+    for x in scalars:
+        if isinstance(x, torch.Tensor) and not x.is_cpu:
+            return False
+    return True
 
 
 def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss, target, obs_noise,
@@ -154,9 +163,10 @@ def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss, target,
     each cold dispatcher call is tens of microseconds (about 1 ms per step at 10M
     parameters; ``benchmarks/public_api.py``). For the same reason everything the host does
     for this step (the info, ``on_decided``) happens before the elementwise pass, so that
-    nothing but the return follows it. One small tensor carries every scalar the kernels
-    and :class:`KalmanInfo` need. ``tests/test_loss_update.py`` compares both paths bit
-    for bit."""
+    nothing but the return follows it. The report is a :class:`HostKalmanInfo` (tensors
+    made only when read) and the kernels' scalars travel in reused 0-d tensors written
+    through numpy (:class:`_HostScalarSlots`): the step creates no tensor.
+    ``tests/test_loss_update.py`` compares both paths bit for bit."""
     if quad_form is None:
         quad = 0.0
         for hp, idx in runs:      # float64 sums in the device path's order
@@ -178,22 +188,23 @@ def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss, target,
                                           abs(s * e / s_val),
                                           {False: 1.0 / s_val, True: 1.0 / r}, 1)
     ok = bool(finite and s_val > 0 and guard)
-    flag = _HOST_FLAGS
-    n_runs = len(runs)
-    scalars = torch.tensor([hp.lr * s * e / s_val for hp, _ in runs]
-                           + [1.0 / r, 1.0 / s_val, d2 if ok else math.nan,
-                              s if ok else 0.0, r, s_val, 0.0], dtype=F64).unbind()
-    d2_t, s_t, r_t, sval_t, zero_t = scalars[n_runs + 2:]
-    info = KalmanInfo(mahalanobis=d2_t, gate_scale=s_t, skipped=flag[not ok],
-                      innovation_cov=sval_t.view(1, 1), jitter=zero_t, obs_noise=r_t,
-                      num_obs=1, nonfinite=flag[not finite], overflow=flag[finite and not guard])
+    info = HostKalmanInfo(mahalanobis=d2 if ok else math.nan, gate_scale=s if ok else 0.0,
+                          skipped=not ok, innovation_cov=s_val, obs_noise=r,
+                          nonfinite=not finite, overflow=finite and not guard)
     info.extras["host_flags"] = (not ok, ok and s < 1.0)     # (skipped, gated), read for free
     undo = on_decided(info) if on_decided is not None else None
     try:
+        if ok:    # a skipped step still goes through the kernels (their argument checks)
+            coefs = [hp.lr * s * e / s_val for hp, _ in runs]
+            weights = (1.0 / r, 1.0 / s_val)
+        else:
+            coefs, weights = [0.0] * len(runs), (0.0, 0.0)
+        scalars = _host_scalars(coefs + list(weights))
+        n_runs = len(runs)
         for i, (hp, idx) in enumerate(runs):
             weight = scalars[n_runs] if hp.information else scalars[n_runs + 1]
             kernels.loss_step_([params[j] for j in idx], [grads[j] for j in idx],
-                               [covs[j] for j in idx], scalars[i], weight, flag[ok],
+                               [covs[j] for j in idx], scalars[i], weight, HOST_FLAGS[ok],
                                hp.forgetting, hp.process_noise, hp.cov_floor, hp.cov_ceiling,
                                hp.information)
     except BaseException:
@@ -203,20 +214,33 @@ def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss, target,
     return info
 
 
+class _HostScalarSlots(threading.local):
+    """0-d float64 tensors that carry the host path's step scalars into the kernels, written
+    through their numpy views (no dispatcher call) right before each call and read by the
+    kernel during it; one set per thread. Never handed out: the step's report is a
+    :class:`HostKalmanInfo`."""
+
+    def __init__(self) -> None:
+        self.tensors: List[torch.Tensor] = []
+        self.views: list = []
+
+    def __call__(self, values: List[float]) -> List[torch.Tensor]:
+        while len(self.tensors) < len(values):
+            t = torch.zeros((), dtype=F64)
+            self.tensors.append(t)
+            self.views.append(t.numpy())
+        for view, v in zip(self.views, values):
+            view[...] = v
+        return self.tensors
+
+
+_host_scalars = _HostScalarSlots()
+
+
 def _float(x) -> float:
     if isinstance(x, torch.Tensor) and x.requires_grad:
         x = x.detach()               # float() of a tensor that requires grad warns
     return float(x)
-
-
-def _frozen_flag(value: bool) -> torch.Tensor:
-    with torch.inference_mode():     # in-place writes outside inference mode raise
-        return torch.tensor(value)
-
-
-#: The host path's 0-d bool flags, shared by every step (a fresh tensor per flag would be
-#: three more dispatcher calls per step); inference tensors, so they cannot be modified.
-_HOST_FLAGS = {False: _frozen_flag(False), True: _frozen_flag(True)}
 
 
 _cov_checks = CovValueCheck()
