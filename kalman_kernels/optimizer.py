@@ -614,6 +614,7 @@ class KalmanNGD(torch.optim.Optimizer):
                 filt["steps"].sub_((~skipped).to(torch.int64))
                 filt["gated_steps"].sub_(gated.to(torch.int64))
         if info.cov_clamps_tensor is not None:
+            device = filt["steps"].device
             if "cov_clamps" not in filt:
                 filt["cov_clamps"] = torch.zeros((), dtype=torch.int64, device=device)
             filt["cov_clamps"].add_(info.cov_clamps_tensor.to(device))

@@ -7,7 +7,6 @@ where reading them costs nothing (DESIGN 4: no host round trips inside a step).
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import weakref
@@ -366,9 +365,16 @@ def check_no_overlap(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
 
 
 # ---------------------------------------------------------------------- overflow guard
-@functools.lru_cache(maxsize=None)
+#: finfo(dtype).max of the floating dtypes, looked up once (a torch.finfo per step costs
+#: tens of microseconds in the cold caches the loss step runs in; a dict, not lru_cache,
+#: which torch.compile warns about)
+_DTYPE_MAX = {dt: float(torch.finfo(dt).max)
+              for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 def _max_of(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).max)
+    found = _DTYPE_MAX.get(dtype)
+    return found if found is not None else float(torch.finfo(dtype).max)
 
 
 def compute_dtype(param: torch.Tensor, cov: torch.Tensor) -> torch.dtype:
