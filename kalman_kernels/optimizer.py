@@ -39,7 +39,7 @@ from ._deferred import PendingFlags, compiling, readable_now
 from .backends import resolve
 from .observations import LinearCapture, batch_observation
 from .ops import KalmanInfo, StepHyper
-from .ops._common import CovValueCheck, check_workspace
+from .ops._common import CovValueCheck, check_workspace, numpy_view
 
 _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "cov_ceiling",
                "cov_update")
@@ -664,7 +664,9 @@ class KalmanNGD(torch.optim.Optimizer):
         tensor = self.state[_FILTER][key]
         entry = self._counter_views.get(key)
         if entry is None or entry[0] is not tensor:
-            entry = self._counter_views[key] = (tensor, tensor.numpy())
+            view = numpy_view(tensor)
+            # no numpy in this torch build: the tensor itself (+= 1 is then an add_)
+            entry = self._counter_views[key] = (tensor, tensor if view is None else view)
         return entry[1]
 
     def _predict_only_(self, pairs, ok: torch.Tensor) -> None:

@@ -504,3 +504,41 @@ def test_a_loss_step_whose_elementwise_pass_raises_leaves_every_counter_unchange
     monkeypatch.undo()
     opt.step(closure)                      # and the next step goes on from there
     assert opt.steps_taken == steps0 + 1
+
+
+def test_loss_steps_without_numpy_views_match_the_numpy_path(monkeypatch):
+    """On eager CPU the loss step writes its kernel scalars and counters through numpy
+    views; a torch built without numpy falls back to torch ops with the same result."""
+    import kalman_kernels.ops.loss_update as lu
+    import kalman_kernels.optimizer as optmod
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    base = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1))
+    data = [(torch.randn(9, 7), torch.randn(9, 1)) for _ in range(6)]
+
+    def train():
+        model = copy.deepcopy(base)
+        opt = kk.KalmanNGD(model.parameters(), init_cov=1e-2, obs_noise=0.1, gate=0.99)
+        for x, y in data:
+            def closure():
+                opt.zero_grad()
+                loss = (model(x) - y).pow(2).mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    params_np, opt_np = train()
+    monkeypatch.setattr(lu, "numpy_view", lambda t: None)
+    monkeypatch.setattr(lu, "_host_scalars", lu._HostScalarSlots())
+    monkeypatch.setattr(optmod, "numpy_view", lambda t: None)
+    params_torch, opt_torch = train()
+    for a, b in zip(params_np, params_torch):
+        assert torch.equal(a, b)
+    assert opt_np.steps_taken == opt_torch.steps_taken == len(data)
+    assert opt_np.diagnostics()["gated_steps"] == opt_torch.diagnostics()["gated_steps"]
+    assert opt_np.last_info.mahalanobis == opt_torch.last_info.mahalanobis
+    # each run took the path it names
+    assert isinstance(opt_np._counter_views["steps"][1], np.ndarray)
+    assert isinstance(opt_torch._counter_views["steps"][1], torch.Tensor)
+    assert all(v is None for v in lu._host_scalars.views)

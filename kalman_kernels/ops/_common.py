@@ -172,6 +172,15 @@ def _frozen_flag(value: bool) -> torch.Tensor:
 HOST_FLAGS = {False: _frozen_flag(False), True: _frozen_flag(True)}
 
 
+def numpy_view(t: torch.Tensor):
+    """``t.numpy()`` (a CPU tensor's memory, written without a dispatcher call), or None
+    where this torch was built without numpy support (callers then use torch ops)."""
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError):
+        return None
+
+
 def _made_on_read(name: str, make):
     """A KalmanInfo tensor field made from the host numbers when first read, then kept."""
     def get(self):

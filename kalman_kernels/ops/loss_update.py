@@ -18,7 +18,7 @@ from .. import reference as ref
 from .._deferred import compiling, readable_now
 from ..backends import resolve
 from ._common import F64, HOST_FLAGS, CovValueCheck, HostKalmanInfo, KalmanInfo, StepHyper, \
-    check_cov, check_gate, check_no_overlap, hyper_from, representable_step
+    check_cov, check_gate, check_no_overlap, hyper_from, numpy_view, representable_step
 from .kalman_update import _pending, all_ranks_ok, apply_reduced_terms_, warn_if_skipped
 
 
@@ -228,10 +228,14 @@ class _HostScalarSlots(threading.local):
         while len(self.tensors) < len(values):
             t = torch.zeros((), dtype=F64)
             self.tensors.append(t)
-            self.views.append(t.numpy())
-        for view, v in zip(self.views, values):
-            view[...] = v
+            self.views.append(numpy_view(t))
+        for t, view, v in zip(self.tensors, self.views, values):
+            if view is not None:
+                view[...] = v
+            else:
+                t.fill_(v)
         return self.tensors
+
 
 
 _host_scalars = _HostScalarSlots()
