@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .. import reference as ref
-from .._deferred import compiling, readable_now
+from .._deferred import compiling
 from ..backends import resolve
 from ._common import F64, HOST_FLAGS, CovValueCheck, HostKalmanInfo, KalmanInfo, StepHyper, \
     check_cov, check_gate, check_no_overlap, hyper_from, numpy_view, representable_step
@@ -235,7 +235,6 @@ class _HostScalarSlots(threading.local):
             else:
                 t.fill_(v)
         return self.tensors
-
 
 
 _host_scalars = _HostScalarSlots()
