@@ -150,3 +150,22 @@ def test_concurrent_host_steps_in_threads_match_sequential_steps():
     for seed in seeds:
         for a, b in zip(sequential[seed], concurrent[seed]):
             assert torch.equal(a, b)
+
+
+def test_host_overhead_diagnostic_runs_and_times_every_phase():
+    """``python -m benchmarks.host_overhead`` (the numbers in docs/cpp_backend.md) runs,
+    sees both kernels and the bookkeeping inside the step, and sums the host time."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--n", "4000",
+                          "--steps", "3"], capture_output=True, text=True, cwd=root,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    for phase in ("kernel loss_quad_form start -> kernel loss_quad_form end",
+                  "kernel loss_step_ start -> kernel loss_step_ end",
+                  "bookkeeping start -> bookkeeping end", "0-d tensor add_(1)",
+                  "non-kernel time of the step"):
+        assert phase in out.stdout, (phase, out.stdout)
