@@ -12,8 +12,10 @@ Two tables:
 * **the step by segment**: ``KalmanNGD.step`` with timestamps at the boundaries of its
   phases (the closure, the backend's two kernels, the optimizer's bookkeeping), medians over
   steps. The segments between kernels are the host code; the first and last include
-  torch.optim's step wrapper (``record_function`` enter and exit, which AdamW pays too).
-  The timestamps themselves add a few microseconds per boundary.
+  torch.optim's step wrapper (``record_function`` enter and exit, which AdamW pays too):
+  the segments before the optimizer's first check (``check groups``) and after its last
+  (``cov record``) are that wrapper and little else. The timestamps add their own cost at
+  each boundary (not subtracted).
 """
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ class _Marks:
 
     def wrap(self, owner, attr: str, label: str) -> None:
         original = getattr(owner, attr)
+        own = attr in getattr(owner, "__dict__", {})   # else a bound method: delete on restore
 
         def timed(*args, **kwargs):
             self.mark(label + " start")
@@ -88,11 +91,14 @@ class _Marks:
                 self.mark(label + " end")
 
         setattr(owner, attr, timed)
-        self._undo.append((owner, attr, original))
+        self._undo.append((owner, attr, original, own))
 
     def restore(self) -> None:
-        for owner, attr, original in reversed(self._undo):
-            setattr(owner, attr, original)
+        for owner, attr, original, own in reversed(self._undo):
+            if own:
+                setattr(owner, attr, original)
+            else:
+                delattr(owner, attr)
 
 
 def step_segments(n: int, steps: int = 25):
@@ -105,6 +111,8 @@ def step_segments(n: int, steps: int = 25):
     marks.wrap(loss_update, "_loss_step_on_host", "host step")
     marks.wrap(optimizer_module.KalmanNGD, "_record", "bookkeeping")
     marks.wrap(case, "_closure", "closure")
+    marks.wrap(case.opt, "_check_groups", "check groups")
+    marks.wrap(case.opt._cov_checks, "record", "cov record")
     per_segment = {}
     try:
         for _ in range(steps):
