@@ -11,6 +11,11 @@ that into parameter blocks for :func:`kalman_kernels.ops.kalman_step_`:
   Jacobian is D;
 * every other parameter the prediction depends on gets its dense Jacobian (m, *shape) by
   batched autograd.
+
+With ``likelihood="categorical"`` the closure returns ``(logits, labels)`` instead, and
+:func:`categorical_observation` turns them into the probabilities of K - 1 classes per
+sample, their residual and their (m, m) noise (docs/math.md, "The categorical likelihood");
+those probabilities then go through :func:`batch_observation` like any (B, K - 1) prediction.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._deferred import readable_now
 from .ops import DenseBlock, KronBlock, StepHyper
 
 #: Seed of the random per-sample weights of the cross-sample check (fixed: the probe never
@@ -146,13 +152,21 @@ def batch_observation(pred: torch.Tensor, target: torch.Tensor,
                       captures: Dict[nn.Linear, LinearCapture],
                       cov_of: Callable[[torch.Tensor, dict], torch.Tensor],
                       hyper_of: Callable[[dict], StepHyper],
-                      warn_once: Callable[[str, str], None]) -> BatchObservation:
+                      warn_once: Callable[[str, str], None],
+                      residual: Optional[torch.Tensor] = None) -> BatchObservation:
     """Blocks of ``pred`` (m,) or (B, K) against ``target`` for the parameters ``pairs``
-    ((param, group)); tracked layers in ``captures`` give Kronecker blocks."""
+    ((param, group)); tracked layers in ``captures`` give Kronecker blocks. ``residual``
+    (float64, (m,)) replaces ``target - pred`` when the caller computed it more accurately
+    (the categorical observation does, from float64 probabilities); ``target`` is then
+    unused."""
     rows_per_sample = 1 if pred.dim() == 1 else pred.shape[1]
     flat = pred.reshape(-1)
     obs = BatchObservation()
-    obs.residual = target.detach().reshape(-1).to(torch.float64) - flat.detach().to(torch.float64)
+    if residual is None:
+        obs.residual = (target.detach().reshape(-1).to(torch.float64)
+                        - flat.detach().to(torch.float64))
+    else:
+        obs.residual = residual
 
     kron_layers = []
     for layer, capture in captures.items():
@@ -196,3 +210,160 @@ def batch_observation(pred: torch.Tensor, target: torch.Tensor,
                                          grad_outputs.reshape(-1, grad_outputs.shape[-1])))
             obs.hypers.append(hyper_of(gb))
     return obs
+
+
+# ---------------------------------------------------------------------- categorical
+#: The likelihoods of batch-observation mode (``KalmanNGD(likelihood=...)``).
+LIKELIHOODS = ("gaussian", "categorical")
+
+
+@dataclass
+class CategoricalObservation:
+    """The moment-matched observation of a softmax classifier (docs/math.md, "The
+    categorical likelihood"). ``pred`` (B, K - 1): the probabilities of the kept classes,
+    with their graph to the parameters (the filter differentiates them); ``residual``
+    (B (K - 1),) and ``noise`` (B (K - 1), B (K - 1)): float64, detached; ``loss``: the
+    batch's mean cross-entropy before the step (float64, 0-d)."""
+
+    pred: torch.Tensor
+    residual: torch.Tensor
+    noise: torch.Tensor
+    loss: torch.Tensor
+
+
+def _soft_target_tol(k_cls: int, dtype: torch.dtype) -> float:
+    # The rounding of a sum of K probabilities in the targets' dtype, and never below 1e-6:
+    # soft targets made in float32 and cast to float64 still pass.
+    return max(1e-6, 4.0 * k_cls * torch.finfo(dtype).eps)
+
+
+def check_categorical(logits, labels, device) -> None:
+    """Shapes, dtypes and devices of the closure's ``(logits, labels)``; on eager CPU also
+    the label values (elsewhere reading them would stall the device: bad values then make
+    the target non-finite and the step is skipped, see :func:`categorical_terms`)."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"with likelihood='categorical' the closure must return (logits, "
+                        f"labels) as tensors, got ({_describe(logits)}, {_describe(labels)})")
+    if logits.dim() != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must have shape (B, K) with B >= 1 (one row of K class "
+                         f"scores per sample), got {tuple(logits.shape)}")
+    batch, k_cls = logits.shape
+    if k_cls < 2:
+        raise ValueError(f"logits has K = {k_cls} class: a softmax over one class is the "
+                         f"constant 1 and observes nothing; the categorical likelihood needs "
+                         f"K >= 2 scores per sample (for a binary classifier with one logit z "
+                         f"of shape (B, 1), return torch.cat([torch.zeros_like(z), z], 1))")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if logits.device != torch.device(device) or labels.device != logits.device:
+        raise ValueError(f"logits is on {logits.device}, labels on {labels.device} and the "
+                         f"parameters on {device}: put them on one device")
+    if not logits.requires_grad:
+        raise ValueError("logits does not require grad: the closure must compute it from the "
+                         "parameters with autograd enabled")
+    if labels.dim() == 1:
+        if labels.dtype != torch.int64:
+            raise TypeError(f"labels of shape (B,) are class indices and must be int64, got "
+                            f"{labels.dtype}: convert them with labels.long(), or pass soft "
+                            f"targets of shape (B, K) (floating, rows summing to 1)")
+        if labels.shape[0] != batch:
+            raise ValueError(f"labels has {labels.shape[0]} entries but logits has {batch} "
+                             f"rows: one class index per sample")
+        if readable_now(labels) and labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= k_cls:
+                raise ValueError(f"labels must be class indices in [0, {k_cls - 1}] for K = "
+                                 f"{k_cls} logits, got values from {low} to {high}")
+    elif labels.dim() == 2:
+        if tuple(labels.shape) != (batch, k_cls):
+            raise ValueError(f"soft targets must have the shape of logits, {(batch, k_cls)}, "
+                             f"got {tuple(labels.shape)}")
+        if not labels.is_floating_point():
+            raise TypeError(f"soft targets of shape (B, K) must be floating-point "
+                            f"probabilities, got {labels.dtype}; class indices have shape "
+                            f"(B,) and dtype int64")
+        if readable_now(labels):
+            y = labels.detach().to(torch.float64)
+            finite = torch.isfinite(y).all(1)      # a non-finite row skips the step instead
+            if bool((finite & (y < 0).any(1)).any()):
+                raise ValueError(f"soft targets must be probabilities >= 0, got a minimum of "
+                                 f"{float(y[finite].min())}")
+            tol = _soft_target_tol(k_cls, labels.dtype)
+            off = torch.where(finite, (y.sum(1) - 1.0).abs(), torch.zeros_like(y[:, 0]))
+            if float(off.amax()) > tol:
+                raise ValueError(f"soft targets must sum to 1 in every row (within {tol:.1e}), "
+                                 f"got a row whose sum is off by {float(off.amax()):.3e}; "
+                                 f"normalise them, e.g. labels / labels.sum(1, keepdim=True)")
+    else:
+        raise ValueError(f"labels must be class indices of shape (B,) = ({batch},) (int64) or "
+                         f"soft targets of shape (B, K) = {(batch, k_cls)}, got shape "
+                         f"{tuple(labels.shape)}")
+
+
+def categorical_terms(logits: torch.Tensor, labels: torch.Tensor, tempering):
+    """The detached parts of the categorical observation: ``(keep, residual, noise, loss)``.
+
+    With p_j = softmax(logits_j) and y_j the one-hot (or soft) target, sample j contributes
+    the residual y_j - p_j and the noise c (diag(p_j) - p_j p_j^T), c = ``tempering``. That
+    noise is singular (its rows sum to zero, as the residual's entries do), so one class per
+    sample is dropped: the K - 1 kept residuals of one choice are an invertible linear map
+    of another's, and the Kalman step is invariant under such a map, so the choice changes
+    nothing in exact arithmetic. Each sample drops its most probable class: the kept block
+    diag(q) - q q^T (q the kept probabilities, sum(q) <= 1 - 1/K) is then as well
+    conditioned as the dropped class allows, however confident the prediction; dropping a
+    fixed class would factor a block whose smallest eigenvalue scales with that class's
+    probability. ``keep`` (B, K - 1) lists each sample's kept classes in ascending order.
+
+    Values that cannot be checked without a host read (labels out of range, soft targets
+    not summing to 1, off eager CPU) make that sample's target NaN, so the step is skipped
+    like any non-finite observation; a non-finite noise (non-finite logits) is replaced by
+    the identity, which leaves the skip to the non-finite residual and Jacobian. No value
+    is read on the host (GPUs, torch.compile, meta tensors).
+    """
+    f64 = torch.float64
+    batch, k_cls = logits.shape
+    device = logits.device
+    z = logits.detach().to(f64)
+    p = torch.softmax(z, dim=1)
+    log_p = torch.log_softmax(z, dim=1)
+    if labels.dim() == 1:
+        valid = (labels >= 0) & (labels < k_cls)
+        y = (labels[:, None] == torch.arange(k_cls, device=device)).to(f64)
+    else:
+        y = labels.detach().to(f64)
+        tol = _soft_target_tol(k_cls, labels.dtype)
+        valid = ((y.sum(1) - 1.0).abs() <= tol) & (y >= 0).all(1)
+    nan = torch.full((), float("nan"), dtype=f64, device=device)
+    y = torch.where(valid[:, None], y, nan)
+    drop = p.argmax(1)
+    kept = torch.arange(k_cls - 1, device=device)[None, :]
+    keep = kept + (kept >= drop[:, None]).to(kept.dtype)               # (B, K - 1)
+    p_keep = p.gather(1, keep)
+    residual = (y.gather(1, keep) - p_keep).reshape(-1)
+    # A probability that underflowed to exactly 0 would make R singular; the smallest
+    # normal float64 keeps it factorable and changes nothing else (its H row is 0 too).
+    q = p_keep.clamp_min(torch.finfo(f64).tiny)
+    blocks = tempering * (torch.diag_embed(q) - q[:, :, None] * q[:, None, :])
+    m = batch * (k_cls - 1)
+    eye_b = torch.eye(batch, dtype=f64, device=device)
+    noise = (eye_b[:, None, :, None] * blocks[:, :, None, :]).reshape(m, m)  # block diagonal
+    noise = torch.where(torch.isfinite(noise).all(), noise,
+                        torch.eye(m, dtype=f64, device=device))
+    loss = -torch.where(y == 0, torch.zeros_like(y), y * log_p).sum(1).mean()
+    return keep, residual, noise, loss
+
+
+def categorical_observation(logits: torch.Tensor, labels: torch.Tensor, tempering,
+                            device) -> CategoricalObservation:
+    """Validate the closure's ``(logits, labels)`` and build the observation
+    (:func:`categorical_terms`); ``pred`` keeps the graph through the softmax."""
+    check_categorical(logits, labels, device)
+    keep, residual, noise, loss = categorical_terms(logits, labels, tempering)
+    pred = torch.softmax(logits, dim=1).gather(1, keep)
+    return CategoricalObservation(pred, residual, noise, loss)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -7,6 +7,11 @@ observation of the model:
   The m*K predictions (flattened row-major) are the observations; their Jacobian is
   computed inside by batched autograd, or through sample-grouped Kronecker blocks for
   ``nn.Linear`` layers registered with :meth:`KalmanNGD.track` (:mod:`.observations`).
+  With ``likelihood="categorical"`` the closure returns ``(logits, labels)`` instead:
+  logits (B, K) and int64 class indices (B,) or soft targets (B, K); the observation is
+  the softmax probabilities of K - 1 classes per sample with the noise of the categorical
+  distribution, and the step is the online natural gradient of the cross-entropy
+  (docs/math.md, "The categorical likelihood").
 * loss-observation mode: ``closure() -> loss`` (a scalar tensor). The loss itself is one
   observation with target 0 (DESIGN 2.2). The closure may follow torch.optim's convention
   (zero the gradients, call ``loss.backward()``, return the loss: the gradients backward
@@ -20,8 +25,8 @@ counters (``steps``, ``skipped_steps``) and the adaptive noise live in device te
 Hyper-parameters that belong to a parameter (``lr``, ``init_cov``, ``process_noise``,
 ``forgetting``, ``cov_floor``, ``cov_ceiling``, ``cov_update``) may differ between param
 groups. Those that belong to the observation (``obs_noise``, ``adaptive_obs_noise``,
-``gate``, ``process_group``, ``backend``) are shared by every group and set on the
-optimizer.
+``gate``, ``process_group``, ``backend``, ``likelihood``) are shared by every group and
+set on the optimizer.
 """
 from __future__ import annotations
 
@@ -37,15 +42,31 @@ from torch import nn
 from . import ops
 from ._deferred import PendingFlags, compiling, readable_now
 from .backends import resolve
-from .observations import LinearCapture, batch_observation
+from .observations import LIKELIHOODS, LinearCapture, batch_observation, \
+    categorical_observation
 from .ops import KalmanInfo, StepHyper
 from .ops._common import CovValueCheck, check_workspace, numpy_view
 
 _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "cov_ceiling",
                "cov_update")
 _OBSERVATION_KEYS = ("obs_noise", "adaptive_obs_noise", "gate", "process_group", "backend",
-                     "max_obs_per_update")
+                     "max_obs_per_update", "likelihood")
 _FILTER = "filter"   # key of the optimizer-wide state (a string, so state_dict keeps it)
+
+
+class _DefaultObsNoise(float):
+    """The default of ``obs_noise``: a float equal to 1e-2 (so the signature still reads
+    ``obs_noise=0.01``), but a distinct object, so that ``likelihood="categorical"`` can
+    tell "not passed" (tempering 1.0, the plain natural gradient) from an explicit 1e-2.
+    It is never stored: the optimizer keeps a plain float."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+
+_OBS_NOISE_DEFAULT = _DefaultObsNoise(1e-2)
 
 
 def _cov_dtype(param: torch.Tensor) -> torch.dtype:
@@ -60,7 +81,10 @@ class KalmanNGD(torch.optim.Optimizer):
         lr: step scale alpha of the mean update (1.0 = the exact Kalman update).
         init_cov: prior variance P0 of every parameter (the prior mean is its value).
         obs_noise: observation noise R: a float r (R = r I), an (m,) tensor or an (m, m)
-            tensor.
+            tensor. With ``likelihood="categorical"`` a scalar c that tempers the
+            categorical noise, R = c (diag(p) - p p^T) per sample; there the default is
+            1.0 (the natural gradient of the cross-entropy), not 1e-2 (the signature's
+            default is a private float equal to 1e-2 that tells "not passed" apart).
         process_noise: q >= 0 added to P at every predict step.
         forgetting: lam in (0, 1]; P- = P / lam + q.
         cov_floor, cov_ceiling: P is clamped to [cov_floor, cov_ceiling] (None: no ceiling).
@@ -76,21 +100,32 @@ class KalmanNGD(torch.optim.Optimizer):
             work shrinks quadratically). None (default): one update per batch, and a batch
             whose m x m work would not fit in memory raises a MemoryError before
             allocating. See docs/robustness.md.
+        likelihood: the observation model of batch mode. ``"gaussian"`` (default): the
+            closure returns (pred, target), observed with noise ``obs_noise``.
+            ``"categorical"``: the closure returns (logits, labels), logits (B, K) with
+            K >= 2 and labels int64 class indices (B,) or soft targets (B, K) whose rows
+            sum to 1; the step is the online natural gradient of the cross-entropy
+            (docs/math.md, "The categorical likelihood"). It needs a scalar
+            ``obs_noise`` and refuses ``adaptive_obs_noise`` and ``max_obs_per_update``.
+            Loss-observation mode is the same under either.
 
     Diagnostics: ``last_info`` (:class:`~kalman_kernels.ops.KalmanInfo` of the last step)
     and :meth:`diagnostics` (a dict of counters and covariance statistics) read device
     values only when called.
     """
 
-    def __init__(self, params, lr: float = 1.0, init_cov: float = 1e-3, obs_noise=1e-2,
-                 process_noise: float = 0.0, forgetting: float = 1.0, cov_floor: float = 1e-12,
+    def __init__(self, params, lr: float = 1.0, init_cov: float = 1e-3,
+                 obs_noise=_OBS_NOISE_DEFAULT, process_noise: float = 0.0,
+                 forgetting: float = 1.0, cov_floor: float = 1e-12,
                  cov_ceiling: Optional[float] = None, adaptive_obs_noise: float = 0.0,
                  gate: Optional[float] = None, cov_update: str = "kalman", process_group=None,
-                 backend: str = "auto", max_obs_per_update: Optional[int] = None):
+                 backend: str = "auto", max_obs_per_update: Optional[int] = None,
+                 likelihood: str = "gaussian"):
         defaults = dict(lr=lr, init_cov=init_cov, process_noise=process_noise,
                         forgetting=forgetting, cov_floor=cov_floor, cov_ceiling=cov_ceiling,
                         cov_update=cov_update)
         _check_group(defaults, where="KalmanNGD")
+        obs_noise_given = obs_noise is not _OBS_NOISE_DEFAULT
         if isinstance(obs_noise, torch.Tensor):
             ops.obs_noise_matrix(obs_noise, obs_noise.shape[0] if obs_noise.dim() else 1,
                                  obs_noise.device)
@@ -113,7 +148,11 @@ class KalmanNGD(torch.optim.Optimizer):
         if backend not in ("auto",) + _backend_names():
             raise ValueError(f"backend must be one of {('auto',) + _backend_names()}, got "
                              f"{backend!r}")
+        tempering = _categorical_tempering(likelihood, obs_noise, obs_noise_given,
+                                           adaptive_obs_noise, max_obs_per_update)
         self.obs_noise = obs_noise
+        self.likelihood = likelihood
+        self._tempering = tempering     # c of R = c (diag(p) - p p^T); None when Gaussian
         self.adaptive_obs_noise = float(adaptive_obs_noise)
         self.gate = gate
         self.process_group = process_group
@@ -142,6 +181,11 @@ class KalmanNGD(torch.optim.Optimizer):
             "cov_clamps": torch.zeros((), dtype=torch.int64, device=device),
             "obs_noise": (torch.tensor(obs_noise, dtype=torch.float64, device=device)
                           if isinstance(obs_noise, float) else None)}
+        if tempering is not None:
+            # saved with the state, so that a resumed optimizer observes alike
+            self.state[_FILTER]["likelihood"] = likelihood
+            self.state[_FILTER]["tempering"] = torch.tensor(tempering, dtype=torch.float64,
+                                                            device=device)
         if backend != "auto":
             resolve(backend, device)   # fail now, with the reason, not at step 1
 
@@ -235,7 +279,8 @@ class KalmanNGD(torch.optim.Optimizer):
           ``jitter``: the last step (``last_info``): d2 = e^T S^-1 e, the chi-square
           probability of a d2 at least that large under the model (m degrees of freedom;
           persistently tiny p-values: R too small or the model misspecified), the gate scale;
-        * ``obs_noise``: the current scalar r (adapted, with ``adaptive_obs_noise``);
+        * ``obs_noise``: the current scalar r (adapted, with ``adaptive_obs_noise``); with
+          ``likelihood="categorical"`` the tempering c of its batch observations;
         * ``floor_clamped``: covariance elements now at ``cov_floor`` (frozen parameters,
           counted now, one pass over P); ``cov_clamps``: elements the ``"kalman"`` rule
           pushed below zero under ``process_group`` so far (clamped to the floor);
@@ -260,7 +305,7 @@ class KalmanNGD(torch.optim.Optimizer):
             shrink = info.extras.get("max_shrink_tensor")
             if shrink is not None:
                 out["max_shrink"] = float(shrink)
-        r = self._current_obs_noise()
+        r = self._current_obs_noise() if self._tempering is None else self._tempering
         out["obs_noise"] = (float(r) if not isinstance(r, torch.Tensor) or r.dim() == 0
                             else None)
         groups = []
@@ -307,7 +352,10 @@ class KalmanNGD(torch.optim.Optimizer):
         devices). Everything is checked before anything is changed: the saved covariances
         must match the parameters' shapes (a state from another model raises, naming the
         parameter) and hold finite values >= 0, and the saved hyper-parameters must be
-        valid. Covariances keep their saved dtype (never rounded to a bf16 parameter's)."""
+        valid. Covariances keep their saved dtype (never rounded to a bf16 parameter's).
+        The likelihood must be the one the state was saved with (a Gaussian filter's
+        posterior is no prior for a categorical one by accident); with
+        ``likelihood="categorical"`` the saved tempering c (``obs_noise``) is restored."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or \
                 "param_groups" not in state_dict:
             raise TypeError("load_state_dict expects the dict returned by "
@@ -330,6 +378,24 @@ class KalmanNGD(torch.optim.Optimizer):
             merged.update({k: v for k, v in saved.items() if k != "params"})
             _check_group(merged, where=f"state_dict param group {i}")
             index_to_param.update(zip(saved["params"], group["params"]))
+        saved_filter = state_dict["state"].get(_FILTER, {})
+        saved_likelihood = (saved_filter.get("likelihood", "gaussian")
+                            if isinstance(saved_filter, dict) else "gaussian")
+        if saved_likelihood != self.likelihood:
+            raise ValueError(f"the state_dict was saved by KalmanNGD(likelihood="
+                             f"{saved_likelihood!r}) but this optimizer has likelihood="
+                             f"{self.likelihood!r}: create it with likelihood="
+                             f"{saved_likelihood!r} to resume")
+        saved_tempering = None
+        if self._tempering is not None:
+            saved_tempering = saved_filter.get("tempering")
+            value = (None if saved_tempering is None or (isinstance(saved_tempering, torch.Tensor)
+                                                         and saved_tempering.device.type == "meta")
+                     else float(saved_tempering))
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"state_dict['state']['{_FILTER}']['tempering'] must be a "
+                                 f"finite number > 0 (the categorical obs_noise), got {value!r}")
+            saved_tempering = value
         saved_covs = {}
         for key, value in state_dict["state"].items():
             if not (isinstance(key, int) and isinstance(value, dict) and "cov" in value):
@@ -365,6 +431,12 @@ class KalmanNGD(torch.optim.Optimizer):
         r = saved.get("obs_noise")
         filt["obs_noise"] = (None if r is None else
                              torch.as_tensor(r, dtype=torch.float64).to(device).clone())
+        if self._tempering is not None:
+            if saved_tempering is not None:
+                self._tempering = saved_tempering
+            filt["likelihood"] = self.likelihood
+            filt["tempering"] = torch.tensor(self._tempering, dtype=torch.float64,
+                                             device=device)
         self.state[_FILTER] = filt
         self._cov_checks = CovValueCheck()
 
@@ -527,6 +599,8 @@ class KalmanNGD(torch.optim.Optimizer):
                  ("adaptive_obs_noise", self.adaptive_obs_noise), ("gate", self.gate),
                  ("backend", getattr(kernels, "NAME", str(self.backend))),
                  ("max_obs_per_update", self.max_obs_per_update), ("tracked", tracked)]
+        if self._tempering is not None:
+            items.append(("likelihood", self.likelihood, self._tempering))
         for gi, group in enumerate(self.param_groups):
             items.append((f"group {gi}", tuple((k, group[k]) for k in _GROUP_KEYS)))
             for p in group["params"]:
@@ -774,6 +848,8 @@ class KalmanNGD(torch.optim.Optimizer):
                 "(docs/robustness.md, 'DistributedDataParallel').")
 
     def _batch_step(self, pred, target):
+        if self._tempering is not None:
+            return self._categorical_step(pred, target)
         if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError(f"closure must return (pred, target) as tensors, got "
                             f"({_describe(pred)}, {_describe(target)})")
@@ -794,6 +870,29 @@ class KalmanNGD(torch.optim.Optimizer):
         if not pred.requires_grad:
             raise ValueError("pred does not require grad: the closure must compute it from the "
                              "parameters with autograd enabled")
+        obs = self._batch_update(pred, target, self._current_obs_noise())
+        return obs.residual.square().mean()
+
+    def _categorical_step(self, logits, labels):
+        """Batch mode with the categorical likelihood: the K - 1 kept probabilities of each
+        sample are the observations, with the residual and the (m, m) noise of
+        :func:`~.observations.categorical_terms`. Returns the batch's mean cross-entropy
+        before the step."""
+        cat = categorical_observation(logits, labels, self._tempering, self._device())
+        m = cat.residual.shape[0]
+        try:
+            self._batch_update(cat.pred, None, cat.noise, residual=cat.residual,
+                               extra_bytes=2 * 8 * m * m)   # R and its validation's factor
+        except MemoryError as exc:
+            raise MemoryError(f"{exc} (likelihood='categorical' cannot split a batch: its "
+                              f"noise is one (m, m) matrix with m = B (K - 1); for a head "
+                              f"with many classes use the class-structured step, "
+                              f"kalman_kernels.ops.class_head_update_)") from None
+        return cat.loss
+
+    def _batch_update(self, pred, target, noise, residual=None, extra_bytes: int = 0):
+        """The Kalman step of a validated batch observation ``pred`` (with its graph) against
+        ``target`` (or the given float64 ``residual``) with noise ``noise``."""
         rank_key = self._rank_key("batch")
         pairs = self._params()
         m = pred.numel()
@@ -803,16 +902,16 @@ class KalmanNGD(torch.optim.Optimizer):
         check_workspace(chunk, pred.device, dense_numel=dense_numel,
                         jacobian_bytes=2 * m * dense_numel * pred.element_size(),
                         where="KalmanNGD.step (batch mode)",
-                        chunked=self.max_obs_per_update is not None)
+                        chunked=self.max_obs_per_update is not None, extra_bytes=extra_bytes)
         obs = batch_observation(pred, target, pairs, self._captures, self._cov,
-                                self._hyper_of, self._warn_once)
+                                self._hyper_of, self._warn_once, residual=residual)
         if not obs.blocks:
             raise ValueError("pred does not depend on any parameter of this optimizer")
         untouched, order = (), None
         if self.process_group is not None:
             order = {id(p): i for i, (p, _) in enumerate(pairs)}
             untouched = [(p, self._cov(p, g), self._hyper_of(g)) for p, g in obs.untouched]
-        info = ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, self._current_obs_noise(),
+        info = ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, noise,
                                 gate=self.gate, backend=self.backend,
                                 adaptive_rate=self.adaptive_obs_noise,
                                 process_group=self.process_group,
@@ -821,7 +920,7 @@ class KalmanNGD(torch.optim.Optimizer):
         if self.process_group is None:
             self._predict_only_(obs.untouched, ~info.skipped_tensor)
         self._record(info)
-        return obs.residual.square().mean()
+        return obs
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned and not compiling():
@@ -852,6 +951,41 @@ class KalmanNGD(torch.optim.Optimizer):
 def _backend_names():
     from .backends import NAMES
     return NAMES
+
+
+def _categorical_tempering(likelihood, obs_noise, given: bool, adaptive_obs_noise,
+                           max_obs_per_update) -> Optional[float]:
+    """Validate ``likelihood`` and what it allows; the tempering c of the categorical noise
+    R = c (diag(p) - p p^T) (None for the Gaussian likelihood). ``obs_noise`` was validated
+    as a noise already (a finite number > 0 or a tensor)."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if likelihood == "gaussian":
+        return None
+    if isinstance(obs_noise, torch.Tensor) and obs_noise.dim() != 0:
+        raise ValueError(f"likelihood='categorical' takes a scalar obs_noise: the tempering c "
+                         f"of the noise R = c (diag(p) - p p^T) that the softmax gives; got a "
+                         f"tensor of shape {tuple(obs_noise.shape)}. An (m,) or (m, m) noise "
+                         f"belongs to the Gaussian likelihood; pass a float (default 1.0)")
+    if adaptive_obs_noise > 0:
+        raise ValueError("adaptive_obs_noise cannot be used with likelihood='categorical': "
+                         "the observation noise is given by the model's probabilities, not "
+                         "estimated from the residuals; set adaptive_obs_noise=0 and, to "
+                         "temper the likelihood, pass a fixed obs_noise c")
+    if max_obs_per_update is not None:
+        raise ValueError("max_obs_per_update cannot be used with likelihood='categorical': "
+                         "its noise is one (m, m) matrix, which the sub-batches would have to "
+                         "split; use smaller batches, or for a head with many classes the "
+                         "class-structured step (kalman_kernels.ops.class_head_update_)")
+    if not given:
+        return 1.0       # R = Lambda: the natural gradient of the cross-entropy itself
+    if isinstance(obs_noise, torch.Tensor):
+        value = obs_noise.detach()
+        if value.device.type == "meta":
+            raise ValueError("likelihood='categorical' needs a value for obs_noise; a meta "
+                             "tensor has none: pass a float")
+        return float(value)
+    return float(obs_noise)
 
 
 def _check_group(group: dict, where: str) -> None:
