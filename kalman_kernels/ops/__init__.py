@@ -4,7 +4,9 @@
   (:class:`DenseBlock`, :class:`KronBlock`, :mod:`.blocks`) that share one observation;
 * :func:`loss_update_` (:mod:`.loss_update`): the loss-observation step (DESIGN 2.2);
 * :func:`class_head_update_` (:mod:`.class_head`): the class-structured step of a linear
-  head over K classes (DESIGN 2.6), built from torch ops so it runs on any device.
+  head over K classes (DESIGN 2.6), built from torch ops so it runs on any device;
+* :func:`categorical_head_update_` (:mod:`.categorical_head`): the exact step of a softmax
+  head observed through its categorical likelihood (same per-class structure).
 
 The passes over the parameters go to a backend (``reference``, ``cpp``, ``triton``,
 ``cuda``); the small m x m work stays here, in float64, on the parameters' device. Nothing
@@ -13,10 +15,12 @@ is written until the inputs have been validated; no step reads a device value on
 """
 from ._common import KalmanInfo, StepHyper, check_gate, check_hyper, obs_noise_matrix
 from .blocks import Block, DenseBlock, KronBlock
+from .categorical_head import CategoricalHeadInfo, categorical_head_update_
 from .class_head import ClassHeadInfo, class_head_predictive_variance, class_head_update_
 from .kalman_update import kalman_step_, kalman_update_
 from .loss_update import loss_observation_step_, loss_update_, runs_by_hyper
 
 __all__ = ["DenseBlock", "KronBlock", "KalmanInfo", "StepHyper", "kalman_update_",
            "loss_update_", "kalman_step_", "loss_observation_step_", "class_head_update_",
-           "ClassHeadInfo", "class_head_predictive_variance"]
+           "ClassHeadInfo", "class_head_predictive_variance", "categorical_head_update_",
+           "CategoricalHeadInfo"]
