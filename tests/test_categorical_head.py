@@ -435,7 +435,7 @@ def test_failed_factorisation_skips(gen, monkeypatch, which):
     """Q_k = cI + E_k M_k E_k has eigenvalues >= c, so only non-finite input breaks it in
     practice; the skip path is exercised by reporting one block as failed at every rung."""
     import kalman_kernels.ops.categorical_head as ch
-    real = ch._factor_with_ladder
+    real = ch._factor
     calls = []
 
     def failing(mat):
@@ -450,7 +450,7 @@ def test_failed_factorisation_skips(gen, monkeypatch, which):
             jitter[0] = float("nan")
         return factor, jitter, ok
 
-    monkeypatch.setattr(ch, "_factor_with_ladder", failing)
+    monkeypatch.setattr(ch, "_factor", failing)
     c = _case(gen, 3, 4, 3)
     w, pw, bias, pb = c["w"].clone(), c["pw"].clone(), c["b"].clone(), c["pb"].clone()
     before = [_bits(t) for t in (w, pw, bias, pb)]
@@ -460,6 +460,32 @@ def test_failed_factorisation_skips(gen, monkeypatch, which):
         assert math.isnan(float(info.class_jitter[0]))
     for t, bits in zip((w, pw, bias, pb), before):
         assert torch.equal(_bits(t), bits)
+
+
+def test_full_device_ladder_gives_the_same_bits(gen, monkeypatch):
+    """Off eager CPU every jitter rung is factored on the device (no flag is read); on eager
+    CPU the extra rungs are skipped when the plain factorisations all succeeded. Same bits."""
+    import kalman_kernels.ops.categorical_head as ch
+    c = _case(gen, 7, 6, 5, soft=True)
+    fast = _run(c, chunk_size=3, gate=0.9, obs_noise=0.4)
+    monkeypatch.setattr(ch, "readable_now", lambda t: False)
+    full = _run(c, chunk_size=3, gate=0.9, obs_noise=0.4)
+    for x, y in zip(fast[:4], full[:4]):
+        assert torch.equal(x, y)
+    assert fast[4].log_det == full[4].log_det and fast[4].jitter == full[4].jitter == 0.0
+
+
+def test_near_singular_blocks_stay_finite(gen):
+    """Duplicate images and a tiny c: Q_k = cI + E_k M_k E_k is numerically singular; the
+    factorisation (with the ladder if needed) still gives a finite step."""
+    c = _case(gen, 4, 3, 4)
+    c["a"][1] = c["a"][0]
+    c["a"][3] = c["a"][0]
+    got = _run(c, obs_noise=1e-14)
+    assert not got[4].skipped
+    assert got[4].jitter in (0.0,) + tuple(kk.reference.JITTER_LADDER)
+    for t in got[:4]:
+        assert torch.isfinite(t).all()
 
 
 class _NoHostSync(TorchDispatchMode):

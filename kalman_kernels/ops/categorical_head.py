@@ -109,7 +109,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference as ref
-from .._deferred import compiling
+from .._deferred import compiling, readable_now
 from ._common import KalmanInfo, numpy_view
 from .class_head import (DEFAULT_CHUNK, _check_scalar, _factor_with_ladder, _need_cov,
                          _need_float, _pair_index, _predicted)
@@ -338,12 +338,31 @@ def _targets(labels: torch.Tensor, k: int, device):
     return y, bad
 
 
-def _unpack(pairs: torch.Tensor, iu, ju, b: int) -> torch.Tensor:
-    """(n, T) upper-triangle entries -> (n, B, B) symmetric blocks."""
-    out = pairs.new_zeros(pairs.shape[0], b, b)
-    out[:, iu, ju] = pairs
-    out[:, ju, iu] = pairs
-    return out
+def _pair_maps(iu: torch.Tensor, ju: torch.Tensor, b: int):
+    """Index maps between the packed upper triangle (T entries) and full B x B blocks:
+    ``packed.index_select(1, to_full)`` unpacks (a symmetric block), and
+    ``full.reshape(n, B * B).index_select(1, to_pairs)`` packs. One gather each, cheaper
+    than scattering into zeros twice."""
+    pos = torch.empty(b, b, dtype=torch.long, device=iu.device)
+    ar = torch.arange(iu.shape[0], device=iu.device)
+    pos[iu, ju] = ar
+    pos[ju, iu] = ar
+    return pos.reshape(-1), iu * b + ju
+
+
+def _factor(mat: torch.Tensor):
+    """Batched Cholesky with the jitter ladder of ``class_head``. Q_k's eigenvalues are at
+    least c, so the plain factorisation practically always succeeds; where the flags can be
+    read for free (eager CPU) the ladder's extra rungs are skipped when it did, which changes
+    nothing in the result (the ladder keeps rung 0 wherever rung 0 succeeded). Elsewhere every
+    rung is evaluated on the device, as ``class_head`` does, so nothing waits for the flags."""
+    factor, info = torch.linalg.cholesky_ex(mat)
+    ok = info == 0
+    if readable_now(ok):
+        view = numpy_view(ok)
+        if view is not None and view.all():
+            return factor, torch.zeros(mat.shape[0], dtype=F64, device=mat.device), ok
+    return _factor_with_ladder(mat)
 
 
 def _safe_factor(factor: torch.Tensor, ok: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
@@ -447,8 +466,11 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
         # --- pass 1, per chunk of classes: M_k, Q_k, Z_k, t_k; SZ and sum_k w_k ---------
         iu, ju, mult = _pair_index(b, device)
         n_pairs = iu.shape[0]
+        to_full, to_pairs = _pair_maps(iu, ju, b)
         a_pairs = a[iu] * a[ju]                                 # (T, d), T = B(B+1)/2
+        c_eye = c * torch.eye(b, dtype=F64, device=device)
         eye_b = torch.eye(b, dtype=F64, device=device)
+        sq_s = sq_t * s                                         # s E_k's diagonals
         z_pairs = torch.empty(k, n_pairs, dtype=F64, device=device)   # Z_k, upper triangle
         t_all = torch.empty(k, b, dtype=F64, device=device)
         jitter = torch.empty(k, dtype=F64, device=device)
@@ -456,36 +478,44 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
         w_sum = torch.zeros(b, dtype=F64, device=device)
         logdet_q = torch.zeros((), dtype=F64, device=device)
         ok_all = torch.ones((), dtype=torch.bool, device=device)
+        if has_bias:
+            finite = finite & torch.isfinite(p_b).all()
         for k0 in range(0, k, chunk_size):
             k1 = min(k, k0 + chunk_size)
-            m_blk = _unpack((p_w[k0:k1] @ a_pairs.T).to(F64), iu, ju, b)   # A P-_k A^T
+            kc = k1 - k0
+            m_pairs = p_w[k0:k1] @ a_pairs.T                    # (kc, T): A P-_k A^T
+            # Q_k is finite when these are (p, s and c are): checking the packed GEMM output
+            # is 4x cheaper than checking Q; the log det below catches an overflow in Q
+            finite = finite & torch.isfinite(m_pairs).all()
+            m_pairs = m_pairs.to(F64)
             if has_bias:
-                m_blk = m_blk + p_b[k0:k1, None, None]
-            m_blk = m_blk * s2                                  # (kc, B, B): M_k
-            sq = sq_t[k0:k1]
-            q = sq[:, :, None] * m_blk * sq[:, None, :]
-            q = q + c * eye_b                                   # Q_k = cI + E_k M_k E_k
-            finite = finite & torch.isfinite(q).all()
-            factor, jit, ok = _factor_with_ladder(q)
+                m_pairs = m_pairs + p_b[k0:k1, None]
+            m_blk = m_pairs.index_select(1, to_full).view(kc, b, b)      # M_k / s^2
+            sq = sq_s[k0:k1]
+            q = torch.addcmul(c_eye, m_blk, sq[:, :, None] * sq[:, None, :])  # cI + E M E
+            factor, jit, ok = _factor(q)
             factor = _safe_factor(factor, ok, eye_b)
             jitter[k0:k1] = jit
             ok_all = ok_all & ok.all()
             logdet_q = logdet_q + _logdet_from_factor(factor).sum()
-            z = torch.cholesky_inverse(factor)
-            z = sq[:, :, None] * z * sq[:, None, :]             # Z_k = E_k Q_k^-1 E_k
-            w_k = (z @ (m_blk @ e_t[k0:k1, :, None]))[..., 0]    # Z_k M_k e_k
+            half = torch.linalg.solve_triangular(factor, torch.diag_embed(sq_t[k0:k1]),
+                                                 upper=False)   # L_k^-1 E_k
+            z = half.transpose(-2, -1) @ half                   # Z_k = E_k Q_k^-1 E_k
+            m_e = (m_blk @ e_t[k0:k1, :, None]) * s2            # M_k e_k
+            w_k = (z @ m_e)[..., 0]                             # Z_k M_k e_k
             t_all[k0:k1] = (e_t[k0:k1] - w_k) / c
             w_sum = w_sum + w_k.sum(0)
             sz = sz + z.sum(0)
-            z_pairs[k0:k1] = z[:, iu, ju]
+            z_pairs[k0:k1] = z.reshape(kc, b * b).index_select(1, to_pairs)
 
         # --- the capacitance c SZ -------------------------------------------------------
-        sz_factor, sz_jit, sz_ok = _factor_with_ladder(sz[None])
+        sz_factor, sz_jit, sz_ok = _factor(sz[None])
         sz_factor = _safe_factor(sz_factor, sz_ok, eye_b)
         ok_all = ok_all & sz_ok[0]
         v = torch.cholesky_solve((w_sum / c)[None, :, None], sz_factor)[0, :, 0]
         log_det = (logdet_q + _logdet_from_factor(sz_factor)[0]
                    + (b - b * k) * math.log(c))
+        finite = finite & torch.isfinite(log_det)
         sz_l = sz_factor[0]
 
         # --- pass 2, per chunk: x_k = t_k + Z_k v and G_kk = Z_k - Z_k SZ^-1 Z_k -----------
@@ -495,12 +525,14 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
             g_sum = torch.empty(k, dtype=F64, device=device) if has_bias else None
         for k0 in range(0, k, chunk_size):
             k1 = min(k, k0 + chunk_size)
-            z = _unpack(z_pairs[k0:k1], iu, ju, b)
+            kc = k1 - k0
+            z = z_pairs[k0:k1].index_select(1, to_full).view(kc, b, b)
             x[k0:k1] = t_all[k0:k1] + z @ v
             if not information:
                 half = torch.linalg.solve_triangular(sz_l, z, upper=False)   # L^-1 Z_k
-                g = z - half.transpose(-2, -1) @ half
-                g_pairs[k0:k1] = (g[:, iu, ju] * mult).to(cdt)
+                g = torch.baddbmm(z, half.transpose(-2, -1), half, alpha=-1.0)
+                g_pairs[k0:k1] = (g.reshape(kc, b * b).index_select(1, to_pairs)
+                                  * mult).to(cdt)
                 if has_bias:
                     g_sum[k0:k1] = g.sum((1, 2))
 
