@@ -885,9 +885,9 @@ class KalmanNGD(torch.optim.Optimizer):
                                extra_bytes=2 * 8 * m * m)   # R and its validation's factor
         except MemoryError as exc:
             raise MemoryError(f"{exc} (likelihood='categorical' cannot split a batch: its "
-                              f"noise is one (m, m) matrix with m = B (K - 1); for a head "
-                              f"with many classes use the class-structured step, "
-                              f"kalman_kernels.ops.class_head_update_)") from None
+                              f"noise is one (m, m) matrix with m = B (K - 1); for a "
+                              f"softmax head with many classes use its class-structured "
+                              f"step, kalman_kernels.ops.categorical_head_update_)") from None
         return cat.loss
 
     def _batch_update(self, pred, target, noise, residual=None, extra_bytes: int = 0):
@@ -975,8 +975,9 @@ def _categorical_tempering(likelihood, obs_noise, given: bool, adaptive_obs_nois
     if max_obs_per_update is not None:
         raise ValueError("max_obs_per_update cannot be used with likelihood='categorical': "
                          "its noise is one (m, m) matrix, which the sub-batches would have to "
-                         "split; use smaller batches, or for a head with many classes the "
-                         "class-structured step (kalman_kernels.ops.class_head_update_)")
+                         "split; use smaller batches, or for a softmax head with many "
+                         "classes its class-structured step "
+                         "(kalman_kernels.ops.categorical_head_update_)")
     if not given:
         return 1.0       # R = Lambda: the natural gradient of the cross-entropy itself
     if isinstance(obs_noise, torch.Tensor):
