@@ -443,7 +443,7 @@ def test_failed_factorisation_skips(gen, monkeypatch, which):
         calls.append(mat.shape[0])
         if (which == "class") == (len(calls) == 1):
             factor = factor.clone()
-            factor[0] = float("nan")                  # what a failed factorisation leaves
+            factor[0] = torch.eye(factor.shape[-1], dtype=F64)   # _factor's stand-in
             ok = ok.clone()
             ok[0] = False
             jitter = jitter.clone()

@@ -355,20 +355,26 @@ def _factor(mat: torch.Tensor):
     least c, so the plain factorisation practically always succeeds; where the flags can be
     read for free (eager CPU) the ladder's extra rungs are skipped when it did, which changes
     nothing in the result (the ladder keeps rung 0 wherever rung 0 succeeded). Elsewhere every
-    rung is evaluated on the device, as ``class_head`` does, so nothing waits for the flags."""
+    rung is evaluated on the device, as ``class_head`` does, so nothing waits for the flags.
+
+    Factors that failed at every rung are replaced by I: their step is skipped anyway, and
+    the solves that follow must not meet a zero pivot."""
     factor, info = torch.linalg.cholesky_ex(mat)
     ok = info == 0
     if readable_now(ok):
         view = numpy_view(ok)
         if view is not None and view.all():
             return factor, torch.zeros(mat.shape[0], dtype=F64, device=mat.device), ok
-    return _factor_with_ladder(mat)
+    factor, jitter, ok = _factor_with_ladder(mat)
+    eye = torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
+    return torch.where(ok[:, None, None], factor, eye), jitter, ok
 
 
-def _safe_factor(factor: torch.Tensor, ok: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
-    """Failed factors replaced by I: their class is skipped anyway, and the inverses and
-    solves that follow must not meet a zero pivot."""
-    return torch.where(ok[:, None, None], factor, eye)
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d flag: every element of ``t`` finite. One reduction (a sum is NaN or inf when an
+    element is) instead of isfinite's several passes; a sum that overflows also counts,
+    which needs values near the dtype's limit, where the step would overflow anyway."""
+    return torch.isfinite(t.sum())
 
 
 def _logdet_from_factor(factor: torch.Tensor) -> torch.Tensor:
@@ -430,26 +436,26 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
         p_b = _predicted(bias_cov, forgetting, process_noise, F64) if has_bias else None
 
         # --- probabilities and residual at the linearisation point ----------------------
-        finite = torch.isfinite(a).all() & torch.isfinite(w).all()
+        finite = _all_finite(a) & _all_finite(w) & _all_finite(p_w)
         if has_bias:
-            finite = finite & torch.isfinite(bias64).all()
+            finite = finite & _all_finite(bias64) & _all_finite(p_b)
         if linearize_at is None:
             w_lin, b_lin = w, bias64
         else:
             w_lin = linearize_at[0].detach().to(cdt)
             b_lin = linearize_at[1].detach().to(F64) if has_bias else None
-            finite = finite & torch.isfinite(w_lin).all()
+            finite = finite & _all_finite(w_lin)
             if has_bias:
-                finite = finite & torch.isfinite(b_lin).all()
+                finite = finite & _all_finite(b_lin)
         logits = (a @ w_lin.T).to(F64)                          # (B, K)
         if has_bias:
             logits = logits + b_lin
         logits = logits * s
-        finite = finite & torch.isfinite(logits).all()
+        finite = finite & _all_finite(logits)
         log_p = torch.log_softmax(logits, dim=1)
         p = torch.exp(log_p)                                    # (B, K) float64
         y, bad_targets = _targets(labels, k, device)
-        finite = finite & torch.isfinite(y).all()
+        finite = finite & _all_finite(y)
         cross_entropy = -(y * log_p).sum(1).mean()
         e = y - p
         if linearize_at is not None:
@@ -465,11 +471,11 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
 
         # --- pass 1, per chunk of classes: M_k, Q_k, Z_k, t_k; SZ and sum_k w_k ---------
         iu, ju, mult = _pair_index(b, device)
+        mult_s2 = mult.to(F64) * s2          # pair weights of the symmetric sum, times s^2
         n_pairs = iu.shape[0]
         to_full, to_pairs = _pair_maps(iu, ju, b)
         a_pairs = a[iu] * a[ju]                                 # (T, d), T = B(B+1)/2
         c_eye = c * torch.eye(b, dtype=F64, device=device)
-        eye_b = torch.eye(b, dtype=F64, device=device)
         sq_s = sq_t * s                                         # s E_k's diagonals
         z_pairs = torch.empty(k, n_pairs, dtype=F64, device=device)   # Z_k, upper triangle
         t_all = torch.empty(k, b, dtype=F64, device=device)
@@ -478,23 +484,19 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
         w_sum = torch.zeros(b, dtype=F64, device=device)
         logdet_q = torch.zeros((), dtype=F64, device=device)
         ok_all = torch.ones((), dtype=torch.bool, device=device)
-        if has_bias:
-            finite = finite & torch.isfinite(p_b).all()
         for k0 in range(0, k, chunk_size):
             k1 = min(k, k0 + chunk_size)
             kc = k1 - k0
-            m_pairs = p_w[k0:k1] @ a_pairs.T                    # (kc, T): A P-_k A^T
-            # Q_k is finite when these are (p, s and c are): checking the packed GEMM output
-            # is 4x cheaper than checking Q; the log det below catches an overflow in Q
-            finite = finite & torch.isfinite(m_pairs).all()
-            m_pairs = m_pairs.to(F64)
+            # Q_k is finite when P-, A, p are (checked above) unless the GEMM overflows; the
+            # log det below catches that (an inf or NaN in Q gives a failed factorisation or
+            # a non-finite pivot)
+            m_pairs = (p_w[k0:k1] @ a_pairs.T).to(F64)           # (kc, T): A P-_k A^T
             if has_bias:
                 m_pairs = m_pairs + p_b[k0:k1, None]
             m_blk = m_pairs.index_select(1, to_full).view(kc, b, b)      # M_k / s^2
             sq = sq_s[k0:k1]
             q = torch.addcmul(c_eye, m_blk, sq[:, :, None] * sq[:, None, :])  # cI + E M E
             factor, jit, ok = _factor(q)
-            factor = _safe_factor(factor, ok, eye_b)
             jitter[k0:k1] = jit
             ok_all = ok_all & ok.all()
             logdet_q = logdet_q + _logdet_from_factor(factor).sum()
@@ -510,7 +512,6 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
 
         # --- the capacitance c SZ -------------------------------------------------------
         sz_factor, sz_jit, sz_ok = _factor(sz[None])
-        sz_factor = _safe_factor(sz_factor, sz_ok, eye_b)
         ok_all = ok_all & sz_ok[0]
         v = torch.cholesky_solve((w_sum / c)[None, :, None], sz_factor)[0, :, 0]
         log_det = (logdet_q + _logdet_from_factor(sz_factor)[0]
@@ -532,11 +533,11 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
                 half = torch.linalg.solve_triangular(sz_l, z, upper=False)   # L^-1 Z_k
                 g = torch.baddbmm(z, half.transpose(-2, -1), half, alpha=-1.0)
                 g_pairs[k0:k1] = (g.reshape(kc, b * b).index_select(1, to_pairs)
-                                  * mult).to(cdt)
+                                  * mult_s2).to(cdt)
                 if has_bias:
-                    g_sum[k0:k1] = g.sum((1, 2))
+                    g_sum[k0:k1] = g.sum((1, 2)) * s2
 
-        finite = finite & torch.isfinite(x).all()
+        finite = finite & _all_finite(x)
         d2 = (e_t * x / p_t.clamp(min=_P_TINY)).sum()
         ok_all = ok_all & finite & ~bad_targets
         if gate is not None:
@@ -548,13 +549,14 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
         step_coef = (lr * s) * scale * x                        # (K, B) float64
 
         # --- the K x d terms -------------------------------------------------------------
-        new_w = w + p_w * (step_coef.to(cdt) @ a)
+        new_w = torch.addcmul(w, p_w, step_coef.to(cdt) @ a)
         if information:
             info_w = (p_t * (1.0 - p_t)) * (s2 / c)             # (K, B)
             new_pw = 1.0 / (1.0 / p_w + info_w.to(cdt) @ (a * a))
         else:
-            new_pw = p_w - p_w * p_w * (s2 * (g_pairs @ a_pairs))
-        new_pw = new_pw.clamp(cov_floor, cov_ceiling)
+            # P- - P-^2 (.) s^2 diag(A^T G_kk A); s^2 and the pair weights are in g_pairs
+            new_pw = torch.addcmul(p_w, p_w.square(), g_pairs @ a_pairs, value=-1.0)
+        new_pw = new_pw.clamp_(cov_floor, cov_ceiling)
         keep = ~ok_all
         weight.copy_(torch.where(keep, weight, new_w.to(weight.dtype)))
         weight_cov.copy_(torch.where(keep, weight_cov, new_pw.to(weight_cov.dtype)))
@@ -563,7 +565,7 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
             if information:
                 new_pb = 1.0 / (1.0 / p_b + info_w.sum(1))
             else:
-                new_pb = p_b - p_b * p_b * (s2 * g_sum)
+                new_pb = p_b - p_b * p_b * g_sum
             new_pb = new_pb.clamp(cov_floor, cov_ceiling)
             bias.copy_(torch.where(keep, bias, new_b.to(bias.dtype)))
             bias_cov.copy_(torch.where(keep, bias_cov, new_pb.to(bias_cov.dtype)))
