@@ -33,3 +33,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build $(VENV) *.egg-info kalman_kernels/*.so kalman_kernels/_build_info.py
+
+# The prepared GPU check (docs/cuda_backend.md, "Running the GPU check"), for a machine with
+# one NVIDIA GPU: it installs into that machine's own Python (PYTHON, default python3) with
+# no downloads, so it deliberately does not depend on the .venv of the targets above.
+.PHONY: gpu-check
+gpu-check:
+	PYTHON="$(PYTHON)" bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
