@@ -14,8 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kalman_kernels as kk
-from kalman_kernels.ops.categorical_head import (CategoricalHeadInfo, SOFT_TARGET_TOL,
-                                                 categorical_head_update_)
+from kalman_kernels.ops.categorical_head import (CategoricalHeadInfo, categorical_head_update_,
+                                                 soft_target_tol)
 
 F64 = torch.float64
 
@@ -425,7 +425,7 @@ def test_invalid_targets_off_the_host_path_skip(gen):
         assert torch.equal(_bits(w), before[0]) and torch.equal(_bits(pw), before[1])
     # within the tolerance the row is renormalised and the step is taken
     y = torch.full((b, k), 1.0 / k, dtype=F64)
-    y[0] = y[0] * (1 + SOFT_TARGET_TOL / 2)
+    y[0] = y[0] * (1 + soft_target_tol(k, F64) / 2)
     info = categorical_head_update_(c["w"].clone(), c["pw"].clone(), None, None, c["a"], y)
     assert not info.skipped
 

@@ -114,12 +114,19 @@ from ._common import KalmanInfo, numpy_view
 from .class_head import (DEFAULT_CHUNK, _check_scalar, _factor_with_ladder, _need_cov,
                          _need_float, _pair_index, _predicted)
 
-__all__ = ["CategoricalHeadInfo", "categorical_head_update_"]
+__all__ = ["CategoricalHeadInfo", "categorical_head_update_", "soft_target_tol"]
 
 F64 = torch.float64
-#: Soft target rows must sum to one within this (they are then renormalised exactly, so the
-#: residual sums to zero and the step does not depend on a dropped class).
-SOFT_TARGET_TOL = 1e-3
+
+
+def soft_target_tol(k: int, dtype: torch.dtype) -> float:
+    """How far a soft target row's sum may be from 1: the rounding of a sum of K
+    probabilities in the targets' dtype, never below 1e-6 (the rule of ``KalmanNGD``'s
+    categorical likelihood). Accepted rows are then renormalised exactly, so the residual
+    sums to zero and the step does not depend on a dropped class."""
+    return max(1e-6, 4.0 * k * torch.finfo(dtype).eps)
+
+
 #: The probability floor of the Mahalanobis sum (module docstring): float64's smallest normal.
 _P_TINY = torch.finfo(F64).tiny
 
@@ -171,8 +178,9 @@ class CategoricalHeadInfo(KalmanInfo):
             return ("non-finite values in the inputs (features, weight, bias, targets, "
                     "linearisation point, covariances) or in the logits")
         if self._flag(self.bad_targets_tensor):
-            return (f"invalid targets: a label outside [0, K), or soft targets with a negative "
-                    f"entry or a row whose sum differs from 1 by more than {SOFT_TARGET_TOL}")
+            return ("invalid targets: a label outside [0, K), or soft targets with a negative "
+                    "entry or a row whose sum differs from 1 by more than soft_target_tol(K, "
+                    "dtype)")
         return "the Cholesky factorisation of a class block or of the capacitance failed"
 
     def __repr__(self) -> str:
@@ -213,10 +221,11 @@ def _check_targets_on_host(labels: torch.Tensor, k: int) -> None:
                          f"{float(view.min())}")
     sums = view.astype(np.float64).sum(1)
     off = np.abs(sums - 1.0)
-    if off.size and off.max() > SOFT_TARGET_TOL:
+    tol = soft_target_tol(k, labels.dtype)
+    if off.size and off.max() > tol:
         j = int(off.argmax())
         raise ValueError(f"soft targets (labels of shape (B, K)) must have rows summing to 1 "
-                         f"(within {SOFT_TARGET_TOL}); row {j} sums to {float(sums[j])!r}: "
+                         f"(within {tol:.1e}); row {j} sums to {float(sums[j])!r}: "
                          f"normalise them (labels / labels.sum(1, keepdim=True))")
 
 
@@ -329,7 +338,8 @@ def _targets(labels: torch.Tensor, k: int, device):
     if labels.is_floating_point():
         y = labels.detach().to(F64)
         sums = y.sum(1, keepdim=True)
-        bad = ((y < 0).any() | ((sums - 1.0).abs() > SOFT_TARGET_TOL).any())
+        tol = soft_target_tol(k, labels.dtype)
+        bad = ((y < 0).any() | ((sums - 1.0).abs() > tol).any())
         # exactly normalised, so the residual sums to zero per image (module docstring)
         return y / sums, bad
     lab = labels.detach()
