@@ -24,10 +24,11 @@ from .cache import FeatureSet
 from .head_filter import HeadKalman, uses_head_filter
 from .progress import progress
 
-OPTIMIZERS = ("kalman", "kalman-paper", "kalman-loss", "adamw", "sgd")
+OPTIMIZERS = ("kalman", "kalman-paper", "kalman-loss", "adamw", "sgd", "ivon")
 KALMAN_METHODS = ("kalman", "kalman-paper", "kalman-loss")
 BASELINES = ("zero-shot", "gda")
-DEFAULT_LR = {"kalman": 1.0, "kalman-paper": 1.0, "kalman-loss": 1.0, "adamw": 1e-3, "sgd": 1e-1}
+DEFAULT_LR = {"kalman": 1.0, "kalman-paper": 1.0, "kalman-loss": 1.0, "adamw": 1e-3, "sgd": 1e-1,
+              "ivon": 1e-1}
 # Prior covariance P0 per adapter. The update of the scores scales with P0 |H|^2 / r, and |H|
 # depends on the parametrisation: the head's Jacobian rows are unit image vectors, the
 # CLIP-Adapter's pass through 0.2 x a near-zero W2. Chosen on the stand-in's few-shot pool minus
@@ -38,16 +39,26 @@ DEFAULT_OBS_NOISE = 1e-2
 # observation with target 1, adaptive observation noise and the Mahalanobis gate.
 PAPER_PRESET = {"adapter": "clip-adapter", "obs": "paired", "adaptive_obs_noise": 0.1,
                 "gate": 0.999}
-# The application's default ``kalman`` (issue 11, chosen in docs/clip.md): observation model,
-# passes over the shots, tempering, adaptive noise, gate, and the (P0, r) grid selected on the
-# validation split (no larger than AdamW's learning-rate grid; empty: no selection).
-# Measured on 5 tasks x 3 shot counts x 3 seeds (docs/clip.md, ``python -m
-# kalman_kernels.clip.study``): cosine class logits, 10 passes over the shots with r x 10 (one
-# pass's evidence), the probit predictive (scores N(mu, H P H^T + r)), and r chosen on the
-# validation NLL from three values (P0 / r = 1, 0.1, 0.01 at the head's P0 = 1e-3).
-KALMAN_DEFAULTS = {"obs": "cosine-logits", "epochs": 10.0, "tempered": True,
-                   "adaptive_obs_noise": 0.0, "gate": None, "probit": True,
-                   "grid": [{"obs_noise": 1e-3}, {"obs_noise": 1e-2}, {"obs_noise": 1e-1}]}
+# The application's default ``kalman`` (chosen on 5 tasks x 3 shot counts x 3 seeds, see
+# docs/clip.md, ``python -m kalman_kernels.clip.study``): the head under the categorical
+# likelihood (no observation noise to choose), iterated Kalman updates from the prior to the
+# MAP (re-linearised, damped), one (d+1) x (d+1) covariance block per class, the predictive
+# averaged over a grid of prior variances P0 weighted by their Laplace evidence (no validation
+# data used), and the probit predictive. The previous default (cosine logits as Gaussian
+# observations, 10 tempered passes, r chosen on validation) is
+# ``likelihood="gaussian", fit="passes", obs="cosine-logits", grid=GAUSSIAN_R_GRID``.
+GAUSSIAN_R_GRID = [{"obs_noise": 1e-3}, {"obs_noise": 1e-2}, {"obs_noise": 1e-1}]
+KALMAN_DEFAULTS = {"likelihood": "categorical", "fit": "map", "prior": "evidence-average",
+                   "head_cov": "block", "obs": "logits", "epochs": 10.0, "tempered": True,
+                   "adaptive_obs_noise": 0.0, "gate": None, "probit": True, "grid": []}
+LIKELIHOODS = ("gaussian", "categorical")
+FITS = ("passes", "map")
+PRIORS = ("fixed", "evidence", "evidence-average")
+HEAD_COVS = ("block", "diag")
+
+
+#: posterior draws of IVON's Monte-Carlo predictive at evaluation
+IVON_TEST_SAMPLES = 32
 
 
 @dataclass
@@ -60,7 +71,20 @@ class TrainConfig:
     batch_size: int = 32
     lr: Optional[float] = None          # None: DEFAULT_LR[optimizer]
     init_cov: Optional[float] = None    # None: DEFAULT_INIT_COV[adapter]
-    obs_noise: float = DEFAULT_OBS_NOISE
+    obs_noise: Optional[float] = None   # Gaussian: r (None: DEFAULT_OBS_NOISE); categorical:
+                                        # the tempering multiplier c (None: 1.0)
+    likelihood: Optional[str] = None    # Kalman: "gaussian" or "categorical" (None: the
+                                        # method's default)
+    fit: Optional[str] = None           # categorical head: "passes" (sequential EKF passes)
+                                        # or "map" (iterated to the MAP, Laplace posterior)
+    prior: Optional[str] = None         # categorical head, fit "map": "fixed" (init_cov),
+                                        # "evidence" (best P0 of prior_grid by the Laplace
+                                        # evidence) or "evidence-average" (evidence-weighted)
+    head_cov: Optional[str] = None      # categorical head: "block" (per class) or "diag"
+    prior_grid: Optional[tuple] = None  # P0 candidates for the evidence (None: the default)
+    prior_scale: float = 1.0            # categorical head: prior mean = scale * text embeddings
+    prior_scales: Optional[tuple] = None  # prior "evidence*": also weigh these prior-mean
+                                        # scales by the evidence (None: prior_scale alone)
     adaptive_obs_noise: Optional[float] = None  # Kalman: EMA rate beta of the innovation-based
                                         # r (0: off; None: the method's default)
     gate: Optional[float] = None        # Kalman: chi-square probability of the Mahalanobis gate
@@ -92,7 +116,31 @@ class TrainConfig:
         probit = (defaults.get("probit", False) if cfg.probit is None else cfg.probit)
         if beta != cfg.adaptive_obs_noise or gate != cfg.gate or probit != cfg.probit:
             cfg = replace(cfg, adaptive_obs_noise=float(beta), gate=gate, probit=bool(probit))
+        own = KALMAN_DEFAULTS if cfg.optimizer == "kalman" else {}
+        picked = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else own.get(k, fallback))
+                  for k, fallback in (("likelihood", "gaussian"), ("fit", "passes"),
+                                      ("prior", "fixed"), ("head_cov", "diag"))}
+        if any(picked[k] != getattr(cfg, k) for k in picked):
+            cfg = replace(cfg, **picked)
         return cfg
+
+    def validate(self) -> "TrainConfig":
+        """Raise a one-line ValueError naming the field for a value no method accepts."""
+        for name, allowed in (("likelihood", LIKELIHOODS), ("fit", FITS), ("prior", PRIORS),
+                              ("head_cov", HEAD_COVS)):
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {v!r}")
+        if self.prior_grid is not None and (not self.prior_grid or
+                                            any(not float(g) > 0 for g in self.prior_grid)):
+            raise ValueError(f"prior_grid must be prior variances > 0, got {self.prior_grid!r}")
+        return self
+
+    def categorical_head(self) -> bool:
+        """The Kalman head under the categorical likelihood (``clip.head_posterior``)."""
+        cfg = self.resolved()
+        return (cfg.optimizer == "kalman" and cfg.adapter == "head"
+                and cfg.likelihood == "categorical")
 
     def is_kalman(self) -> bool:
         return self.optimizer in KALMAN_METHODS
@@ -118,12 +166,16 @@ class TrainConfig:
         return DEFAULT_INIT_COV.get(cfg.adapter, 1e-3) if cfg.init_cov is None else float(cfg.init_cov)
 
     def resolved_obs_noise(self) -> float:
-        """r, multiplied by the number of passes when ``tempered`` (E > 1 passes then carry
-        the evidence of one)."""
+        """r (Gaussian) or the tempering c (categorical), multiplied by the number of passes
+        when ``tempered`` (E > 1 passes then carry the evidence of one). An iterated fit to
+        the MAP re-linearises instead of making passes: no multiplier there."""
         cfg = self.resolved()
-        if cfg.tempered and cfg.epochs is not None and cfg.epochs > 1:
-            return float(cfg.obs_noise) * float(cfg.epochs)
-        return float(cfg.obs_noise)
+        base = (cfg.obs_noise if cfg.obs_noise is not None else
+                1.0 if cfg.likelihood == "categorical" else DEFAULT_OBS_NOISE)
+        if (cfg.tempered and cfg.epochs is not None and cfg.epochs > 1
+                and not (cfg.categorical_head() and cfg.fit == "map")):
+            return float(base) * float(cfg.epochs)
+        return float(base)
 
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
@@ -309,7 +361,10 @@ def finetune(task: Task, cfg: TrainConfig, progress_bar: bool = True, desc: str 
         raise TypeError(f"unexpected arguments {sorted(legacy)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    cfg.validate()
     torch.manual_seed(cfg.seed)
+    if cfg.categorical_head():
+        return _finetune_categorical_head(task, cfg)
     run = _setup(task, cfg)
     t0 = time.time()
     history = _train(run, progress_bar, desc or cfg.optimizer)
@@ -352,25 +407,35 @@ def _setup(task: Task, cfg: TrainConfig) -> _Run:
     lr = cfg.resolved_lr()
     steps = cfg.resolved_steps(xtr.shape[0], task.k)
     batch = cfg.resolved_batch(task.k)
-    opt, sched = _make_optimizer(adapter, rc, cfg, lr, steps)
+    opt, sched = _make_optimizer(adapter, rc, cfg, lr, steps, n_train=xtr.shape[0])
     return _Run(task, method, rc, adapter, kind, xtr, ytr, xva, yva, opt, sched, steps, batch, lr)
 
 
-def _make_optimizer(adapter, rc: TrainConfig, cfg: TrainConfig, lr: float, steps: int):
+def _make_optimizer(adapter, rc: TrainConfig, cfg: TrainConfig, lr: float, steps: int,
+                    n_train: int = 1):
     import kalman_kernels as kk
     params = [p for p in adapter.parameters() if p.requires_grad]
     if rc.is_kalman():
         kw = dict(lr=lr, obs_noise=cfg.resolved_obs_noise(), forgetting=rc.forgetting,
                   process_noise=rc.process_noise, adaptive_obs_noise=rc.adaptive_obs_noise,
                   gate=rc.gate)
-        if uses_head_filter(adapter, "kalman", rc.obs) and rc.optimizer != "kalman-loss":
+        if (uses_head_filter(adapter, "kalman", rc.obs) and rc.optimizer != "kalman-loss"
+                and rc.likelihood == "gaussian"):
             return HeadKalman(adapter, init_cov=cfg.resolved_init_cov(), **kw), None
+        if rc.likelihood == "categorical" and rc.optimizer != "kalman-loss":
+            kw["likelihood"] = "categorical"
         opt = kk.KalmanNGD(params, init_cov=cfg.resolved_init_cov(), backend=rc.backend, **kw)
         if rc.optimizer != "kalman-loss":
             opt.track(adapter)
         return opt, None
     if rc.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=rc.weight_decay)
+    elif rc.optimizer == "ivon":
+        import ivon
+        # the effective sample size is the number of training images (the few shots); IVON's
+        # own defaults otherwise (Hessian init 1, weight decay 1e-4 unless given)
+        opt = ivon.IVON(params, lr=lr, ess=float(n_train),
+                        weight_decay=rc.weight_decay or 1e-4)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=rc.momentum, weight_decay=rc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -384,8 +449,17 @@ def _train_step(run: _Run, xb: torch.Tensor, yb: torch.Tensor) -> None:
         opt.step(xb, yb)
     elif cfg.optimizer == "kalman-loss":
         opt.step(lambda: F.cross_entropy(run.task.tau * adapter.scores(xb), yb))
+    elif cfg.is_kalman() and cfg.likelihood == "categorical":
+        opt.step(lambda: (run.task.tau * adapter.scores(xb), yb))
     elif cfg.is_kalman():
         opt.step(lambda: observation(adapter, xb, yb, cfg.obs))
+    elif cfg.optimizer == "ivon":
+        # one posterior sample per step (IVON's default training mode)
+        with opt.sampled_params(train=True):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(run.task.tau * adapter.scores(xb), yb).backward()
+        opt.step()
+        run.sched.step()
     else:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(run.task.tau * adapter.scores(xb), yb).backward()
@@ -429,12 +503,24 @@ def _predictors(run: _Run):
             return adapter.scores(task.inputs(fs, run.kind).to(dev)).float().cpu()
 
     var_fn = prob_fn = None
+    if cfg.optimizer == "ivon":
+        def prob_fn(fs, t):
+            """IVON's predictive: the mean softmax over IVON_TEST_SAMPLES posterior draws."""
+            x = task.inputs(fs, run.kind).to(dev)
+            torch.manual_seed(10_000 + cfg.seed)
+            acc = 0
+            for _ in range(IVON_TEST_SAMPLES):
+                with opt.sampled_params(), torch.no_grad():
+                    acc = acc + torch.softmax(t * adapter.scores(x).double(), 1)
+            return (acc / IVON_TEST_SAMPLES).cpu()
     if cfg.is_kalman():
         if isinstance(opt, HeadKalman):
             def var_fn(fs):
                 return opt.predictive_variance(task.inputs(fs, run.kind).to(dev)).cpu()
         else:
-            r = _final_obs_noise(run)
+            # the categorical likelihood's noise is the label's own randomness, not a score
+            # noise: the score variance is the parameters' alone
+            r = 0.0 if cfg.likelihood == "categorical" else _final_obs_noise(run)
 
             def var_fn(fs):
                 return predictive_variance(adapter, task.inputs(fs, run.kind).to(dev),
@@ -498,3 +584,106 @@ def _final_result(run: _Run, history, seconds: float) -> MethodResult:
     return MethodResult(run.method, conf, metrics, history, seconds, tau,
                         M.reliability(p, task.test.labels), skipped, _final_obs_noise(run),
                         adapter=run.adapter, opt=run.opt)
+
+
+# ----------------------------------------------------------------------------------------
+# The head under the categorical likelihood (``clip.head_posterior``)
+# ----------------------------------------------------------------------------------------
+def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
+    """The ``kalman`` head under the categorical likelihood: sequential EKF passes
+    (``fit="passes"``) or iterated updates to the MAP with a Laplace posterior (``fit="map"``,
+    the prior variance fixed or from the evidence). Evaluated like every method; the returned
+    adapter holds the (highest-weight) posterior mean, ``opt`` the posterior."""
+    from . import head_posterior as HP
+    from .adapters import LinearHead
+    rc = cfg.resolved()
+    if rc.mc_samples:
+        raise ValueError("mc_samples: the categorical head predicts with the probit (or map) "
+                         "predictive of its Gaussian posterior; use predictive instead")
+    t0 = time.time()
+    dev = task.device
+    xtr = HP.augment(task.train.embed.to(dev))
+    ytr = task.train.labels.to(dev)
+    theta0 = HP.prior_mean(task.text.to(dev), rc.prior_scale)
+    tau = task.tau
+    c = cfg.resolved_obs_noise()
+    p0 = cfg.resolved_init_cov() if rc.init_cov is not None else 1e-3
+    n = xtr.shape[0]
+    batch = n if rc.fit == "map" else min(rc.batch_size, n)
+    details: Dict = {}
+    if rc.fit == "map":
+        common = dict(logit_scale=tau, obs_noise=c, covariance=rc.head_cov,
+                      max_batch=max(batch, 1))
+        if rc.prior == "fixed":
+            post = HP.fit_map(xtr, ytr, theta0, p0, **common)
+            model = HP.PosteriorMixture([post], [1.0], [(p0, post.log_evidence)])
+        else:
+            grid = tuple(rc.prior_grid) if rc.prior_grid else HP.DEFAULT_GRID
+            base, scales = ((HP.prior_mean(task.text.to(dev)), tuple(rc.prior_scales))
+                            if rc.prior_scales else (theta0, (1.0,)))
+            model = HP.fit_by_evidence(xtr, ytr, base, grid=grid, mean_scales=scales,
+                                       average=rc.prior == "evidence-average", **common)
+        details = {"prior_variances": [m.init_cov for m in model.members],
+                   "prior_weights": model.weights,
+                   "iterations": [m.iterations for m in model.members],
+                   "converged": all(m.converged for m in model.members),
+                   "evidence_grid": model.evidence_grid}
+        seen = sum(m.iterations for m in model.members) * n
+    else:
+        # sequential passes linearised at the running mean (the EKF), r x E when tempered
+        epochs = max(1, int(round(rc.epochs or 1)))
+        gen = torch.Generator().manual_seed(rc.seed)
+        mean = theta0.clone()
+        cov = HP._prior_cov(theta0, p0, rc.head_cov)
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(dev)
+            m2, cov, _, _ = HP.kalman_pass(mean, cov, xtr[perm], ytr[perm], logit_scale=tau,
+                                           obs_noise=c, max_batch=batch)
+            mean = m2
+        post = HP.HeadPosterior(mean, cov, p0, tau)
+        model = HP.PosteriorMixture([post], [1.0])
+        seen = epochs * n
+    seconds = time.time() - t0
+
+    best = model.best
+    head = LinearHead(task.text, bias=True).to(dev)
+    with torch.no_grad():
+        head.head.weight.copy_(best.mean[:, :-1].float())
+        head.head.bias.copy_(best.mean[:, -1].float())
+    predictive = "probit" if rc.probit else "map"
+
+    def feats(fs):
+        return HP.augment(task.inputs(fs, "embed").to(dev))
+
+    def score(fs):
+        return model.scores(feats(fs)).float().cpu()
+
+    def var_fn(fs):
+        return model.score_variance(feats(fs)).float().cpu()
+
+    def prob_fn(fs, t):
+        return model.probs(feats(fs), t, predictive).cpu()
+
+    def val_point(m, step, seen_):
+        p = m.probs(feats(task.val), tau, predictive).cpu()
+        return {"step": step, "images_seen": seen_,
+                **{f"val_{k}": v for k, v in
+                   M.classification_metrics(p, task.val.labels).items()}}
+
+    prior_only = HP.PosteriorMixture([HP.HeadPosterior(theta0, HP._prior_cov(theta0, p0,
+                                                                           rc.head_cov), p0, tau)],
+                                     [1.0])
+    history = [val_point(prior_only, 0, 0), val_point(model, 1, seen)]
+    t_cal = tau
+    if cfg.calibrate:
+        t_cal = _fit_temperature(score(task.val), task.val.labels, tau)
+    metrics, p = _evaluate(score, task, t_cal, var_fn, prob_fn)
+    metrics["val"] = M.classification_metrics(prob_fn(task.val, t_cal), task.val.labels)
+    conf = asdict(cfg)
+    conf.update(method=cfg.optimizer, likelihood=rc.likelihood, fit=rc.fit, prior=rc.prior,
+                head_cov=rc.head_cov, obs_noise=c, init_cov=p0 if rc.prior == "fixed" or
+                rc.fit == "passes" else None, batch_size=batch, probit=rc.probit,
+                kalman_path="categorical head (clip.head_posterior, ops.categorical_head)",
+                **details)
+    return MethodResult(cfg.optimizer, conf, metrics, history, seconds, t_cal,
+                        M.reliability(p, task.test.labels), 0, c, adapter=head, opt=model)
