@@ -50,14 +50,20 @@ def _onehot(y, k):
 def _oracle(c, *, obs_noise=1.0, logit_scale=1.0, lr=1.0, forgetting=1.0, process_noise=0.0,
             cov_floor=0.0, cov_ceiling=math.inf, gate=None, cov_update="kalman",
             linearize_at=None, drop=-1):
-    """The dense drop-one-class EKF in float64: (w, pw, b, pb, stats)."""
+    """The dense drop-one-class EKF in float64: (w, pw, b, pb, stats). A (K, d, d) ``pw`` is
+    the prior blockdiag(Sigma_k) (no bias); the result's covariance is then the (K, d, d)
+    diagonal blocks of the dense posterior."""
     w, pw, a = c["w"].to(F64), c["pw"].to(F64), c["a"].to(F64)
     k, d = w.shape
     nb = a.shape[0]
     has_bias = c["b"] is not None
+    blocks = pw.dim() == 3
     theta = torch.cat([w.reshape(-1)] + ([c["b"].to(F64)] if has_bias else []))
-    prior = torch.cat([pw.reshape(-1)] + ([c["pb"].to(F64)] if has_bias else []))
-    prior = prior / forgetting + process_noise
+    if blocks:
+        prior = torch.block_diag(*pw) / forgetting + process_noise * torch.eye(k * d, dtype=F64)
+    else:
+        prior = torch.cat([pw.reshape(-1)] + ([c["pb"].to(F64)] if has_bias else []))
+        prior = prior / forgetting + process_noise
     y = _onehot(c["y"], k)
     kept = [j for j in range(k) if j != drop % k]
 
@@ -80,25 +86,34 @@ def _oracle(c, *, obs_noise=1.0, logit_scale=1.0, lr=1.0, forgetting=1.0, proces
     res = y[:, kept].reshape(-1) - h(th_lin) - jac @ (theta - th_lin)
     r = torch.block_diag(*[(obs_noise * (torch.diag(pj) - torch.outer(pj, pj)))[kept][:, kept]
                            for pj in p])
-    s_mat = (jac * prior) @ jac.T + r
+    if blocks:
+        s_mat = jac @ prior @ jac.T + r
+    else:
+        s_mat = (jac * prior) @ jac.T + r
     s_res = torch.linalg.solve(s_mat, res)
     d2 = float(res @ s_res)
     scale = 1.0
     if gate is not None:
         tau = kk.reference.chi2_quantile(gate, nb * (k - 1))
         scale = min(1.0, math.sqrt(tau / d2))
+    log_det = float(torch.linalg.slogdet(s_mat)[1] - torch.linalg.slogdet(r)[1])
+    ce = float(-(y * torch.log(p)).sum(1).mean())
+    stats = dict(d2=d2, gate_scale=scale, log_det=log_det, cross_entropy=ce)
+    if blocks:
+        theta_new = theta + lr * scale * prior @ (jac.T @ s_res)
+        post = prior - prior @ jac.T @ torch.linalg.solve(s_mat, jac @ prior)
+        diag_blocks = torch.stack([post[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(k)])
+        return theta_new.reshape(k, d), diag_blocks, None, None, stats
     theta_new = theta + lr * scale * prior * (jac.T @ s_res)
     if cov_update == "kalman":
         p_new = prior - prior ** 2 * (jac * torch.linalg.solve(s_mat, jac)).sum(0)
     else:
         p_new = 1.0 / (1.0 / prior + (jac * torch.linalg.solve(r, jac)).sum(0))
     p_new = p_new.clamp(cov_floor, cov_ceiling)
-    log_det = float(torch.linalg.slogdet(s_mat)[1] - torch.linalg.slogdet(r)[1])
-    ce = float(-(y * torch.log(p)).sum(1).mean())
     out_b = theta_new[k * d:] if has_bias else None
     out_pb = p_new[k * d:] if has_bias else None
     return (theta_new[:k * d].reshape(k, d), p_new[:k * d].reshape(k, d), out_b, out_pb,
-            dict(d2=d2, gate_scale=scale, log_det=log_det, cross_entropy=ce))
+            stats)
 
 
 def _run(c, **hyper):
@@ -580,3 +595,130 @@ def test_bad_arguments_raise_before_any_write(gen):
 def test_exported_from_ops():
     assert kk.ops.categorical_head_update_ is categorical_head_update_
     assert kk.ops.CategoricalHeadInfo is CategoricalHeadInfo
+
+
+# --------------------------------------------------------------------------------------
+# the block form: one full d x d covariance per class
+# --------------------------------------------------------------------------------------
+def _block_case(gen, k, d, b, *, soft=False, scale=0.5):
+    c = _case(gen, k, d, b, bias=False, soft=soft)
+    x = torch.randn(k, d, d, generator=gen, dtype=F64)
+    c["pw"] = scale * (x @ x.transpose(1, 2) / d + 0.2 * torch.eye(d, dtype=F64))
+    return c
+
+
+@pytest.mark.parametrize("b,k,d,soft", [(1, 2, 1, False), (3, 3, 5, True), (7, 11, 4, False),
+                                        (3, 5, 13, True), (7, 2, 13, False)])
+def test_blocks_equal_the_dense_ekf_with_a_block_diagonal_prior(gen, b, k, d, soft):
+    c = _block_case(gen, k, d, b, soft=soft)
+    hyper = dict(obs_noise=0.8, logit_scale=1.5, lr=0.9, forgetting=0.95, process_noise=1e-2)
+    got = _run(c, chunk_size=2, **hyper)
+    exp = _oracle(c, **hyper)
+    _assert_state_close(got, exp, 1e-8)
+    for key, val in (("d2", got[4].mahalanobis), ("log_det", got[4].log_det),
+                     ("cross_entropy", got[4].cross_entropy)):
+        assert math.isclose(val, exp[4][key], rel_tol=1e-8), key
+    assert torch.equal(got[1], got[1].transpose(1, 2))          # written symmetric
+    assert (got[0] != c["w"]).all() and (got[1] != c["pw"]).all()
+
+
+def test_blocks_gate_and_linearisation_point(gen):
+    k, d, b = 5, 4, 6
+    c = _block_case(gen, k, d, b)
+    c["w"] = c["w"] * 3
+    c["y"] = (c["a"] @ c["w"].T).argmin(1)
+    lin = (c["w"] + 0.2 * torch.randn(k, d, generator=gen, dtype=F64), None)
+    hyper = dict(obs_noise=0.2, gate=0.9, linearize_at=lin)
+    got = _run(c, **hyper)
+    exp = _oracle(c, **hyper)
+    assert 0 < got[4].gate_scale < 1
+    assert math.isclose(got[4].gate_scale, exp[4]["gate_scale"], rel_tol=1e-8)
+    _assert_state_close(got, exp, 1e-8)
+
+
+def test_diagonal_blocks_agree_with_the_diagonal_form(gen):
+    """With Sigma_k = diag(P_k) both forms take the same mean step, and the block form's
+    diagonal is the diagonal form's covariance (both are the exact posterior's diagonal)."""
+    c = _case(gen, 6, 5, 4, bias=False, soft=True)
+    diag = _run(c, obs_noise=0.7, logit_scale=2.0, gate=0.95)
+    cb = dict(c, pw=torch.diag_embed(c["pw"]))
+    blk = _run(cb, obs_noise=0.7, logit_scale=2.0, gate=0.95)
+    assert _rel(blk[0], diag[0]) <= 1e-12
+    assert _rel(torch.diagonal(blk[1], dim1=1, dim2=2), diag[1]) <= 1e-12
+    assert math.isclose(blk[4].log_det, diag[4].log_det, rel_tol=1e-12)
+    assert math.isclose(blk[4].mahalanobis, diag[4].mahalanobis, rel_tol=1e-12)
+
+
+def test_blocks_sequential_steps(gen):
+    k, d = 3, 4
+    state = _block_case(gen, k, d, 2)
+    for step in range(3):
+        batch = _case(gen, k, d, (2, 5, 1)[step], bias=False)
+        state.update(a=batch["a"], y=batch["y"])
+        got = _run(state, obs_noise=0.5)
+        exp = _oracle(state, obs_noise=0.5)
+        _assert_state_close(got, exp, 1e-8)
+        state.update(w=got[0], pw=got[1])
+
+
+def test_blocks_float32_within_tolerance(gen):
+    c = _as(_block_case(gen, 9, 17, 6, scale=0.05), torch.float32)
+    got = _run(c, obs_noise=0.5, logit_scale=2.0)
+    exp = _oracle(c, obs_noise=0.5, logit_scale=2.0)
+    assert got[1].dtype == torch.float32
+    for new, old, ref_new in zip(got[:2], (c["w"], c["pw"]), exp[:2]):
+        assert _rel(new, ref_new) <= 1e-5
+        assert _rel(new.to(F64) - old.to(F64), ref_new - old.to(F64)) <= 1e-4
+
+
+@pytest.mark.parametrize("where", ["cov-nan", "cov-inf", "features-nan"])
+def test_blocks_non_finite_input_skips_bit_for_bit(gen, where):
+    c = _block_case(gen, 4, 3, 3)
+    w, pw, a = c["w"].clone(), c["pw"].clone(), c["a"].clone()
+    if where == "cov-nan":
+        pw[2, 1, 0] = float("nan")
+    elif where == "cov-inf":
+        pw[0, 2, 2] = float("inf")
+    else:
+        a[1, 1] = float("nan")
+    before = [_bits(w), _bits(pw)]
+    info = categorical_head_update_(w, pw, None, None, a, c["y"])
+    assert info.skipped and "non-finite" in info.reason
+    assert torch.equal(_bits(w), before[0]) and torch.equal(_bits(pw), before[1])
+
+
+def test_blocks_no_host_synchronisation(gen):
+    c = _block_case(gen, 5, 4, 3, soft=True)
+    kk.reference.chi2_quantile(0.99, 3 * 4)
+    with _NoHostSync() as mode:
+        info = categorical_head_update_(c["w"], c["pw"], None, None, c["a"], c["y"], gate=0.99,
+                                        forgetting=0.9, process_noise=1e-3, chunk_size=2,
+                                        linearize_at=(c["w"] + 0.1, None))
+    assert mode.syncs == [] and not info.skipped
+
+
+def test_blocks_bad_arguments_raise_before_any_write(gen):
+    k, d, b = 4, 3, 2
+    c = _block_case(gen, k, d, b)
+    w, pw = c["w"].clone(), c["pw"].clone()
+    snap = [w.clone(), pw.clone()]
+    bias, pb = torch.zeros(k, dtype=F64), torch.ones(k, dtype=F64)
+    bad = [
+        (dict(bias=bias, bias_cov=pb), ValueError, "fold the bias in as a constant feature"),
+        (dict(bias=bias, bias_cov=None), ValueError, "fold the bias in"),
+        (dict(weight_cov=pw[:, :, :2]), ValueError, r"shape \(K, d, d\) = \(4, 3, 3\)"),
+        (dict(weight_cov=pw.half()), TypeError, "weight_cov must be float32 or float64"),
+        (dict(weight_cov=pw.float()), TypeError, "float64 weight"),
+        (dict(cov_floor=1e-3), ValueError, "cov_floor / cov_ceiling"),
+        (dict(cov_ceiling=10.0), ValueError, "cov_floor / cov_ceiling"),
+        (dict(cov_update="information"), ValueError, "exact 'kalman' rule"),
+    ]
+    for override, exc, pattern in bad:
+        args = dict(weight=w, weight_cov=pw, bias=None, bias_cov=None, features=c["a"],
+                    labels=c["y"])
+        args.update(override)
+        with pytest.raises(exc, match=pattern):
+            categorical_head_update_(args.pop("weight"), args.pop("weight_cov"),
+                                     args.pop("bias"), args.pop("bias_cov"),
+                                     args.pop("features"), args.pop("labels"), **args)
+        assert torch.equal(w, snap[0]) and torch.equal(pw, snap[1])

@@ -82,6 +82,24 @@ Linearising elsewhere (``linearize_at``: an iterated / Gauss-Newton step from a 
 p and Lambda are taken at the given point and the residual becomes
 e = y - p(lin) - Lambda J (mean - lin); it still sums to zero per image.
 
+Full covariance blocks
+----------------------
+A (K, d, d) ``weight_cov`` keeps one full covariance Sigma_k per class instead of a diagonal
+(no separate bias: fold it in as a constant feature). The structure is unchanged, since J is
+still block-diagonal over classes: M_k = s^2 A Sigma-_k A^T, the mean step is
+w_k += lr g s Sigma-_k A^T x_k, and the class block of the posterior is
+
+    Sigma_k = Sigma-_k - s^2 (Sigma-_k A^T) G_kk (A Sigma-_k),
+
+written symmetric ((X + X^T) / 2). That is exactly the diagonal block of the dense posterior
+under the prior blockdiag(Sigma-_k); the cross-class blocks the dense filter would create are
+dropped, as the diagonal form drops every off-diagonal term. Predict:
+Sigma- = Sigma / forgetting + process_noise I. Element-wise floor / ceiling clamps and the
+diagonal information rule do not apply to full blocks and are refused. Cost: two batched
+(B x d) (d x d) products per class, O(K B d^2) time (17 GFLOP each at K = 1000, d = 512,
+B = 32), the blocks read twice and written once, and O(K B d) for C_k = A Sigma-_k kept
+between the passes; d x d work buffers per chunk of classes (about 2M elements each).
+
 Cost and precision
 ------------------
 Time O(K B^3 + K B^2 d): two GEMMs with inner size B(B+1)/2 (about 1 GFLOP together at
@@ -229,6 +247,43 @@ def _check_targets_on_host(labels: torch.Tensor, k: int) -> None:
                          f"normalise them (labels / labels.sum(1, keepdim=True))")
 
 
+def _need_block_cov(weight_cov, weight) -> None:
+    """The block form: weight_cov (K, d, d), one full covariance per class."""
+    _need_float("weight_cov", weight_cov)
+    k, d = weight.shape
+    if weight_cov.shape != (k, d, d):
+        raise ValueError(f"weight_cov of the block form must have shape (K, d, d) = ({k}, {d}, "
+                         f"{d}) (one d x d covariance per class), got "
+                         f"{tuple(weight_cov.shape)}; a diagonal covariance has weight's "
+                         f"shape ({k}, {d})")
+    if weight_cov.dtype not in (torch.float32, F64):
+        raise TypeError(f"weight_cov must be float32 or float64, got {weight_cov.dtype}: "
+                        f"covariances are kept at least in float32 (use weight_cov.float())")
+    if weight.dtype == F64 and weight_cov.dtype != F64:
+        raise TypeError(f"weight_cov is {weight_cov.dtype} for a float64 weight: use a float64 "
+                        f"covariance (weight_cov.double())")
+
+
+def _refuse_bias_for_blocks(bias, bias_cov) -> None:
+    if bias is not None or bias_cov is not None:
+        raise ValueError("a (K, d, d) weight_cov (full covariance blocks) takes no separate "
+                         "bias: fold the bias in as a constant feature column (append a 1 to "
+                         "every feature row and the bias as the last column of weight, its "
+                         "variance on the block's diagonal) and pass bias=None, bias_cov=None")
+
+
+def _refuse_for_blocks(*, cov_floor, cov_ceiling, cov_update) -> None:
+    """What the block form does not do, and what to do instead."""
+    if cov_floor != 0.0 or not math.isinf(cov_ceiling):
+        raise ValueError("cov_floor / cov_ceiling clamp a diagonal covariance element by "
+                         "element; on full covariance blocks that would not keep them positive "
+                         "semi-definite: leave them at 0.0 / inf with a (K, d, d) weight_cov")
+    if cov_update != "kalman":
+        raise ValueError(f"cov_update={cov_update!r} is a diagonal approximation; with full "
+                         f"(K, d, d) covariance blocks the exact 'kalman' rule is used (pass "
+                         f"cov_update='kalman')")
+
+
 def _validate(weight, weight_cov, bias, bias_cov, features, labels, *, obs_noise, logit_scale,
               lr, forgetting, process_noise, cov_floor, cov_ceiling, gate, cov_update,
               linearize_at, chunk_size):
@@ -239,7 +294,12 @@ def _validate(weight, weight_cov, bias, bias_cov, features, labels, *, obs_noise
     if k < 2 or d < 1:
         raise ValueError(f"weight has shape {tuple(weight.shape)}: a categorical head needs "
                          f"K >= 2 classes and d >= 1 features")
-    _need_cov("weight_cov", weight_cov, weight, "weight")
+    blocks = isinstance(weight_cov, torch.Tensor) and weight_cov.dim() == 3
+    if blocks:
+        _need_block_cov(weight_cov, weight)
+        _refuse_bias_for_blocks(bias, bias_cov)
+    else:
+        _need_cov("weight_cov", weight_cov, weight, "weight")
     if (bias is None) != (bias_cov is None):
         raise ValueError("bias and bias_cov go together: pass both (a (K,) bias and its (K,) "
                          "covariance) or neither")
@@ -292,6 +352,8 @@ def _validate(weight, weight_cov, bias, bias_cov, features, labels, *, obs_noise
         raise ValueError(f"cov_update must be 'kalman' or 'information', got {cov_update!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if blocks:
+        _refuse_for_blocks(cov_floor=cov_floor, cov_ceiling=cov_ceiling, cov_update=cov_update)
     named = [("weight_cov", weight_cov), ("features", features), ("labels", labels)]
     if bias is not None:
         named += [("bias", bias), ("bias_cov", bias_cov)]
@@ -391,64 +453,78 @@ def _logdet_from_factor(factor: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
 
 
-# --------------------------------------------------------------------------------------
-# The step
-# --------------------------------------------------------------------------------------
-def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
-                             bias: Optional[torch.Tensor], bias_cov: Optional[torch.Tensor],
-                             features: torch.Tensor, labels: torch.Tensor, *,
-                             obs_noise: float = 1.0, logit_scale: float = 1.0,
-                             lr: float = 1.0, forgetting: float = 1.0,
-                             process_noise: float = 0.0, cov_floor: float = 0.0,
-                             cov_ceiling: float = math.inf, gate: Optional[float] = None,
-                             cov_update: str = "kalman",
-                             linearize_at: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                             chunk_size: int = DEFAULT_CHUNK) -> CategoricalHeadInfo:
-    """One exact Kalman step, in place, of a softmax head under the categorical likelihood.
+class _Classes:
+    """The per-class float64 terms of one step (module docstring), from pass 1 on:
+    Z_k (packed upper triangles), t_k, the jitter per class, SZ, sum_k w_k, sum_k log det Q_k,
+    and the maps between packed and full B x B blocks."""
 
-    ``weight`` (K, d) with ``weight_cov`` (K, d) (a diagonal covariance);
-    ``bias`` / ``bias_cov`` (K,) or both None; ``features`` A (B, d);
-    ``labels``: (B,) int64 class indices or (B, K) soft targets (non-negative rows summing
-    to one). Logits are ``logit_scale * (A W^T + b)``.
-    ``obs_noise`` c > 0 tempers the likelihood: R_j = c (diag(p_j) - p_j p_j^T) (c = 1 is the
-    exact categorical Fisher information; c > 1 trusts each batch less).
-    ``linearize_at``: ``(weight_lin, bias_lin)``, the point where p and its Jacobian are
-    taken (default: the current mean); the mean still moves from the current mean.
-    ``gate``: chi-square probability over the B (K - 1) independent observations; it scales
-    the mean step only. ``lr``, ``forgetting``, ``process_noise``, ``cov_floor``,
-    ``cov_ceiling``, ``cov_update`` as in :func:`kalman_kernels.ops.class_head_update_`;
-    ``chunk_size`` classes are factorised at a time (bounds the float64 work space).
+    def __init__(self, k, b, device):
+        self.iu, self.ju, self.mult = _pair_index(b, device)
+        self.to_full, self.to_pairs = _pair_maps(self.iu, self.ju, b)
+        n_pairs = self.iu.shape[0]
+        self.b = b
+        self.z_pairs = torch.empty(k, n_pairs, dtype=F64, device=device)
+        self.t = torch.empty(k, b, dtype=F64, device=device)
+        self.jitter = torch.empty(k, dtype=F64, device=device)
+        self.sz = torch.zeros(b, b, dtype=F64, device=device)
+        self.w_sum = torch.zeros(b, dtype=F64, device=device)
+        self.logdet_q = torch.zeros((), dtype=F64, device=device)
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
 
-    The result equals the dense EKF that drops one class per image (any class); the module
-    docstring derives the per-class form. Returns a :class:`CategoricalHeadInfo`.
-    """
-    if cov_ceiling is None:
-        cov_ceiling = math.inf
-    k, d, b = _validate(weight, weight_cov, bias, bias_cov, features, labels,
-                        obs_noise=obs_noise, logit_scale=logit_scale, lr=lr,
-                        forgetting=forgetting, process_noise=process_noise,
-                        cov_floor=cov_floor, cov_ceiling=cov_ceiling, gate=gate,
-                        cov_update=cov_update, linearize_at=linearize_at,
-                        chunk_size=chunk_size)
-    device = weight.device
-    cdt = F64 if weight.dtype == F64 else torch.float32     # GEMM / accumulation dtype
-    information = cov_update == "information"
-    c = float(obs_noise)
-    s = float(logit_scale)
-    s2 = s * s
-    has_bias = bias is not None
+    def unpack(self, pairs: torch.Tensor) -> torch.Tensor:
+        return pairs.index_select(1, self.to_full).view(pairs.shape[0], self.b, self.b)
 
-    with torch.no_grad():
-        a = features.detach().to(cdt)                           # (B, d)
-        w = weight.detach().to(cdt)                             # (K, d)
-        bias64 = bias.detach().to(F64) if has_bias else None
-        p_w = _predicted(weight_cov, forgetting, process_noise, cdt)           # (K, d)
-        p_b = _predicted(bias_cov, forgetting, process_noise, F64) if has_bias else None
+    def pack(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.reshape(blocks.shape[0], self.b * self.b).index_select(1, self.to_pairs)
 
-        # --- probabilities and residual at the linearisation point ----------------------
-        finite = _all_finite(a) & _all_finite(w) & _all_finite(p_w)
+    def add_chunk(self, k0, k1, m_blk, obs):
+        """Pass 1 for classes k0..k1-1, given M_k / s^2 as (kc, B, B) float64 blocks."""
+        sq = obs.sq_s[k0:k1]
+        q = torch.addcmul(obs.c_eye, m_blk, sq[:, :, None] * sq[:, None, :])  # cI + E M E
+        factor, jit, ok = _factor(q)
+        self.jitter[k0:k1] = jit
+        self.ok = self.ok & ok.all()
+        self.logdet_q = self.logdet_q + _logdet_from_factor(factor).sum()
+        half = torch.linalg.solve_triangular(factor, torch.diag_embed(obs.sq_t[k0:k1]),
+                                             upper=False)       # L_k^-1 E_k
+        z = half.transpose(-2, -1) @ half                       # Z_k = E_k Q_k^-1 E_k
+        m_e = (m_blk @ obs.e_t[k0:k1, :, None]) * obs.s2        # M_k e_k
+        w_k = (z @ m_e)[..., 0]                                 # Z_k M_k e_k
+        self.t[k0:k1] = (obs.e_t[k0:k1] - w_k) / obs.c
+        self.w_sum = self.w_sum + w_k.sum(0)
+        self.sz = self.sz + z.sum(0)
+        self.z_pairs[k0:k1] = self.pack(z)
+
+    def capacitance(self, c: float, k: int):
+        """Factor SZ; v = SZ^-1 (sum_k w_k) / c and the log det. Sets ``sz_l``, ``v``,
+        ``sz_jitter``, ``log_det``."""
+        factor, jit, ok = _factor(self.sz[None])
+        self.ok = self.ok & ok[0]
+        self.sz_jitter = jit[0]
+        self.v = torch.cholesky_solve((self.w_sum / c)[None, :, None], factor)[0, :, 0]
+        self.log_det = (self.logdet_q + _logdet_from_factor(factor)[0]
+                        + (self.b - self.b * k) * math.log(c))
+        self.sz_l = factor[0]
+
+    def x_and_g(self, k0, k1, with_g: bool):
+        """x_k = t_k + Z_k v, and G_kk = Z_k - Z_k SZ^-1 Z_k (full blocks) when asked."""
+        z = self.unpack(self.z_pairs[k0:k1])
+        x = self.t[k0:k1] + z @ self.v
+        if not with_g:
+            return x, None
+        half = torch.linalg.solve_triangular(self.sz_l, z, upper=False)   # L^-1 Z_k
+        return x, torch.baddbmm(z, half.transpose(-2, -1), half, alpha=-1.0)
+
+
+class _Observation:
+    """p, the residual and their class-major forms at the linearisation point."""
+
+    def __init__(self, *, a, w, bias64, linearize_at, labels, k, s, c, cdt, device):
+        has_bias = bias64 is not None
+        self.s, self.c, self.s2 = s, c, s * s
+        finite = _all_finite(a) & _all_finite(w)
         if has_bias:
-            finite = finite & _all_finite(bias64) & _all_finite(p_b)
+            finite = finite & _all_finite(bias64)
         if linearize_at is None:
             w_lin, b_lin = w, bias64
         else:
@@ -464,9 +540,9 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
         finite = finite & _all_finite(logits)
         log_p = torch.log_softmax(logits, dim=1)
         p = torch.exp(log_p)                                    # (B, K) float64
-        y, bad_targets = _targets(labels, k, device)
+        y, self.bad_targets = _targets(labels, k, device)
         finite = finite & _all_finite(y)
-        cross_entropy = -(y * log_p).sum(1).mean()
+        self.cross_entropy = -(y * log_p).sum(1).mean()
         e = y - p
         if linearize_at is not None:
             # e -= Lambda J (mean - lin): the first-order term of h(mean) around lin
@@ -475,116 +551,216 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
                 dz = dz + (bias64 - b_lin)
             dz = dz * s
             e = e - (p * dz - p * (p * dz).sum(1, keepdim=True))
-        p_t = p.T.contiguous()                                  # (K, B) class-major
-        e_t = e.T.contiguous()
-        sq_t = torch.sqrt(p_t)                                  # E_k's diagonals
+        self.finite = finite
+        self.p_t = p.T.contiguous()                             # (K, B) class-major
+        self.e_t = e.T.contiguous()
+        self.sq_t = torch.sqrt(self.p_t)                        # E_k's diagonals
+        self.sq_s = self.sq_t * s
+        b = a.shape[0]
+        self.c_eye = c * torch.eye(b, dtype=F64, device=device)
 
-        # --- pass 1, per chunk of classes: M_k, Q_k, Z_k, t_k; SZ and sum_k w_k ---------
-        iu, ju, mult = _pair_index(b, device)
-        mult_s2 = mult.to(F64) * s2          # pair weights of the symmetric sum, times s^2
-        n_pairs = iu.shape[0]
-        to_full, to_pairs = _pair_maps(iu, ju, b)
-        a_pairs = a[iu] * a[ju]                                 # (T, d), T = B(B+1)/2
-        c_eye = c * torch.eye(b, dtype=F64, device=device)
-        sq_s = sq_t * s                                         # s E_k's diagonals
-        z_pairs = torch.empty(k, n_pairs, dtype=F64, device=device)   # Z_k, upper triangle
-        t_all = torch.empty(k, b, dtype=F64, device=device)
-        jitter = torch.empty(k, dtype=F64, device=device)
-        sz = torch.zeros(b, b, dtype=F64, device=device)
-        w_sum = torch.zeros(b, dtype=F64, device=device)
-        logdet_q = torch.zeros((), dtype=F64, device=device)
-        ok_all = torch.ones((), dtype=torch.bool, device=device)
-        for k0 in range(0, k, chunk_size):
-            k1 = min(k, k0 + chunk_size)
-            kc = k1 - k0
-            # Q_k is finite when P-, A, p are (checked above) unless the GEMM overflows; the
-            # log det below catches that (an inf or NaN in Q gives a failed factorisation or
-            # a non-finite pivot)
-            m_pairs = (p_w[k0:k1] @ a_pairs.T).to(F64)           # (kc, T): A P-_k A^T
-            if has_bias:
-                m_pairs = m_pairs + p_b[k0:k1, None]
-            m_blk = m_pairs.index_select(1, to_full).view(kc, b, b)      # M_k / s^2
-            sq = sq_s[k0:k1]
-            q = torch.addcmul(c_eye, m_blk, sq[:, :, None] * sq[:, None, :])  # cI + E M E
-            factor, jit, ok = _factor(q)
-            jitter[k0:k1] = jit
-            ok_all = ok_all & ok.all()
-            logdet_q = logdet_q + _logdet_from_factor(factor).sum()
-            half = torch.linalg.solve_triangular(factor, torch.diag_embed(sq_t[k0:k1]),
-                                                 upper=False)   # L_k^-1 E_k
-            z = half.transpose(-2, -1) @ half                   # Z_k = E_k Q_k^-1 E_k
-            m_e = (m_blk @ e_t[k0:k1, :, None]) * s2            # M_k e_k
-            w_k = (z @ m_e)[..., 0]                             # Z_k M_k e_k
-            t_all[k0:k1] = (e_t[k0:k1] - w_k) / c
-            w_sum = w_sum + w_k.sum(0)
-            sz = sz + z.sum(0)
-            z_pairs[k0:k1] = z.reshape(kc, b * b).index_select(1, to_pairs)
 
-        # --- the capacitance c SZ -------------------------------------------------------
-        sz_factor, sz_jit, sz_ok = _factor(sz[None])
-        ok_all = ok_all & sz_ok[0]
-        v = torch.cholesky_solve((w_sum / c)[None, :, None], sz_factor)[0, :, 0]
-        log_det = (logdet_q + _logdet_from_factor(sz_factor)[0]
-                   + (b - b * k) * math.log(c))
-        finite = finite & torch.isfinite(log_det)
-        sz_l = sz_factor[0]
+def _decide(obs, cls, x, gate, lr, b, k, device):
+    """The skip flag, d2, the gate scale and the mean step's coefficients lr g s x."""
+    finite = obs.finite & torch.isfinite(cls.log_det) & _all_finite(x)
+    d2 = (obs.e_t * x / obs.p_t.clamp(min=_P_TINY)).sum()
+    ok = cls.ok & finite & ~obs.bad_targets
+    one = torch.ones((), dtype=F64, device=device)
+    if gate is not None:
+        tau = ref.chi2_quantile(float(gate), b * (k - 1))        # host constant, no sync
+        scale = torch.where(d2 > tau, torch.sqrt(tau / d2), one)
+    else:
+        scale = one
+    return ~ok, finite, d2, scale, (lr * obs.s) * scale * x
 
-        # --- pass 2, per chunk: x_k = t_k + Z_k v and G_kk = Z_k - Z_k SZ^-1 Z_k -----------
-        x = torch.empty(k, b, dtype=F64, device=device)
-        if not information:
-            g_pairs = torch.empty(k, n_pairs, dtype=cdt, device=device)
-            g_sum = torch.empty(k, dtype=F64, device=device) if has_bias else None
-        for k0 in range(0, k, chunk_size):
-            k1 = min(k, k0 + chunk_size)
-            kc = k1 - k0
-            z = z_pairs[k0:k1].index_select(1, to_full).view(kc, b, b)
-            x[k0:k1] = t_all[k0:k1] + z @ v
-            if not information:
-                half = torch.linalg.solve_triangular(sz_l, z, upper=False)   # L^-1 Z_k
-                g = torch.baddbmm(z, half.transpose(-2, -1), half, alpha=-1.0)
-                g_pairs[k0:k1] = (g.reshape(kc, b * b).index_select(1, to_pairs)
-                                  * mult_s2).to(cdt)
-                if has_bias:
-                    g_sum[k0:k1] = g.sum((1, 2)) * s2
 
-        finite = finite & _all_finite(x)
-        d2 = (e_t * x / p_t.clamp(min=_P_TINY)).sum()
-        ok_all = ok_all & finite & ~bad_targets
-        if gate is not None:
-            tau = ref.chi2_quantile(float(gate), b * (k - 1))    # host constant, no sync
-            scale = torch.where(d2 > tau, torch.sqrt(tau / d2),
-                                torch.ones((), dtype=F64, device=device))
-        else:
-            scale = torch.ones((), dtype=F64, device=device)
-        step_coef = (lr * s) * scale * x                        # (K, B) float64
+def _info(obs, cls, keep, finite, d2, scale, b, k, device):
+    nan = torch.full((), float("nan"), dtype=F64, device=device)
+    return CategoricalHeadInfo(
+        mahalanobis=torch.where(keep, nan, d2),
+        gate_scale=torch.where(keep, torch.zeros_like(scale), scale),
+        skipped=keep, jitter=torch.maximum(cls.jitter.amax(), cls.sz_jitter),
+        class_jitter=cls.jitter, log_det=torch.where(keep, nan, cls.log_det),
+        cross_entropy=obs.cross_entropy,
+        obs_noise=torch.full((), obs.c, dtype=F64, device=device),
+        num_obs=b * (k - 1), nonfinite=~finite, bad_targets=obs.bad_targets)
 
-        # --- the K x d terms -------------------------------------------------------------
-        new_w = torch.addcmul(w, p_w, step_coef.to(cdt) @ a)
-        if information:
-            info_w = (p_t * (1.0 - p_t)) * (s2 / c)             # (K, B)
-            new_pw = 1.0 / (1.0 / p_w + info_w.to(cdt) @ (a * a))
-        else:
-            # P- - P-^2 (.) s^2 diag(A^T G_kk A); s^2 and the pair weights are in g_pairs
-            new_pw = torch.addcmul(p_w, p_w.square(), g_pairs @ a_pairs, value=-1.0)
-        new_pw = new_pw.clamp_(cov_floor, cov_ceiling)
-        keep = ~ok_all
-        weight.copy_(torch.where(keep, weight, new_w.to(weight.dtype)))
-        weight_cov.copy_(torch.where(keep, weight_cov, new_pw.to(weight_cov.dtype)))
+
+# --------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------
+def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
+                             bias: Optional[torch.Tensor], bias_cov: Optional[torch.Tensor],
+                             features: torch.Tensor, labels: torch.Tensor, *,
+                             obs_noise: float = 1.0, logit_scale: float = 1.0,
+                             lr: float = 1.0, forgetting: float = 1.0,
+                             process_noise: float = 0.0, cov_floor: float = 0.0,
+                             cov_ceiling: float = math.inf, gate: Optional[float] = None,
+                             cov_update: str = "kalman",
+                             linearize_at: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                             chunk_size: int = DEFAULT_CHUNK) -> CategoricalHeadInfo:
+    """One exact Kalman step, in place, of a softmax head under the categorical likelihood.
+
+    ``weight`` (K, d); ``weight_cov``: (K, d), a diagonal covariance, or (K, d, d), one full
+    d x d covariance block per class (the "block" form: no bias, no floor / ceiling, Kalman
+    rule only; see the module docstring); ``bias`` / ``bias_cov`` (K,) or both None;
+    ``features`` A (B, d); ``labels``: (B,) int64 class indices or (B, K) soft targets
+    (non-negative rows summing to one). Logits are ``logit_scale * (A W^T + b)``.
+    ``obs_noise`` c > 0 tempers the likelihood: R_j = c (diag(p_j) - p_j p_j^T) (c = 1 is the
+    exact categorical Fisher information; c > 1 trusts each batch less).
+    ``linearize_at``: ``(weight_lin, bias_lin)``, the point where p and its Jacobian are
+    taken (default: the current mean); the mean still moves from the current mean.
+    ``gate``: chi-square probability over the B (K - 1) independent observations; it scales
+    the mean step only. ``lr``, ``forgetting``, ``process_noise``, ``cov_floor``,
+    ``cov_ceiling``, ``cov_update`` as in :func:`kalman_kernels.ops.class_head_update_`;
+    ``chunk_size`` classes are factorised at a time (bounds the float64 work space; the
+    block form also caps it so that a chunk's d x d buffers stay near 2M elements).
+
+    The result equals the dense EKF that drops one class per image (any class); the module
+    docstring derives the per-class form. Returns a :class:`CategoricalHeadInfo`.
+    """
+    if cov_ceiling is None:
+        cov_ceiling = math.inf
+    k, d, b = _validate(weight, weight_cov, bias, bias_cov, features, labels,
+                        obs_noise=obs_noise, logit_scale=logit_scale, lr=lr,
+                        forgetting=forgetting, process_noise=process_noise,
+                        cov_floor=cov_floor, cov_ceiling=cov_ceiling, gate=gate,
+                        cov_update=cov_update, linearize_at=linearize_at,
+                        chunk_size=chunk_size)
+    device = weight.device
+    cdt = F64 if weight.dtype == F64 else torch.float32     # GEMM / accumulation dtype
+    with torch.no_grad():
+        a = features.detach().to(cdt)                           # (B, d)
+        w = weight.detach().to(cdt)                             # (K, d)
+        bias64 = bias.detach().to(F64) if bias is not None else None
+        obs = _Observation(a=a, w=w, bias64=bias64, linearize_at=linearize_at, labels=labels,
+                           k=k, s=float(logit_scale), c=float(obs_noise), cdt=cdt,
+                           device=device)
+        common = dict(a=a, w=w, obs=obs, k=k, b=b, d=d, cdt=cdt, lr=lr, gate=gate,
+                      forgetting=forgetting, process_noise=process_noise,
+                      chunk_size=chunk_size, device=device)
+        if weight_cov.dim() == 3:
+            return _block_step(weight, weight_cov, **common)
+        return _diagonal_step(weight, weight_cov, bias, bias_cov, bias64=bias64,
+                              cov_floor=cov_floor, cov_ceiling=cov_ceiling,
+                              information=cov_update == "information", **common)
+
+
+def _diagonal_step(weight, weight_cov, bias, bias_cov, *, a, w, bias64, obs, k, b, d, cdt,
+                   lr, gate, forgetting, process_noise, cov_floor, cov_ceiling, information,
+                   chunk_size, device):
+    has_bias = bias is not None
+    s2 = obs.s2
+    p_w = _predicted(weight_cov, forgetting, process_noise, cdt)           # (K, d)
+    p_b = _predicted(bias_cov, forgetting, process_noise, F64) if has_bias else None
+    obs.finite = obs.finite & _all_finite(p_w)
+    if has_bias:
+        obs.finite = obs.finite & _all_finite(p_b)
+
+    # --- pass 1, per chunk of classes: M_k, Q_k, Z_k, t_k; SZ and sum_k w_k -------------
+    cls = _Classes(k, b, device)
+    a_pairs = a[cls.iu] * a[cls.ju]                             # (T, d), T = B(B+1)/2
+    for k0 in range(0, k, chunk_size):
+        k1 = min(k, k0 + chunk_size)
+        # Q_k is finite when P-, A, p are (checked) unless the GEMM overflows; the log det
+        # catches that (an inf or NaN in Q gives a failed factorisation or a non-finite pivot)
+        m_pairs = (p_w[k0:k1] @ a_pairs.T).to(F64)               # (kc, T): A P-_k A^T
         if has_bias:
-            new_b = bias64 + p_b * step_coef.sum(1)
-            if information:
-                new_pb = 1.0 / (1.0 / p_b + info_w.sum(1))
-            else:
-                new_pb = p_b - p_b * p_b * g_sum
-            new_pb = new_pb.clamp(cov_floor, cov_ceiling)
-            bias.copy_(torch.where(keep, bias, new_b.to(bias.dtype)))
-            bias_cov.copy_(torch.where(keep, bias_cov, new_pb.to(bias_cov.dtype)))
+            m_pairs = m_pairs + p_b[k0:k1, None]
+        cls.add_chunk(k0, k1, cls.unpack(m_pairs), obs)          # M_k / s^2
+    cls.capacitance(obs.c, k)
 
-        nan = torch.full((), float("nan"), dtype=F64, device=device)
-        return CategoricalHeadInfo(
-            mahalanobis=torch.where(keep, nan, d2),
-            gate_scale=torch.where(keep, torch.zeros_like(scale), scale),
-            skipped=keep, jitter=torch.maximum(jitter.amax(), sz_jit[0]),
-            class_jitter=jitter, log_det=torch.where(keep, nan, log_det),
-            cross_entropy=cross_entropy, obs_noise=torch.full((), c, dtype=F64, device=device),
-            num_obs=b * (k - 1), nonfinite=~finite, bad_targets=bad_targets)
+    # --- pass 2, per chunk: x_k and G_kk, packed for the covariance GEMM ------------------
+    mult_s2 = cls.mult.to(F64) * s2          # pair weights of the symmetric sum, times s^2
+    x = torch.empty(k, b, dtype=F64, device=device)
+    if not information:
+        g_pairs = torch.empty(k, cls.iu.shape[0], dtype=cdt, device=device)
+        g_sum = torch.empty(k, dtype=F64, device=device) if has_bias else None
+    for k0 in range(0, k, chunk_size):
+        k1 = min(k, k0 + chunk_size)
+        x[k0:k1], g = cls.x_and_g(k0, k1, not information)
+        if not information:
+            g_pairs[k0:k1] = (cls.pack(g) * mult_s2).to(cdt)
+            if has_bias:
+                g_sum[k0:k1] = g.sum((1, 2)) * s2
+    keep, finite, d2, scale, step_coef = _decide(obs, cls, x, gate, lr, b, k, device)
+
+    # --- the K x d terms -------------------------------------------------------------------
+    new_w = torch.addcmul(w, p_w, step_coef.to(cdt) @ a)
+    if information:
+        info_w = (obs.p_t * (1.0 - obs.p_t)) * (s2 / obs.c)     # (K, B)
+        new_pw = 1.0 / (1.0 / p_w + info_w.to(cdt) @ (a * a))
+    else:
+        # P- - P-^2 (.) s^2 diag(A^T G_kk A); s^2 and the pair weights are in g_pairs
+        new_pw = torch.addcmul(p_w, p_w.square(), g_pairs @ a_pairs, value=-1.0)
+    new_pw = new_pw.clamp_(cov_floor, cov_ceiling)
+    weight.copy_(torch.where(keep, weight, new_w.to(weight.dtype)))
+    weight_cov.copy_(torch.where(keep, weight_cov, new_pw.to(weight_cov.dtype)))
+    if has_bias:
+        new_b = bias64 + p_b * step_coef.sum(1)
+        if information:
+            new_pb = 1.0 / (1.0 / p_b + info_w.sum(1))
+        else:
+            new_pb = p_b - p_b * p_b * g_sum
+        new_pb = new_pb.clamp(cov_floor, cov_ceiling)
+        bias.copy_(torch.where(keep, bias, new_b.to(bias.dtype)))
+        bias_cov.copy_(torch.where(keep, bias_cov, new_pb.to(bias_cov.dtype)))
+    return _info(obs, cls, keep, finite, d2, scale, b, k, device)
+
+
+#: The block form's chunk holds at most this many elements per d x d work buffer.
+BLOCK_CHUNK_ELEMENTS = 1 << 21
+
+
+def _predicted_blocks(sigma: torch.Tensor, forgetting: float, process_noise: float, dtype):
+    out = sigma.to(dtype)
+    if forgetting != 1.0:
+        out = out / forgetting
+    if process_noise != 0.0:
+        out = out + process_noise * torch.eye(out.shape[-1], dtype=dtype, device=out.device)
+    return out
+
+
+def _block_step(weight, weight_cov, *, a, w, obs, k, b, d, cdt, lr, gate, forgetting,
+                process_noise, chunk_size, device):
+    """The block form: Sigma_k (d x d) per class. M_k = s^2 A Sigma-_k A^T, the mean step
+    s Sigma-_k A^T x_k and Sigma_k = Sigma-_k - s^2 (Sigma-_k A^T) G_kk (A Sigma-_k), made
+    symmetric. C_k = A Sigma-_k (B x d) is kept between the passes (K B d in the compute
+    dtype) so the d x d blocks are multiplied twice, not three times."""
+    s2 = obs.s2
+    chunk = max(1, min(chunk_size, BLOCK_CHUNK_ELEMENTS // (d * d)))
+    cls = _Classes(k, b, device)
+    c_all = torch.empty(k, b, d, dtype=cdt, device=device)     # A Sigma-_k
+    finite_cov = torch.ones((), dtype=torch.bool, device=device)
+    for k0 in range(0, k, chunk):
+        k1 = min(k, k0 + chunk)
+        sig = _predicted_blocks(weight_cov[k0:k1], forgetting, process_noise, cdt)
+        finite_cov = finite_cov & _all_finite(sig)
+        c_k = torch.matmul(a, sig)                              # (kc, B, d)
+        c_all[k0:k1] = c_k
+        m_blk = torch.matmul(c_k, a.T).to(F64)                  # A Sigma-_k A^T
+        m_blk = (m_blk + m_blk.transpose(-2, -1)) * 0.5         # exactly symmetric
+        cls.add_chunk(k0, k1, m_blk, obs)
+    obs.finite = obs.finite & finite_cov
+    cls.capacitance(obs.c, k)
+    x = torch.empty(k, b, dtype=F64, device=device)
+    for k0 in range(0, k, chunk_size):
+        k1 = min(k, k0 + chunk_size)
+        x[k0:k1], _ = cls.x_and_g(k0, k1, False)
+    keep, finite, d2, scale, step_coef = _decide(obs, cls, x, gate, lr, b, k, device)
+
+    # mean: w_k += lr g s Sigma-_k A^T x_k = C_k^T (lr g s x_k)
+    new_w = w + torch.bmm(step_coef.to(cdt)[:, None, :], c_all)[:, 0, :]
+    weight.copy_(torch.where(keep, weight, new_w.to(weight.dtype)))
+    # covariance, chunk by chunk (the decision is known: each chunk is written once)
+    for k0 in range(0, k, chunk):
+        k1 = min(k, k0 + chunk)
+        _, g = cls.x_and_g(k0, k1, True)
+        c_k = c_all[k0:k1]
+        g_c = torch.bmm(g.to(cdt), c_k)                         # G_kk C_k
+        old = weight_cov[k0:k1]
+        new = torch.baddbmm(_predicted_blocks(old, forgetting, process_noise, cdt),
+                            c_k.transpose(-2, -1), g_c, alpha=-s2)
+        new = torch.add(new, new.transpose(-2, -1)).mul_(0.5)
+        old.copy_(torch.where(keep, old, new.to(old.dtype)))
+    return _info(obs, cls, keep, finite, d2, scale, b, k, device)
