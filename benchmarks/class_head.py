@@ -2,6 +2,7 @@
 
     python -m benchmarks.class_head                 # the 1,000-class table, one thread
     python -m benchmarks.class_head --threads 1,2 --json out.json
+    python -m benchmarks.class_head --blocks 10,100      # + the full-block form at these K
 
 Target: a 1,000-class head on 512-d features at batch 32 (float32, one thread) takes
 <= 100 ms per step and <= 50 MB of extra memory. ``class_head_rows()`` returns one dict per
@@ -16,6 +17,10 @@ measured variant (for ``benchmarks.report``):
   ``ops.kalman_update_`` (one (m K) x (m K) S), at the batch the old cap allowed
   (m K <= 2048: 2 images per step at K = 1000), so the comparison is per image; it takes
   tens of seconds per call there, so it is timed once and its memory is not probed;
+* ``--blocks``: ``categorical_head_update_`` with one full d x d covariance per class
+  (``weight_cov`` (K, d, d), no bias), at the given K (d = 512, B = 32); the blocks are
+  not reset between calls (copying K d^2 floats would dominate), which does not change the
+  work of a step;
 * the dense path at the target size is not run: its memory is computed (S alone is
   (32 * 1000)^2 float64 = 8.2 GB).
 
@@ -88,6 +93,22 @@ def categorical_head_step(k: int = K, b: int = B, d: int = D, gate: Optional[flo
     return run
 
 
+def categorical_block_step(k: int, b: int = B, d: int = D, gate: Optional[float] = 0.999,
+                           logit_scale: float = 30.0):
+    """A callable doing one full-block categorical step (weight_cov (K, d, d)) in place on
+    the same state every call (the blocks stay positive definite; the work is the same)."""
+    from kalman_kernels.ops.categorical_head import categorical_head_update_
+    c = _case(k, b, d)
+    labels = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(1))
+    w = c["w"].clone()
+    sigma = torch.eye(d, dtype=torch.float32).mul_(1e-3).expand(k, d, d).clone()
+
+    def run():
+        categorical_head_update_(w, sigma, None, None, c["a"], labels, gate=gate,
+                                 logit_scale=logit_scale)
+    return run
+
+
 def kron_route_step(k: int = K, b: int = 2, d: int = D):
     """The pre-issue-11 route: the head's weight as a KronBlock over m = b K observations
     (rows a_j repeated K times, one-hot output gradients) through ops.kalman_update_."""
@@ -114,7 +135,8 @@ def dense_memory_bytes(k: int = K, b: int = B, d: int = D) -> Dict[str, int]:
 _MEMORY_SCRIPT = r"""
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from benchmarks.class_head import categorical_head_step, class_head_step, kron_route_step
+from benchmarks.class_head import (categorical_block_step, categorical_head_step,
+                                   class_head_step, kron_route_step)
 def status(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
@@ -122,10 +144,12 @@ def status(field):
 variant, k, b, d = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 make = {"plain": lambda: class_head_step(k, b, d, False), "cosine": lambda: class_head_step(k, b, d, True),
         "kron": lambda: kron_route_step(k, b, d),
-        "categorical": lambda: categorical_head_step(k, b, d)}[variant]
+        "categorical": lambda: categorical_head_step(k, b, d),
+        "categorical_block": lambda: categorical_block_step(k, b, d)}[variant]
 small = {"plain": lambda: class_head_step(3, 2, 4, False), "cosine": lambda: class_head_step(3, 2, 4, True),
          "kron": lambda: kron_route_step(3, 2, 4),
-         "categorical": lambda: categorical_head_step(3, 2, 4)}[variant]
+         "categorical": lambda: categorical_head_step(3, 2, 4),
+         "categorical_block": lambda: categorical_block_step(3, 2, 4)}[variant]
 small()()                      # libraries initialised, lazy imports done
 fn = make()
 base = status('VmRSS')
@@ -204,6 +228,31 @@ def class_head_rows(threads: int = 1, rounds: int = 15, k: int = K, b: int = B, 
     return rows
 
 
+def categorical_block_rows(ks, threads: int = 1, rounds: int = 5, b: int = B, d: int = D,
+                           with_memory: bool = True) -> List[Dict]:
+    """The full-block form at each K in ``ks``: median ms per step and peak extra memory
+    (above the state, which alone is K d^2 float32)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for k in ks:
+            t = C.measure_group({"blocks": categorical_block_step(k, b, d)}, rounds=rounds,
+                                warmup=1, budget_s=120)["blocks"]
+            lo, hi = t.iqr
+            mem = peak_extra_memory("categorical_block", k, b, d, threads) if with_memory \
+                else None
+            rows.append({"op": "categorical_head_update_", "variant": "categorical_head blocks",
+                         "K": k, "B": b, "d": d, "threads": threads,
+                         "median_ms": t.median * 1e3, "iqr_ms": (lo * 1e3, hi * 1e3),
+                         "ms_per_image": t.median * 1e3 / b, "rounds": len(t.times),
+                         "extra_mb": None if mem is None else mem / 1e6,
+                         "state_mb": k * d * d * 4 / 1e6})
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
 def markdown(rows: List[Dict]) -> str:
     head = "| variant | K | B | d | threads | median ms (IQR) | ms / image | extra MB | target |"
     out = [head, "|---|---|---|---|---|---|---|---|---|"]
@@ -230,10 +279,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--blocks", default="", help="comma-separated K for the full-block form "
+                   "of categorical_head_update_ (d = 512, B = 32; K d^2 float32 of state)")
     args = p.parse_args(argv)
     rows = []
     for t in [int(x) for x in args.threads.split(",") if x.strip()]:
         rows += class_head_rows(threads=t, rounds=args.rounds)
+        if args.blocks:
+            rows += categorical_block_rows([int(x) for x in args.blocks.split(",")], threads=t)
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:

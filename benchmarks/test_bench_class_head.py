@@ -2,7 +2,8 @@
 batch 32, float32 (threads: ``--kk-threads``, default 1). Target <= 100 ms per step; the
 extra-memory figure (<= 50 MB) and the old Kronecker route are in ``benchmarks.class_head``.
 categorical_head_update_ (the softmax head under the categorical likelihood) at the same size
-beside it: target <= 150 ms per step; its peak extra memory is recorded."""
+beside it: target <= 150 ms per step; its peak extra memory is recorded. Its full-block form
+(one 512 x 512 covariance per class) at K = 100, without a target."""
 import pytest
 
 from benchmarks import class_head as CH
@@ -52,3 +53,12 @@ def test_categorical_head_extra_memory():
         pytest.skip("needs /proc/self/clear_refs (Linux)")
     print(f"categorical_head_update_ extra memory: {mem / 1e6:.1f} MB")
     assert mem / 1e6 <= CH.TARGET_MB, f"{mem / 1e6:.1f} MB"
+
+
+def test_categorical_head_full_blocks_100_classes(benchmark):
+    k = 100
+    fn = CH.categorical_block_step(k, CH.B, CH.D)
+    benchmark.group = f"categorical head, full blocks, K={k} B={CH.B} d={CH.D}"
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    # V_k = Sigma_k A^T and the update V G V^T: two (d x d) x (d x B) products per class
+    record(benchmark, None, 2 * 2 * k * CH.D * CH.D * CH.B, K=k, B=CH.B, d=CH.D)

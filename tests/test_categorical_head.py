@@ -622,6 +622,20 @@ def test_blocks_equal_the_dense_ekf_with_a_block_diagonal_prior(gen, b, k, d, so
     assert (got[0] != c["w"]).all() and (got[1] != c["pw"]).all()
 
 
+def test_blocks_sub_chunks_do_not_change_the_result(gen, monkeypatch):
+    import kalman_kernels.ops.categorical_head as ch
+    c = _block_case(gen, 7, 5, 4)
+    hyper = dict(obs_noise=0.6, forgetting=0.9, process_noise=1e-2, gate=0.5)
+    ref_ = _run(c, chunk_size=7, **hyper)
+    for chunk, sub_blocks in ((3, 1), (2, 2), (7, 3), (100, 1)):
+        monkeypatch.setattr(ch, "BLOCK_CHUNK_ELEMENTS", sub_blocks * 25)
+        got = _run(c, chunk_size=chunk, **hyper)
+        for x, y in zip(got[:2], ref_[:2]):
+            assert _rel(x, y) <= 1e-13
+    exp = _oracle(c, **hyper)
+    _assert_state_close(got, exp, 1e-8)
+
+
 def test_blocks_gate_and_linearisation_point(gen):
     k, d, b = 5, 4, 6
     c = _block_case(gen, k, d, b)

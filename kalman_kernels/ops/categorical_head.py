@@ -708,40 +708,48 @@ def _diagonal_step(weight, weight_cov, bias, bias_cov, *, a, w, bias64, obs, k, 
     return _info(obs, cls, keep, finite, d2, scale, b, k, device)
 
 
-#: The block form's chunk holds at most this many elements per d x d work buffer.
-BLOCK_CHUNK_ELEMENTS = 1 << 21
-
-
-def _predicted_blocks(sigma: torch.Tensor, forgetting: float, process_noise: float, dtype):
-    out = sigma.to(dtype)
-    if forgetting != 1.0:
-        out = out / forgetting
-    if process_noise != 0.0:
-        out = out + process_noise * torch.eye(out.shape[-1], dtype=dtype, device=out.device)
-    return out
+#: The block form multiplies the d x d blocks in sub-chunks of at most this many elements per
+#: work buffer (one 512 x 512 float32 block): the buffers then stay in a core's L2 cache
+#: between the passes over them, and only the state itself streams from memory.
+BLOCK_CHUNK_ELEMENTS = 1 << 18
 
 
 def _block_step(weight, weight_cov, *, a, w, obs, k, b, d, cdt, lr, gate, forgetting,
                 process_noise, chunk_size, device):
-    """The block form: Sigma_k (d x d) per class. M_k = s^2 A Sigma-_k A^T, the mean step
-    s Sigma-_k A^T x_k and Sigma_k = Sigma-_k - s^2 (Sigma-_k A^T) G_kk (A Sigma-_k), made
-    symmetric. C_k = A Sigma-_k (B x d) is kept between the passes (K B d in the compute
-    dtype) so the d x d blocks are multiplied twice, not three times."""
+    """The block form: Sigma_k (d x d) per class. With V_k = Sigma-_k A^T (d x B):
+    M_k = s^2 A V_k, the mean step s V_k x_k and Sigma_k = Sigma-_k - s^2 V_k G_kk V_k^T,
+    made symmetric. V_k is kept between the passes (K d B in the compute dtype), so each
+    d x d block is multiplied twice (once to make V_k, once in the update), and the
+    prediction Sigma / forgetting + q I is folded into those products instead of being
+    materialised: the blocks are read twice and written once. The B x B algebra runs in
+    chunks of ``chunk_size`` classes, the d x d products in sub-chunks of
+    ``BLOCK_CHUNK_ELEMENTS``."""
     s2 = obs.s2
-    chunk = max(1, min(chunk_size, BLOCK_CHUNK_ELEMENTS // (d * d)))
+    inv_f = 1.0 / forgetting
+    q = process_noise
+    sub = max(1, BLOCK_CHUNK_ELEMENTS // (d * d))
     cls = _Classes(k, b, device)
-    c_all = torch.empty(k, b, d, dtype=cdt, device=device)     # A Sigma-_k
-    finite_cov = torch.ones((), dtype=torch.bool, device=device)
-    for k0 in range(0, k, chunk):
-        k1 = min(k, k0 + chunk)
-        sig = _predicted_blocks(weight_cov[k0:k1], forgetting, process_noise, cdt)
-        finite_cov = finite_cov & _all_finite(sig)
-        c_k = torch.matmul(a, sig)                              # (kc, B, d)
-        c_all[k0:k1] = c_k
-        m_blk = torch.matmul(c_k, a.T).to(F64)                  # A Sigma-_k A^T
+    v_all = torch.empty(k, d, b, dtype=cdt, device=device)     # Sigma-_k A^T
+    finite_v = torch.ones((), dtype=torch.bool, device=device)
+    a_t = a.T
+    for k0 in range(0, k, chunk_size):
+        k1 = min(k, k0 + chunk_size)
+        for j0 in range(k0, k1, sub):
+            j1 = min(k1, j0 + sub)
+            # one (n d x d) @ (d x B) GEMM: the rows of every block against the batch
+            v = weight_cov[j0:j1].reshape((j1 - j0) * d, d).to(cdt) @ a_t
+            v_all[j0:j1] = v.view(j1 - j0, d, b)
+        v = v_all[k0:k1]
+        if inv_f != 1.0 or q != 0.0:
+            v = v * inv_f + q * a_t
+            v_all[k0:k1] = v
+        # a non-finite covariance entry reaches V_k (IEEE products propagate NaN and inf,
+        # and 0 * inf is NaN), so checking V_k (B/d of the blocks' size) is enough
+        finite_v = finite_v & _all_finite(v)
+        m_blk = torch.matmul(a, v).to(F64)                      # A Sigma-_k A^T
         m_blk = (m_blk + m_blk.transpose(-2, -1)) * 0.5         # exactly symmetric
         cls.add_chunk(k0, k1, m_blk, obs)
-    obs.finite = obs.finite & finite_cov
+    obs.finite = obs.finite & finite_v
     cls.capacitance(obs.c, k)
     x = torch.empty(k, b, dtype=F64, device=device)
     for k0 in range(0, k, chunk_size):
@@ -749,18 +757,28 @@ def _block_step(weight, weight_cov, *, a, w, obs, k, b, d, cdt, lr, gate, forget
         x[k0:k1], _ = cls.x_and_g(k0, k1, False)
     keep, finite, d2, scale, step_coef = _decide(obs, cls, x, gate, lr, b, k, device)
 
-    # mean: w_k += lr g s Sigma-_k A^T x_k = C_k^T (lr g s x_k)
-    new_w = w + torch.bmm(step_coef.to(cdt)[:, None, :], c_all)[:, 0, :]
+    # mean: w_k += lr g s Sigma-_k A^T x_k = V_k (lr g s x_k)
+    new_w = w + torch.bmm(v_all, step_coef.to(cdt)[:, :, None])[..., 0]
     weight.copy_(torch.where(keep, weight, new_w.to(weight.dtype)))
-    # covariance, chunk by chunk (the decision is known: each chunk is written once)
-    for k0 in range(0, k, chunk):
-        k1 = min(k, k0 + chunk)
+    # covariance (the decision is known: each block is written once):
+    # half = (Sigma / f + q I - s^2 V G V^T) / 2, then half + half^T, then the write. The two
+    # work buffers are reused by every sub-chunk (fresh multi-MB buffers would also cost a
+    # page fault per 4 kB).
+    n_buf = min(sub, k)
+    half_buf = torch.empty(n_buf, d, d, dtype=cdt, device=device)
+    new_buf = torch.empty(n_buf, d, d, dtype=cdt, device=device)
+    for k0 in range(0, k, chunk_size):
+        k1 = min(k, k0 + chunk_size)
         _, g = cls.x_and_g(k0, k1, True)
-        c_k = c_all[k0:k1]
-        g_c = torch.bmm(g.to(cdt), c_k)                         # G_kk C_k
-        old = weight_cov[k0:k1]
-        new = torch.baddbmm(_predicted_blocks(old, forgetting, process_noise, cdt),
-                            c_k.transpose(-2, -1), g_c, alpha=-s2)
-        new = torch.add(new, new.transpose(-2, -1)).mul_(0.5)
-        old.copy_(torch.where(keep, old, new.to(old.dtype)))
+        gv = torch.bmm(g.to(cdt), v_all[k0:k1].transpose(-2, -1))     # G_kk V_k^T
+        for j0 in range(k0, k1, sub):
+            j1 = min(k1, j0 + sub)
+            n = j1 - j0
+            old = weight_cov[j0:j1]
+            half = torch.baddbmm(old.to(cdt), v_all[j0:j1], gv[j0 - k0:j1 - k0],
+                                 beta=0.5 * inv_f, alpha=-0.5 * s2, out=half_buf[:n])
+            if q != 0.0:
+                half.diagonal(dim1=-2, dim2=-1).add_(0.5 * q)
+            new = torch.add(half, half.transpose(-2, -1), out=new_buf[:n])
+            torch.where(keep, old, new.to(old.dtype), out=old)
     return _info(obs, cls, keep, finite, d2, scale, b, k, device)
