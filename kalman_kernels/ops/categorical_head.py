@@ -95,10 +95,12 @@ written symmetric ((X + X^T) / 2). That is exactly the diagonal block of the den
 under the prior blockdiag(Sigma-_k); the cross-class blocks the dense filter would create are
 dropped, as the diagonal form drops every off-diagonal term. Predict:
 Sigma- = Sigma / forgetting + process_noise I. Element-wise floor / ceiling clamps and the
-diagonal information rule do not apply to full blocks and are refused. Cost: two batched
-(B x d) (d x d) products per class, O(K B d^2) time (17 GFLOP each at K = 1000, d = 512,
-B = 32), the blocks read twice and written once, and O(K B d) for C_k = A Sigma-_k kept
-between the passes; d x d work buffers per chunk of classes (about 2M elements each).
+diagonal information rule do not apply to full blocks and are refused. Cost: two
+(d x d) (d x B) products per class, O(K B d^2) time (17 GFLOP each at K = 1000, d = 512,
+B = 32), plus O(K B^3) as above; the blocks are read twice and written once, which bounds
+the step by memory bandwidth at that size. Extra memory: V_k = Sigma-_k A^T kept between the
+passes (K d B in the compute dtype: 66 MB at K = 1000) and two d x d work buffers of at most
+``BLOCK_CHUNK_ELEMENTS`` elements, reused for every block.
 
 Cost and precision
 ------------------
@@ -112,7 +114,9 @@ O(chunk B^2) float64 per chunk buffer, plus the per-class Z_k kept between the t
 (K B(B+1)/2 float64: 4.2 MB at K = 1000, B = 32) and the K x B(B+1)/2 coefficients of the
 covariance GEMM.
 
-Host synchronisation: none. Non-finite inputs (features, weight, bias, soft targets, logits,
+Host synchronisation: none (the one host read, of the Cholesky flags on eager CPU tensors, is
+free there and only skips jitter rungs that could not change the result; elsewhere every
+rung is evaluated on the device). Non-finite inputs (features, weight, bias, soft targets, logits,
 the linearisation point, covariances) and factorisations that fail at every jitter rung skip
 the step: every state tensor is written back with its old value through ``torch.where``, so
 it is unchanged bit for bit, and ``info.skipped`` says so. Arguments are validated (shapes,
@@ -614,7 +618,7 @@ def categorical_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
     the mean step only. ``lr``, ``forgetting``, ``process_noise``, ``cov_floor``,
     ``cov_ceiling``, ``cov_update`` as in :func:`kalman_kernels.ops.class_head_update_`;
     ``chunk_size`` classes are factorised at a time (bounds the float64 work space; the
-    block form also caps it so that a chunk's d x d buffers stay near 2M elements).
+    block form multiplies its d x d blocks in smaller sub-chunks, ``BLOCK_CHUNK_ELEMENTS``).
 
     The result equals the dense EKF that drops one class per image (any class); the module
     docstring derives the per-class form. Returns a :class:`CategoricalHeadInfo`.
