@@ -151,8 +151,11 @@ def _oracle(model, batches, *, c, drop="last", gate=None, rule="kalman", groups=
 
 
 def _run(model, batches, backend, *, tracked=False, kb=None, **kwargs):
-    """KalmanNGD(likelihood="categorical") over ``batches``; returns (model, opt, losses)."""
-    model = copy.deepcopy(model)
+    """KalmanNGD(likelihood="categorical") over ``batches`` on ``kb``'s device (CPU without
+    one); returns (model, opt, losses)."""
+    device = "cpu" if kb is None else kb.device
+    model = copy.deepcopy(model).to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     opt = kk.KalmanNGD(model.parameters(), likelihood="categorical", backend=backend,
                        **{**HYPER, **kwargs})
     if tracked:
