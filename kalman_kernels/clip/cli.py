@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 DEMO_SHOTS = [1, 4, 16]
-DEMO_METHODS = ["zero-shot", "gda", "adamw", "kalman-paper", "kalman"]
+DEMO_METHODS = ["zero-shot", "gda", "adamw", "ivon", "kalman-paper", "kalman"]
 ADAMW_GRID = [1e-3, 1e-2, 1e-1]
 
 
@@ -108,6 +108,9 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                             "(default: the single --lr or 1e-3)")
         g.add_argument("--sgd-lrs", type=_floats, default=None,
                        help="SGD learning-rate grid, selected on the validation split")
+        g.add_argument("--ivon-lrs", type=_floats, default=None,
+                       help="IVON learning-rate grid, selected on the validation split "
+                            "(default: the single --lr or 1e-1)")
     else:
         g.add_argument("--optimizer", default="kalman", choices=list(OPTIMIZERS),
                        help="(default: %(default)s)")
@@ -123,8 +126,25 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                    help="Kalman observation model: class logits (plain head), class logits with "
                         "the head's rows normalised (cosine), or the paired image-text cosine "
                         "(default: %(default)s; kalman-paper always uses paired)")
+    g.add_argument("--likelihood", choices=["categorical", "gaussian"], default=None,
+                   help="Kalman observation model of the head's labels: the categorical "
+                        "likelihood (softmax, no noise level to choose) or Gaussian scores "
+                        "(default: categorical for kalman, gaussian for kalman-paper)")
+    g.add_argument("--fit", choices=["map", "passes"], default=None,
+                   help="categorical head: iterated Kalman updates to the MAP (re-linearised, "
+                        "Laplace posterior) or sequential EKF passes (default: map)")
+    g.add_argument("--prior", choices=["evidence-average", "evidence", "fixed"], default=None,
+                   help="categorical head, --fit map: the prior variance P0 averaged over a "
+                        "grid by the Laplace evidence, the single best one, or --init-cov "
+                        "(default: evidence-average; --init-cov implies fixed)")
+    g.add_argument("--head-cov", choices=["block", "diag"], default=None,
+                   help="categorical head: one (d+1) x (d+1) covariance block per class, or "
+                        "a diagonal (default: block)")
+    g.add_argument("--prior-mean-scales", type=_floats, default=None, metavar="S,S,...",
+                   help="categorical head, evidence priors: also weigh prior means s x the "
+                        "zero-shot head by the evidence, e.g. 0,0.5,1 (default: 1 only)")
     g.add_argument("--steps", type=int, default=200,
-                   help="training steps for adamw / sgd (default: %(default)s)")
+                   help="training steps for adamw / sgd / ivon (default: %(default)s)")
     g.add_argument("--kalman-epochs", type=float, default=None,
                    help=f"passes over the shots for the Kalman methods (default: "
                         f"{KALMAN_DEFAULTS['epochs']:g} for kalman, with r multiplied by the "
@@ -141,8 +161,9 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                    help="Kalman prior covariance P0 (default: 1e-3 for head and proj, 1e-1 for "
                         "clip-adapter)")
     g.add_argument("--obs-noise", type=float, default=None,
-                   help=f"Kalman observation noise r (its starting value with adaptive noise) "
-                        f"(default: {DEFAULT_OBS_NOISE:g})")
+                   help=f"Kalman: the Gaussian observation noise r (its starting value with "
+                        f"adaptive noise; default {DEFAULT_OBS_NOISE:g}), or the categorical "
+                        f"likelihood's tempering c (default 1)")
     g.add_argument("--adaptive-obs-noise", type=float, default=None, metavar="BETA",
                    help=f"Kalman: EMA rate of the innovation-based observation noise (DESIGN "
                         f"2.3), 0 = off (default: {KALMAN_DEFAULTS['adaptive_obs_noise']:g} for "
@@ -210,7 +231,11 @@ def _base_cfg(args):
                        batch_size=args.batch_size, lr=args.lr, init_cov=args.init_cov,
                        forgetting=args.forgetting, process_noise=args.process_noise,
                        weight_decay=args.weight_decay, eval_every=args.eval_every,
-                       mc_samples=args.mc_samples, backend=args.backend)
+                       mc_samples=args.mc_samples, backend=args.backend,
+                       likelihood=args.likelihood, fit=args.fit, prior=args.prior,
+                       head_cov=args.head_cov,
+                       prior_scales=tuple(args.prior_mean_scales)
+                       if args.prior_mean_scales else None)
 
 
 def _kalman_overrides(args):
@@ -237,12 +262,15 @@ def _kalman_overrides(args):
 
 
 def _kalman_grid(args, explicit: bool):
-    """The validation-selected grid of the default ``kalman`` (none when the user fixed P0 or
-    r on the command line)."""
-    from .train import KALMAN_DEFAULTS
-    if explicit or not KALMAN_DEFAULTS["grid"]:
+    """The validation-selected grid of ``kalman``: none for the categorical default (its P0
+    comes from the evidence), the r grid for ``--likelihood gaussian``; none when the user
+    fixed P0 or r on the command line."""
+    from .train import GAUSSIAN_R_GRID, KALMAN_DEFAULTS
+    grid = (GAUSSIAN_R_GRID if getattr(args, "likelihood", None) == "gaussian"
+            else KALMAN_DEFAULTS["grid"])
+    if explicit or not grid:
         return None
-    return [dict(p) for p in KALMAN_DEFAULTS["grid"]]
+    return [dict(p) for p in grid]
 
 
 @dataclass
@@ -271,7 +299,7 @@ def _plan(args) -> _Plan:
         ns = argparse.Namespace(kalman_epochs=None, obs_noise=None, adaptive_obs_noise=None,
                                 gate=None, predictive=None)
         from .train import KALMAN_DEFAULTS
-        grids = {"adamw": [{"lr": v} for v in ADAMW_GRID]}
+        grids = {"adamw": [{"lr": v} for v in ADAMW_GRID], "ivon": [{"lr": v} for v in ADAMW_GRID]}
         kg = _kalman_grid(ns, False)
         if kg:
             grids["kalman"] = kg
@@ -289,6 +317,8 @@ def _plan(args) -> _Plan:
             grids["adamw"] = [{"lr": v} for v in args.adamw_lrs]
         if args.sgd_lrs:
             grids["sgd"] = [{"lr": v} for v in args.sgd_lrs]
+        if args.ivon_lrs:
+            grids["ivon"] = [{"lr": v} for v in args.ivon_lrs]
         return _Plan(list(args.methods), list(args.shots), list(args.seeds), base, grids,
                      args.calibrate, _kalman_overrides(args))
     methods = (["zero-shot", "gda"] if args.baselines else []) + [args.optimizer]

@@ -116,9 +116,35 @@ class PosteriorMixture:
     weights: List[float]
     evidence_grid: List[tuple] = field(default_factory=list)   # (P0, log evidence) of every fit
 
+    head: Optional[torch.nn.Linear] = field(default=None, repr=False)  # set by attach()
+
     @property
     def best(self) -> HeadPosterior:
         return self.members[max(range(len(self.weights)), key=self.weights.__getitem__)]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Kalman steps skipped (non-finite input or a failed factorisation): the fits raise
+        instead of skipping, so this is always 0; kept for the optimizers' interface."""
+        return 0
+
+    def attach(self, head: torch.nn.Linear) -> "PosteriorMixture":
+        """Tie ``covariance(p)`` to an ``nn.Linear`` holding the best member's mean."""
+        self.head = head
+        return self
+
+    def covariance(self, p: torch.Tensor) -> torch.Tensor:
+        """The posterior variance of each element of the attached head's weight (K, d) or
+        bias (K,) under the highest-weight member: the diagonal of its covariance."""
+        if self.head is None:
+            raise RuntimeError("attach(head) first: the mixture does not know the parameters")
+        cov = self.best.cov
+        diag = torch.diagonal(cov, dim1=1, dim2=2) if cov.dim() == 3 else cov
+        if p is self.head.weight:
+            return diag[:, :-1]
+        if self.head.bias is not None and p is self.head.bias:
+            return diag[:, -1]
+        raise KeyError("not a parameter of the attached head")
 
     def probs(self, feats_aug, tau=None, predictive="probit") -> torch.Tensor:
         return sum(w * m.probs(feats_aug, tau, predictive)
@@ -127,12 +153,36 @@ class PosteriorMixture:
     def scores(self, feats_aug) -> torch.Tensor:
         return sum(w * m.scores(feats_aug) for w, m in zip(self.weights, self.members))
 
+    def sample_probs(self, feats_aug, tau, samples: int,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Monte-Carlo predictive: the mean softmax(tau theta a) over ``samples`` draws, each
+        from a member picked with its weight, theta_k ~ N(mean_k, Sigma_k)."""
+        w = torch.tensor(self.weights, dtype=F64)
+        picks = torch.multinomial(w, samples, replacement=True, generator=_cpu(generator))
+        acc = 0
+        for i in picks.tolist():
+            m = self.members[i]
+            z = torch.randn(m.mean.shape, generator=generator, dtype=F64, device=m.mean.device)
+            if m.cov.dim() == 3:
+                eye = torch.eye(m.cov.shape[-1], dtype=F64, device=m.cov.device)
+                root = torch.linalg.cholesky(m.cov + 1e-12 * eye)     # tiny floor: PSD blocks
+                theta = m.mean + (root @ z[..., None])[..., 0]
+            else:
+                theta = m.mean + m.cov.clamp_min(0).sqrt() * z
+            acc = acc + torch.softmax(float(tau) * feats_aug @ theta.t(), 1)
+        return acc / samples
+
     def score_variance(self, feats_aug) -> torch.Tensor:
         """The mixture's score variance: sum_i w_i (var_i + mu_i^2) - mean^2."""
         mean = self.scores(feats_aug)
         second = sum(w * (m.score_variance(feats_aug) + m.scores(feats_aug) ** 2)
                      for w, m in zip(self.weights, self.members))
         return (second - mean * mean).clamp_min(0)
+
+
+def _cpu(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """torch.multinomial on a CPU tensor needs a CPU generator."""
+    return generator if generator is None or generator.device.type == "cpu" else None
 
 
 def prior_mean(text_feats: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

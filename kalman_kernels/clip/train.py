@@ -116,7 +116,9 @@ class TrainConfig:
         probit = (defaults.get("probit", False) if cfg.probit is None else cfg.probit)
         if beta != cfg.adaptive_obs_noise or gate != cfg.gate or probit != cfg.probit:
             cfg = replace(cfg, adaptive_obs_noise=float(beta), gate=gate, probit=bool(probit))
-        own = KALMAN_DEFAULTS if cfg.optimizer == "kalman" else {}
+        own = dict(KALMAN_DEFAULTS) if cfg.optimizer == "kalman" else {}
+        if cfg.init_cov is not None:
+            own["prior"] = "fixed"      # a P0 given explicitly is the prior: nothing selected
         picked = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else own.get(k, fallback))
                   for k, fallback in (("likelihood", "gaussian"), ("fit", "passes"),
                                       ("prior", "fixed"), ("head_cov", "diag"))}
@@ -597,9 +599,13 @@ def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
     from . import head_posterior as HP
     from .adapters import LinearHead
     rc = cfg.resolved()
-    if rc.mc_samples:
-        raise ValueError("mc_samples: the categorical head predicts with the probit (or map) "
-                         "predictive of its Gaussian posterior; use predictive instead")
+    if rc.obs != "logits":
+        raise ValueError(f"obs={rc.obs!r}: the categorical head scores with plain logits; the "
+                         f"cosine and paired observations need likelihood='gaussian'")
+    if rc.adaptive_obs_noise or rc.gate:
+        raise ValueError("adaptive_obs_noise / gate: the categorical likelihood's noise is the "
+                         "label's own (no level to adapt) and the head's fit has no gate; use "
+                         "likelihood='gaussian' for them")
     t0 = time.time()
     dev = task.device
     xtr = HP.augment(task.train.embed.to(dev))
@@ -662,6 +668,9 @@ def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
         return model.score_variance(feats(fs)).float().cpu()
 
     def prob_fn(fs, t):
+        if rc.mc_samples > 0:     # the same draws for every split (re-seeded per call)
+            g = torch.Generator(device=dev).manual_seed(10_000 + rc.seed)
+            return model.sample_probs(feats(fs), t, rc.mc_samples, generator=g).cpu()
         return model.probs(feats(fs), t, predictive).cpu()
 
     def val_point(m, step, seen_):
@@ -686,4 +695,5 @@ def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
                 kalman_path="categorical head (clip.head_posterior, ops.categorical_head)",
                 **details)
     return MethodResult(cfg.optimizer, conf, metrics, history, seconds, t_cal,
-                        M.reliability(p, task.test.labels), 0, c, adapter=head, opt=model)
+                        M.reliability(p, task.test.labels), 0, c, adapter=head,
+                        opt=model.attach(head.head))

@@ -97,10 +97,13 @@ def test_builtin_dataset_with_ood_folder_and_generated_shifts(tmp_path, checkpoi
     assert res["ood_splits"] == ["ood-ood"]
     k = [r for r in res["runs"] if r["method"] == "kalman"][0]
     assert set(k["metrics"]) == {"test", "val", "ood-ood"}
-    # the default: 10 tempered passes over 10 shots with batch 32 (one step per pass), r x 10
-    assert k["config"]["steps"] == 10 and k["config"]["tempered"]
-    assert k["config"]["obs_noise"] == pytest.approx(1e-1)
-    assert "grid" not in k["config"]  # P0 and r given: nothing selected
+    # the default: the categorical head iterated to the MAP; an explicit P0 fixes the prior
+    # (no evidence grid) and --obs-noise is the tempering c (no pass multiplier at the MAP)
+    cfg = k["config"]
+    assert cfg["likelihood"] == "categorical" and cfg["fit"] == "map"
+    assert cfg["prior"] == "fixed" and cfg["prior_variances"] == [pytest.approx(1e-3)]
+    assert cfg["obs_noise"] == pytest.approx(1e-2) and cfg["converged"]
+    assert "grid" not in cfg  # P0 and c given: nothing selected
     # the generated shapes task, every method of the table
     out3 = tmp_path / "o3"
     rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),

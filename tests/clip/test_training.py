@@ -29,7 +29,7 @@ def test_kalman_reaches_95_percent_on_separable_toy(adapter, obs, epochs):
     task = _task(16)
     zs = run_zero_shot(task).metrics["test"]["acc"]
     cfg = TrainConfig(optimizer="kalman", adapter=adapter, obs=obs, epochs=epochs,
-                      batch_size=16, init_cov=1e-1 if adapter == "clip-adapter" else 1e-2,
+                      likelihood="gaussian", batch_size=16, init_cov=1e-1 if adapter == "clip-adapter" else 1e-2,
                       obs_noise=1e-2, backend="reference")
     r = finetune(task, cfg, progress=False)
     acc = r.metrics["test"]["acc"]
@@ -70,7 +70,8 @@ def test_other_optimizers_and_gda_train():
 
 def test_monte_carlo_predictive_uses_posterior_samples():
     task = _task(8)
-    base = TrainConfig(optimizer="kalman", epochs=1.0, batch_size=16, init_cov=1e-1)
+    base = TrainConfig(optimizer="kalman", likelihood="gaussian", epochs=1.0, batch_size=16,
+                       init_cov=1e-1)
     r0 = finetune(task, base, progress=False)
     w = r0.adapter.head.weight.detach().clone()
     from dataclasses import replace
@@ -91,8 +92,8 @@ def test_head_logits_batch_is_not_capped_dense_paths_are():
     assert ca.resolved_batch(10) == 32 and ca.resolved_batch(1000) == 2
     assert TrainConfig(optimizer="adamw").resolved_batch(1000) == 32
     task = _task(16)
-    r = finetune(task, TrainConfig(optimizer="kalman", epochs=1.0, batch_size=32, max_obs=40),
-                 progress=False)
+    r = finetune(task, TrainConfig(optimizer="kalman", likelihood="gaussian", epochs=1.0,
+                                   batch_size=32, max_obs=40), progress=False)
     assert r.config["batch_size"] == 32 and r.config["steps"] == 2  # 64 images / 32 per batch
     assert r.config["kalman_path"].startswith("class-structured")
     r = finetune(task, TrainConfig(optimizer="kalman", adapter="clip-adapter", epochs=1.0,
@@ -111,8 +112,8 @@ def test_many_classes_head_step_runs_at_full_batch():
     fs = FeatureSet("many", x, None, y, 0, [str(i) for i in range(k)])
     task = Task(fs, fs, fs, {}, torch.randn(k, d, generator=g), logit_scale=30.0)
     zs = run_zero_shot(task).metrics["test"]["acc"]
-    r = finetune(task, TrainConfig(optimizer="kalman", epochs=1.0, batch_size=32, init_cov=1e-1,
-                                   obs_noise=1e-2), progress=False)
+    r = finetune(task, TrainConfig(optimizer="kalman", likelihood="gaussian", epochs=1.0,
+                                   batch_size=32, init_cov=1e-1, obs_noise=1e-2), progress=False)
     assert r.config["batch_size"] == 32 and r.skipped_steps == 0
     assert r.metrics["test"]["acc"] > max(0.9, zs + 0.5), (zs, r.metrics["test"]["acc"])
 
@@ -120,8 +121,9 @@ def test_many_classes_head_step_runs_at_full_batch():
 @pytest.mark.parametrize("method", ["kalman", "kalman-paper"])
 def test_adaptive_noise_and_gate_reach_the_filter(method):
     task = _task(8)
-    cfg = TrainConfig(optimizer=method, epochs=2.0, batch_size=16, obs_noise=1e-2,
-                      adaptive_obs_noise=0.5, gate=0.9)
+    cfg = TrainConfig(optimizer=method, likelihood="gaussian" if method == "kalman" else None,
+                      epochs=2.0, batch_size=16, obs_noise=1e-2, adaptive_obs_noise=0.5,
+                      gate=0.9)
     r = finetune(task, cfg, progress=False)
     assert r.obs_noise is not None and r.obs_noise != 1e-2      # r was adapted from the data
     assert r.config["adaptive_obs_noise"] == 0.5 and r.config["gate"] == 0.9
