@@ -45,7 +45,10 @@ on P0; candidates with weight below ``prune`` are dropped). No validation data i
 Scale. With all shots in one batch the step costs O(K n^3 + K n^2 d) for n shots; above
 ``max_batch`` images the pass is sequential over minibatches of ``max_batch`` and the result is
 no longer the exact Gauss-Newton step (the structured covariance drops cross-class terms
-between batches), but it is still a Kalman filter re-linearised at the previous iterate.
+between batches), but it is still a Kalman filter re-linearised at the previous iterate, and
+the line search keeps every accepted iterate a descent on Phi. Its fixed point is then close
+to the MAP, not at it (a 40-image toy at max_batch 16 stopped 8% above the optimal Phi), and
+``converged`` is False when the iteration stalls with a step larger than rounding.
 Memory: block K (d+1)^2, diag K (d+1) floats per posterior kept.
 """
 from __future__ import annotations
@@ -255,8 +258,10 @@ def fit_map(feats_aug: torch.Tensor, labels: torch.Tensor, theta0: torch.Tensor,
         while not f_new <= f_ref and t > 1e-4:      # backtrack (also on nan)
             t *= 0.5
             f_new = phi(ref + t * step)
-        if not f_new <= f_ref:                        # no descent along the step: at the optimum
-            converged = True
+        if not f_new <= f_ref:
+            # no descent along the step: at the optimum when the step is rounding-sized;
+            # otherwise the minibatched passes' direction has stalled short of it
+            converged = bool(step.abs().max() <= 1e-6 * (1 + ref.abs().max()))
             break
         ref = ref + t * step
         done = f_ref - f_new <= tol * max(1.0, abs(f_new))
