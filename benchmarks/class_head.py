@@ -2,7 +2,7 @@
 
     python -m benchmarks.class_head                 # the 1,000-class table, one thread
     python -m benchmarks.class_head --threads 1,2 --json out.json
-    python -m benchmarks.class_head --blocks 10,100      # + the full-block form at these K
+    python -m benchmarks.class_head --blocks 10,100,1000 # + block vs diagonal at these K
 
 Target: a 1,000-class head on 512-d features at batch 32 (float32, one thread) takes
 <= 100 ms per step and <= 50 MB of extra memory. ``class_head_rows()`` returns one dict per
@@ -230,24 +230,29 @@ def class_head_rows(threads: int = 1, rounds: int = 15, k: int = K, b: int = B, 
 
 def categorical_block_rows(ks, threads: int = 1, rounds: int = 5, b: int = B, d: int = D,
                            with_memory: bool = True) -> List[Dict]:
-    """The full-block form at each K in ``ks``: median ms per step and peak extra memory
-    (above the state, which alone is K d^2 float32)."""
+    """The head covariance's cost model: at each K in ``ks``, the full-block form (one d x d
+    covariance per class) and the diagonal form timed in the same round-robin: median ms per
+    step, peak extra memory, and the state each keeps (K d^2 or K (d + 1) float32)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = []
     try:
         for k in ks:
-            t = C.measure_group({"blocks": categorical_block_step(k, b, d)}, rounds=rounds,
-                                warmup=1, budget_s=120)["blocks"]
-            lo, hi = t.iqr
-            mem = peak_extra_memory("categorical_block", k, b, d, threads) if with_memory \
-                else None
-            rows.append({"op": "categorical_head_update_", "variant": "categorical_head blocks",
-                         "K": k, "B": b, "d": d, "threads": threads,
-                         "median_ms": t.median * 1e3, "iqr_ms": (lo * 1e3, hi * 1e3),
-                         "ms_per_image": t.median * 1e3 / b, "rounds": len(t.times),
-                         "extra_mb": None if mem is None else mem / 1e6,
-                         "state_mb": k * d * d * 4 / 1e6})
+            ts = C.measure_group({"blocks": categorical_block_step(k, b, d),
+                                  "diagonal": categorical_head_step(k, b, d)},
+                                 rounds=rounds, warmup=1, budget_s=120)
+            for name, t in ts.items():
+                block = name == "blocks"
+                lo, hi = t.iqr
+                mem = (peak_extra_memory("categorical_block" if block else "categorical", k, b,
+                                         d, threads) if with_memory else None)
+                rows.append({"op": "categorical_head_update_",
+                             "variant": f"categorical_head {name}",
+                             "K": k, "B": b, "d": d, "threads": threads,
+                             "median_ms": t.median * 1e3, "iqr_ms": (lo * 1e3, hi * 1e3),
+                             "ms_per_image": t.median * 1e3 / b, "rounds": len(t.times),
+                             "extra_mb": None if mem is None else mem / 1e6,
+                             "state_mb": (k * d * d if block else k * (d + 1)) * 4 / 1e6})
     finally:
         torch.set_num_threads(before)
     return rows
@@ -279,8 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json", default=None, help="also write the rows to this file")
-    p.add_argument("--blocks", default="", help="comma-separated K for the full-block form "
-                   "of categorical_head_update_ (d = 512, B = 32; K d^2 float32 of state)")
+    p.add_argument("--blocks", default="", help="comma-separated K for the head covariance's "
+                   "cost model: categorical_head_update_ with full d x d blocks per class and "
+                   "with the diagonal, side by side (d = 512, B = 32)")
     args = p.parse_args(argv)
     rows = []
     for t in [int(x) for x in args.threads.split(",") if x.strip()]:

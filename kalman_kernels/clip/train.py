@@ -49,12 +49,19 @@ PAPER_PRESET = {"adapter": "clip-adapter", "obs": "paired", "adaptive_obs_noise"
 # ``likelihood="gaussian", fit="passes", obs="cosine-logits", grid=GAUSSIAN_R_GRID``.
 GAUSSIAN_R_GRID = [{"obs_noise": 1e-3}, {"obs_noise": 1e-2}, {"obs_noise": 1e-1}]
 KALMAN_DEFAULTS = {"likelihood": "categorical", "fit": "map", "prior": "evidence-average",
-                   "head_cov": "block", "obs": "logits", "epochs": 10.0, "tempered": True,
+                   "head_cov": "auto", "obs": "logits", "epochs": 10.0, "tempered": True,
                    "adaptive_obs_noise": 0.0, "gate": None, "probit": True, "grid": []}
 LIKELIHOODS = ("gaussian", "categorical")
 FITS = ("passes", "map")
 PRIORS = ("fixed", "evidence", "evidence-average")
-HEAD_COVS = ("block", "diag")
+HEAD_COVS = ("auto", "block", "diag")
+#: ``head_cov="auto"`` keeps one block per class while a posterior's K (d+1)^2 float64 stay
+#: within this many elements (134 MB: K = 10 at d = 512 fits, K = 100 does not), else the
+#: diagonal (docs/clip.md, "The head's covariance")
+AUTO_BLOCK_ELEMENTS = 2 ** 24
+#: images per Kalman step of the fit to the MAP: up to this many shots the step is the exact
+#: Gauss-Newton step (O(K n^3 + K n^2 d)); beyond, minibatched passes (clip.head_posterior)
+MAP_MAX_BATCH = 512
 
 
 #: posterior draws of IVON's Monte-Carlo predictive at evaluation
@@ -80,7 +87,8 @@ class TrainConfig:
     prior: Optional[str] = None         # categorical head, fit "map": "fixed" (init_cov),
                                         # "evidence" (best P0 of prior_grid by the Laplace
                                         # evidence) or "evidence-average" (evidence-weighted)
-    head_cov: Optional[str] = None      # categorical head: "block" (per class) or "diag"
+    head_cov: Optional[str] = None      # categorical head: "block" (per class), "diag", or
+                                        # "auto" (block while small, see AUTO_BLOCK_ELEMENTS)
     prior_grid: Optional[tuple] = None  # P0 candidates for the evidence (None: the default)
     prior_scale: float = 1.0            # categorical head: prior mean = scale * text embeddings
     prior_scales: Optional[tuple] = None  # prior "evidence*": also weigh these prior-mean
@@ -615,10 +623,16 @@ def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
     c = cfg.resolved_obs_noise()
     p0 = cfg.resolved_init_cov() if rc.init_cov is not None else 1e-3
     n = xtr.shape[0]
-    batch = n if rc.fit == "map" else min(rc.batch_size, n)
+    # at the MAP all shots are one observation up to MAP_MAX_BATCH images (the exact
+    # Gauss-Newton step); the passes use the configured batch
+    batch = min(n, MAP_MAX_BATCH) if rc.fit == "map" else min(rc.batch_size, n)
+    head_cov = rc.head_cov
+    if head_cov == "auto":
+        head_cov = ("block" if theta0.shape[0] * theta0.shape[1] ** 2 <= AUTO_BLOCK_ELEMENTS
+                    else "diag")
     details: Dict = {}
     if rc.fit == "map":
-        common = dict(logit_scale=tau, obs_noise=c, covariance=rc.head_cov,
+        common = dict(logit_scale=tau, obs_noise=c, covariance=head_cov,
                       max_batch=max(batch, 1))
         if rc.prior == "fixed":
             post = HP.fit_map(xtr, ytr, theta0, p0, **common)
@@ -640,7 +654,7 @@ def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
         epochs = max(1, int(round(rc.epochs or 1)))
         gen = torch.Generator().manual_seed(rc.seed)
         mean = theta0.clone()
-        cov = HP._prior_cov(theta0, p0, rc.head_cov)
+        cov = HP._prior_cov(theta0, p0, head_cov)
         for _ in range(epochs):
             perm = torch.randperm(n, generator=gen).to(dev)
             m2, cov, _, _ = HP.kalman_pass(mean, cov, xtr[perm], ytr[perm], logit_scale=tau,
@@ -679,9 +693,8 @@ def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
                 **{f"val_{k}": v for k, v in
                    M.classification_metrics(p, task.val.labels).items()}}
 
-    prior_only = HP.PosteriorMixture([HP.HeadPosterior(theta0, HP._prior_cov(theta0, p0,
-                                                                           rc.head_cov), p0, tau)],
-                                     [1.0])
+    prior_only = HP.PosteriorMixture(
+        [HP.HeadPosterior(theta0, HP._prior_cov(theta0, p0, head_cov), p0, tau)], [1.0])
     history = [val_point(prior_only, 0, 0), val_point(model, 1, seen)]
     t_cal = tau
     if cfg.calibrate:
@@ -690,7 +703,7 @@ def _finetune_categorical_head(task: Task, cfg: TrainConfig) -> MethodResult:
     metrics["val"] = M.classification_metrics(prob_fn(task.val, t_cal), task.val.labels)
     conf = asdict(cfg)
     conf.update(method=cfg.optimizer, likelihood=rc.likelihood, fit=rc.fit, prior=rc.prior,
-                head_cov=rc.head_cov, obs_noise=c, init_cov=p0 if rc.prior == "fixed" or
+                head_cov=head_cov, obs_noise=c, init_cov=p0 if rc.prior == "fixed" or
                 rc.fit == "passes" else None, batch_size=batch, probit=rc.probit,
                 kalman_path="categorical head (clip.head_posterior, ops.categorical_head)",
                 **details)

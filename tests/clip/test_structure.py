@@ -71,7 +71,11 @@ def test_help_texts_state_the_defaults(capsys):
         cli.main(["compare", "--help"])
     out = "".join(capsys.readouterr().out.split())     # argparse wraps lines (also at '-')
     assert f"defaultsigma{DEFAULT_DIGITS_NOISE:g}" in out
-    assert f"(default:{DEFAULT_OBS_NOISE:g})" in out
+    assert f"default{DEFAULT_OBS_NOISE:g})" in out
+    assert f"default:{KALMAN_DEFAULTS['likelihood']}forkalman" in out
+    assert f"(default:{KALMAN_DEFAULTS['fit']})" in out
+    assert f"(default:{KALMAN_DEFAULTS['prior']};" in out
+    assert f"(default:{KALMAN_DEFAULTS['head_cov']})" in out
     assert f"{PAPER_PRESET['gate']}forkalman-paper" in out
     assert f"default:{KALMAN_DEFAULTS['obs']};" in out
     assert f"default:{KALMAN_DEFAULTS['epochs']:g}forkalman" in out
