@@ -1,4 +1,4 @@
-"""KalmanNGD: natural-gradient descent as a diagonal Kalman filter (DESIGN sections 2, 3).
+"""KalmanNGD: natural-gradient descent as a diagonal Kalman filter (docs/math.md).
 
 The parameters are a Gaussian N(mu, diag P). ``step(closure)`` treats one minibatch as one
 observation of the model:
@@ -13,12 +13,12 @@ observation of the model:
   distribution, and the step is the online natural gradient of the cross-entropy
   (docs/math.md, "The categorical likelihood").
 * loss-observation mode: ``closure() -> loss`` (a scalar tensor). The loss itself is one
-  observation with target 0 (DESIGN 2.2). The closure may follow torch.optim's convention
+  observation with target 0 (docs/math.md). The closure may follow torch.optim's convention
   (zero the gradients, call ``loss.backward()``, return the loss: the gradients backward
   left are used) or return the loss with its graph (the optimizer differentiates it).
 
 Like ``torch.optim.AdamW`` this class gathers state and calls a functional step
-(:mod:`kalman_kernels.ops`); the step reads no device value on the host (DESIGN 4), so its
+(:mod:`kalman_kernels.ops`); the step reads no device value on the host, so its
 counters (``steps``, ``skipped_steps``) and the adaptive noise live in device tensors and
 ``last_info`` converts to Python numbers only when read.
 
@@ -52,6 +52,12 @@ _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "co
 _OBSERVATION_KEYS = ("obs_noise", "adaptive_obs_noise", "gate", "process_group", "backend",
                      "max_obs_per_update", "likelihood")
 _FILTER = "filter"   # key of the optimizer-wide state (a string, so state_dict keeps it)
+# Below this step scale (divided by the number of ranks under a process group, where
+# lr = 1/W is the advised setting) a warning says that lr is not a learning rate. The
+# covariance update does not scale with lr, so lr = 0.01 spends the information of each
+# batch while moving the mean a hundredth of the way: the run ends near its start. 0.1 lets
+# every deliberate damping through and catches the 1e-2 .. 1e-5 of SGD and AdamW habits.
+SMALL_LR = 0.1
 
 
 class _DefaultObsNoise(float):
@@ -78,7 +84,14 @@ class KalmanNGD(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups.
-        lr: step scale alpha of the mean update (1.0 = the exact Kalman update).
+        lr: step scale alpha of the mean update (1.0 = the exact Kalman update). Not a
+            learning rate: the step size comes from ``init_cov`` and ``obs_noise``, and the
+            covariance update does not scale with ``lr``, so a small ``lr`` spends each
+            batch's information without moving the mean. ``lr < 0.1`` (``0.1 / W`` under a
+            process group of W ranks) raises a ``UserWarning`` once per optimizer, at
+            construction or when a scheduler or param group sets it. For smaller steps lower
+            ``init_cov`` (the prior variance, which also plays weight decay's part, towards
+            the initial values) or raise ``obs_noise``.
         init_cov: prior variance P0 of every parameter (the prior mean is its value).
         obs_noise: observation noise R: a float r (R = r I), an (m,) tensor or an (m, m)
             tensor. With ``likelihood="categorical"`` a scalar c that tempers the
@@ -93,7 +106,8 @@ class KalmanNGD(torch.optim.Optimizer):
             or None.
         cov_update: ``"kalman"`` (exact diagonal of (I - KH)P-) or ``"information"``.
         process_group: a torch.distributed group; every rank observes its own batch and
-            all ranks apply the same all-reduced update (DESIGN 2.5).
+            all ranks apply the same all-reduced update (README, "Robustness and
+            scale").
         backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
         max_obs_per_update: batch mode processes at most this many observations per
             Kalman update: a larger batch is split into sequential sub-batches (the m x m
@@ -198,6 +212,7 @@ class KalmanNGD(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group, where=f"param group {len(self.param_groups) - 1}")
+        self._warn_small_lr(len(self.param_groups) - 1, group)
         for p in group["params"]:
             if not p.is_floating_point():
                 raise TypeError(f"KalmanNGD optimises floating-point parameters, got {p.dtype}")
@@ -442,7 +457,7 @@ class KalmanNGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ tracking
     def track(self, module: nn.Module, verify: str = "first") -> "KalmanNGD":
-        """Use sample-grouped Kronecker blocks (DESIGN 2.1) for ``module``'s nn.Linear
+        """Use sample-grouped Kronecker blocks (docs/math.md) for ``module``'s nn.Linear
         weights in batch mode.
 
         Valid when observation (j, k) depends on a tracked layer only through batch row j
@@ -473,7 +488,7 @@ class KalmanNGD(torch.optim.Optimizer):
         self._captures.clear()
 
     def reduce_in_backward(self) -> "KalmanNGD":
-        """Loss mode, fused: sum g^T P- g during the backward pass (DESIGN 2.2).
+        """Loss mode, fused: sum g^T P- g during the backward pass.
 
         The closure then runs ``loss.backward()`` itself (the usual PyTorch closure). A
         post-accumulate-grad hook adds each parameter's share of g^T P- g while its fresh
@@ -566,7 +581,27 @@ class KalmanNGD(torch.optim.Optimizer):
             entry = checked.get(id(group))
             if entry is None or entry[0] != values:
                 _check_group(group, where=f"param group {i} (checked at every step)")
+                self._warn_small_lr(i, group)
                 checked[id(group)] = (values, self._hyper(group))
+
+    def _warn_small_lr(self, index: int, group: dict) -> None:
+        """Once per optimizer: an lr that reads like a learning rate (see SMALL_LR)."""
+        if "small-lr" in self._warned or compiling():
+            return
+        ranks = 1
+        if self.process_group is not None and torch.distributed.is_initialized():
+            ranks = torch.distributed.get_world_size(self.process_group)
+        lr = float(group["lr"])
+        if lr >= SMALL_LR / ranks:
+            return
+        self._warned.add("small-lr")
+        warnings.warn(
+            f"KalmanNGD: lr={lr:g} (param group {index}) is a step scale, not a learning "
+            f"rate: 1.0 is the exact Kalman update, and lr={lr:g} moves the mean {lr:g} of "
+            f"the way while the covariance shrinks as if it had moved all of it, so training "
+            f"stalls near the start. Leave lr=1.0 (lr=1/W under a process group of W ranks); "
+            f"for smaller, AdamW-like steps lower init_cov or raise obs_noise (README, "
+            f"'Coming from AdamW').", UserWarning, stacklevel=_user_stacklevel())
 
     def _hyper_of(self, group: dict) -> StepHyper:
         """The group's StepHyper as validated at the start of this step."""
@@ -822,7 +857,7 @@ class KalmanNGD(torch.optim.Optimizer):
     def _check_ddp_grads_once(self, loss: torch.Tensor, grads) -> None:
         """Loss mode under process_group, first step: gradients that are bitwise equal on
         every rank while the losses differ were already averaged across ranks (a
-        DistributedDataParallel backward); the all-reduce of DESIGN 2.5 would then count
+        DistributedDataParallel backward); the cross-rank all-reduce would then count
         them W times. One small all-reduce, once."""
         if getattr(self, "_ddp_checked", False) or compiling() or loss.device.type == "meta":
             return
@@ -999,6 +1034,19 @@ def _check_group(group: dict, where: str) -> None:
     if not (isinstance(init_cov, (int, float)) and math.isfinite(init_cov) and init_cov > 0):
         raise ValueError(f"{where}: init_cov must be a finite number > 0 (the prior variance), "
                          f"got {init_cov!r}")
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside this package and torch (the line that
+    built the optimizer or called ``step``), for a warning raised by the caller's caller."""
+    import os
+    import sys
+    inside = (os.path.dirname(os.path.abspath(__file__)),
+              os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _describe(x) -> str:

@@ -542,3 +542,36 @@ def test_loss_steps_without_numpy_views_match_the_numpy_path(monkeypatch):
     assert isinstance(opt_np._counter_views["steps"][1], np.ndarray)
     assert isinstance(opt_torch._counter_views["steps"][1], torch.Tensor)
     assert all(v is None for v in lu._host_scalars.views)
+
+
+def test_small_lr_warns_once_with_the_fix_and_default_construction_is_silent():
+    model = nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # any warning fails the test
+        kk.KalmanNGD(model.parameters())
+        kk.KalmanNGD(model.parameters(), lr=1.0)
+        kk.KalmanNGD(model.parameters(), lr=kk.optimizer.SMALL_LR)
+        kk.KalmanNGD(model.parameters(), likelihood="categorical")
+    with pytest.warns(UserWarning, match=r"lr=0\.001 .*step scale.*init_cov") as caught:
+        opt = kk.KalmanNGD(model.parameters(), lr=1e-3)
+    assert caught[0].filename == __file__                  # points at the user's line
+    with warnings.catch_warnings(record=True) as again:    # once per optimizer
+        warnings.simplefilter("always")
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": 1e-4})
+        opt.step(lambda: (model(torch.randn(4, 3)), torch.randn(4, 2)))
+    assert not [w for w in again if "step scale" in str(w.message)]
+
+
+def test_small_lr_from_a_scheduler_or_param_group_warns_at_the_step():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    opt = kk.KalmanNGD(model.parameters())
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1e-3)
+    with pytest.warns(UserWarning, match="step scale"):
+        opt.step(lambda: (model(x), y))
+    with pytest.warns(UserWarning, match=r"lr=0\.01 \(param group 1\)"):
+        kk.KalmanNGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.01}])
+    opt = kk.KalmanNGD(model.parameters())
+    opt.param_groups[0]["lr"] = 0.02
+    with pytest.warns(UserWarning, match=r"lr=0\.02 \(param group 0\)"):
+        opt.step(lambda: (model(x), y))
