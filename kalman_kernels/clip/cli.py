@@ -11,10 +11,11 @@ is printed. Caches (features, stand-in weights) go to ``--cache-dir`` (default
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -51,6 +52,17 @@ def _gate(s: str) -> float:
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"the gate is a chi-square probability in (0, 1), got {v}")
     return v
+
+
+class UsageError(ValueError):
+    """A command-line value that no run can use; ``main`` prints it as one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage block stays in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _common(p: argparse.ArgumentParser, demo: bool = False):
@@ -137,18 +149,19 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                    help="categorical head, --fit map: the prior variance P0 averaged over a "
                         "grid by the Laplace evidence, the single best one, or --init-cov "
                         "(default: evidence-average; --init-cov implies fixed)")
-    g.add_argument("--head-cov", choices=["block", "diag"], default=None,
-                   help="categorical head: one (d+1) x (d+1) covariance block per class, or "
-                        "a diagonal (default: block)")
+    g.add_argument("--head-cov", choices=["auto", "block", "diag"], default=None,
+                   help="categorical head: one (d+1) x (d+1) covariance block per class, a "
+                        "diagonal, or auto: blocks while K (d+1)^2 <= 2^24 (default: auto)")
     g.add_argument("--prior-mean-scales", type=_floats, default=None, metavar="S,S,...",
                    help="categorical head, evidence priors: also weigh prior means s x the "
                         "zero-shot head by the evidence, e.g. 0,0.5,1 (default: 1 only)")
     g.add_argument("--steps", type=int, default=200,
                    help="training steps for adamw / sgd / ivon (default: %(default)s)")
     g.add_argument("--kalman-epochs", type=float, default=None,
-                   help=f"passes over the shots for the Kalman methods (default: "
-                        f"{KALMAN_DEFAULTS['epochs']:g} for kalman, with r multiplied by the "
-                        f"number of passes; 1 for kalman-paper and kalman-loss; 0: use --steps)")
+                   help=f"passes over the shots for the Kalman methods' sequential fits "
+                        f"(default: {KALMAN_DEFAULTS['epochs']:g} for kalman, with r multiplied "
+                        f"by the number of passes, used with --fit passes or --likelihood "
+                        f"gaussian; 1 for kalman-paper and kalman-loss; 0: use --steps)")
     g.add_argument("--predictive", choices=["mean", "probit"], default=None,
                    help="Kalman methods' class probabilities: softmax of the mean scores, or the "
                         "probit predictive of the Gaussian scores N(mu, H P H^T + r) (default: "
@@ -165,8 +178,9 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                         f"adaptive noise; default {DEFAULT_OBS_NOISE:g}), or the categorical "
                         f"likelihood's tempering c (default 1)")
     g.add_argument("--adaptive-obs-noise", type=float, default=None, metavar="BETA",
-                   help=f"Kalman: EMA rate of the innovation-based observation noise (DESIGN "
-                        f"2.3), 0 = off (default: {KALMAN_DEFAULTS['adaptive_obs_noise']:g} for "
+                   help=f"Kalman: EMA rate of the innovation-based observation noise, a "
+                        f"number in [0, 1], 0 = off (default: "
+                        f"{KALMAN_DEFAULTS['adaptive_obs_noise']:g} for "
                         f"kalman, {PAPER_PRESET['adaptive_obs_noise']:g} for kalman-paper)")
     g.add_argument("--gate", type=_gate, default=None, metavar="PROB",
                    help=f"Kalman: Mahalanobis gate, a chi-square probability such as 0.999, or "
@@ -188,7 +202,7 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kalman-clip",
         description="Few-shot fine-tuning of open_clip models with a Kalman-filter "
                     "natural-gradient optimizer (KalmanNGD), with calibration and OOD metrics.",
@@ -362,10 +376,212 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "''"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check(ok: bool, flag: str, value, valid: str) -> None:
+    if not ok:
+        raise UsageError(f"{flag} {_show(value)}: {valid}")
+
+
+def _finite(v, low: float, *, strict: bool = True, high: float = math.inf,
+            high_strict: bool = False) -> bool:
+    if not (isinstance(v, (int, float)) and math.isfinite(v)):
+        return False
+    return (v > low if strict else v >= low) and (v < high if high_strict else v <= high)
+
+
+def _check_list(args, name: str, flag: str, ok, valid: str) -> None:
+    values = getattr(args, name, None)
+    if values is None:
+        return
+    _check(bool(values), flag, values, f"give at least one value ({valid})")
+    for v in values:
+        _check(ok(v), flag, values, f"{_show(v)} is not valid: {valid}")
+
+
+def _check_dataset(spec: str) -> None:
+    from .data import BUILTIN_HELP
+    spec = spec.strip()
+    valid = f"use {BUILTIN_HELP} or imagefolder:PATH"
+    if spec.startswith("imagefolder:"):
+        path = Path(spec[len("imagefolder:"):]).expanduser()
+        _check(path.is_dir(), "--dataset", spec, f"dataset path not found: {path} is not a "
+               f"folder (one sub-folder per class)")
+        return
+    if spec.startswith("digits-noisy:"):
+        sigma = spec.split(":", 1)[1]
+        try:
+            ok = _finite(float(sigma), 0.0, strict=False)
+        except ValueError:
+            ok = False
+        _check(ok, "--dataset", spec, f"the noise sigma after ':' must be a number >= 0 ({valid})")
+        return
+    hint = f" (did you mean imagefolder:{spec}?)" if os.path.isdir(spec) else ""
+    _check(spec in ("digits", "digits-noisy", "shapes", "textiles"), "--dataset", spec,
+           f"unknown dataset{hint}; {valid}")
+
+
+def _check_model(args) -> None:
+    """The model name and pretrained tag, from open_clip's name lists (no weights read)."""
+    from .models import STANDIN_TAG, _unknown_model
+    from .registry import TINY_CONFIGS, open_clip_module, register_tiny_configs
+    name, pretrained = args.model, (args.pretrained or "").strip()
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:"):]).expanduser()
+        _check(path.is_dir(), "--model", name, f"folder not found: {path} (local-dir:PATH "
+               f"needs open_clip_config.json and a weights file)")
+        return
+    if name.startswith("hf-hub:"):
+        return
+    try:
+        open_clip = open_clip_module()
+    except ImportError as e:
+        raise UsageError(f"--model {name}: {e}") from e
+    register_tiny_configs(args.cache_dir)
+    known = open_clip.list_models()
+    if name not in known:
+        raise UsageError(f"--model {name}: {_unknown_model(name, known)}")
+    low = pretrained.lower()
+    if low == STANDIN_TAG:
+        _check(name in TINY_CONFIGS, "--pretrained", pretrained,
+               f"the offline stand-in exists only for the tiny configs "
+               f"({', '.join(TINY_CONFIGS)}), not {name!r}; pass a pretrained tag, a "
+               f"checkpoint file or 'none'")
+    elif low not in ("", "none", "random") and not os.path.isfile(os.path.expanduser(pretrained)):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        _check(pretrained in tags, "--pretrained", pretrained,
+               f"neither a checkpoint file nor a pretrained tag of {name} (its tags: "
+               f"{', '.join(tags) if tags else 'none'}; or 'standin' for "
+               f"{', '.join(TINY_CONFIGS)}, or 'none')")
+
+
+def _check_combinations(args) -> None:
+    """What the methods' own configurations refuse (as training would, after loading)."""
+    from .train import KALMAN_METHODS
+    plan = _plan(args)
+    for m in plan.methods:
+        if m not in KALMAN_METHODS:
+            continue
+        cfg = replace(plan.base, optimizer=m, **plan.overrides.get(m, {}))
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise UsageError(f"{m}: {e}") from e
+        if not cfg.categorical_head():
+            continue
+        rc = cfg.resolved()
+        _check(rc.obs == "logits", "--obs", rc.obs,
+               f"{m}'s head with the categorical likelihood scores with plain logits; use "
+               f"--obs logits, or --likelihood gaussian for the cosine observation")
+        _check(not rc.adaptive_obs_noise, "--adaptive-obs-noise", rc.adaptive_obs_noise,
+               f"the categorical likelihood of {m}'s head has no noise level to adapt; use "
+               f"--adaptive-obs-noise 0, or --likelihood gaussian")
+        _check(not rc.gate, "--gate", rc.gate,
+               f"the categorical head's fit of {m} has no gate; use --gate off, or "
+               f"--likelihood gaussian")
+
+
+def _validate(args) -> None:
+    """Check every argument before any model, data or weights are touched: the first bad
+    value raises UsageError naming the argument, the value and what is valid."""
+    from .train import BASELINES, OPTIMIZERS
+    methods = getattr(args, "methods", None)
+    if methods is not None:
+        _check(bool(methods), "--methods", methods,
+               f"give at least one of {', '.join(OPTIMIZERS + BASELINES)}")
+        for m in methods:
+            _check(m in OPTIMIZERS or m in BASELINES, "--methods", methods,
+                   f"unknown method {m!r}; choose from {', '.join(OPTIMIZERS + BASELINES)}")
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        _check(not twice, "--methods", methods, f"{', '.join(twice)} given more than once")
+    shots = getattr(args, "shots", None)
+    if shots is not None:
+        values = shots if isinstance(shots, list) else [shots]
+        _check(bool(values) and all(v >= 1 for v in values), "--shots", shots,
+               "shot counts are integers >= 1 (images per class), e.g. 1,4,16")
+    seeds = getattr(args, "seeds", None)
+    seeds = seeds if seeds is not None else ([args.seed] if hasattr(args, "seed") else None)
+    if seeds is not None:
+        flag = "--seeds" if hasattr(args, "seeds") else "--seed"
+        _check(bool(seeds) and all(0 <= v < 2 ** 32 for v in seeds), flag, seeds,
+               "seeds are integers in [0, 2**32), e.g. 0,1,2")
+    for name, flag, low, strict in (("steps", "--steps", 1, False),
+                                    ("batch_size", "--batch-size", 1, False),
+                                    ("eval_every", "--eval-every", 1, False),
+                                    ("mc_samples", "--mc-samples", 0, False)):
+        v = getattr(args, name, None)
+        if v is not None:
+            _check(v >= low, flag, v, f"must be an integer >= {low}")
+    if args.threads is not None:
+        _check(args.threads >= 1, "--threads", args.threads, "must be an integer >= 1")
+    positive = "must be a finite number > 0"
+    for name, flag, ok, valid in (
+            ("lr", "--lr", lambda v: _finite(v, 0.0), positive),
+            ("init_cov", "--init-cov", lambda v: _finite(v, 0.0),
+             "the Kalman prior covariance P0 must be a finite number > 0, e.g. 1e-3"),
+            ("obs_noise", "--obs-noise", lambda v: _finite(v, 0.0), positive),
+            ("adaptive_obs_noise", "--adaptive-obs-noise",
+             lambda v: _finite(v, 0.0, strict=False, high=1.0),
+             "an EMA rate in [0, 1] (0 = off)"),
+            ("forgetting", "--forgetting", lambda v: _finite(v, 0.0, high=1.0),
+             "the forgetting factor must be in (0, 1] (1 = no forgetting)"),
+            ("process_noise", "--process-noise", lambda v: _finite(v, 0.0, strict=False),
+             "must be a finite number >= 0"),
+            ("weight_decay", "--weight-decay", lambda v: _finite(v, 0.0, strict=False),
+             "must be a finite number >= 0"),
+            ("kalman_epochs", "--kalman-epochs", lambda v: _finite(v, 0.0, strict=False),
+             "passes over the shots, a number >= 0 (0: use --steps)")):
+        v = getattr(args, name, None)
+        if v is not None:
+            _check(ok(v), flag, v, valid)
+    for name, flag in (("adamw_lrs", "--adamw-lrs"), ("sgd_lrs", "--sgd-lrs"),
+                       ("ivon_lrs", "--ivon-lrs")):
+        _check_list(args, name, flag, lambda v: _finite(v, 0.0),
+                    "learning rates are finite numbers > 0, e.g. 1e-3,1e-2,1e-1")
+    _check_list(args, "prior_mean_scales", "--prior-mean-scales",
+                lambda v: _finite(v, 0.0, strict=False),
+                "scales of the zero-shot head are finite numbers >= 0, e.g. 0,0.5,1")
+    backend = getattr(args, "backend", None)
+    if backend is not None:
+        from ..backends import NAMES
+        _check(backend in ("auto",) + tuple(NAMES), "--backend", backend,
+               f"choose from auto, {', '.join(NAMES)}")
+    import torch
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {args.device}: not a torch device; use cpu, cuda or "
+                         f"cuda:N") from None
+    if device.type == "cuda":
+        _check(torch.cuda.is_available(), "--device", args.device,
+               "no CUDA device is available here (torch.cuda.is_available() is False); "
+               "use --device cpu")
+    _check_dataset(args.dataset)
+    for path in getattr(args, "ood", None) or []:
+        _check(Path(path).expanduser().is_dir(), "--ood", path,
+               "not a folder (an OOD image folder, class sub-folders or flat)")
+    for t in getattr(args, "template", None) or []:
+        _check("{}" in t, "--template", repr(t), "a prompt template needs {} where the class "
+               "name goes, e.g. 'a photo of a {}.'")
+    _check(not (getattr(args, "shifts", False) and getattr(args, "no_shifts", False)),
+           "--shifts", "--no-shifts", "give one of them, not both")
+    for flag, path in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        _check(path is None or not Path(path).expanduser().exists()
+               or Path(path).expanduser().is_dir(), flag, path, "exists and is not a folder")
+    if args.command != "demo":
+        _check_model(args)
+    _check_combinations(args)
+
+
 def _run(args) -> int:
     import torch
     from . import run as R
 
+    _validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.quiet
@@ -402,6 +618,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UsageError as e:
+        print(f"kalman-clip {args.command}: error: {e} (see kalman-clip {args.command} "
+              f"--help)", file=sys.stderr)
+        return 2
     except Exception as e:  # clear one-line errors for the known failure modes
         from .data import DatasetError
         from .models import ModelLoadError
