@@ -92,6 +92,24 @@ class DatasetSplits:
     templates: List[str]
     ood_severity: Dict[str, Tuple[str, float]] = field(default_factory=dict)  # split -> (kind, level)
     notes: List[str] = field(default_factory=list)
+    # shift kind -> what its OOD splits are made of (the built-in tasks' test images carry
+    # the domain's noise, and each shift composes with it in its own order)
+    shift_notes: Dict[str, str] = field(default_factory=dict)
+
+
+SHIFT_UNITS = {"noise": "sigma", "blur": "sigma in pixels", "rotation": "degrees",
+               "inversion": "a: x -> (1 - a) x + a (1 - x)"}
+
+
+def _noisy_domain_shift_notes(noise: float, kinds) -> Dict[str, str]:
+    """How each generated shift composes with test images that carry noise of sigma ``noise``
+    (as ``_digits_set`` and ``_shapes_set`` make them). Blur comes after the noise, so it also
+    smooths the noise away and can raise accuracy at low severity."""
+    notes = {"noise": f"noisier test images: sigma {noise:g} + the severity",
+             "blur": f"blur of the noisy test images (it also smooths their sigma-{noise:g} noise)",
+             "rotation": f"rotation, then the test images' sigma-{noise:g} noise",
+             "inversion": f"inversion, then the test images' sigma-{noise:g} noise"}
+    return {k: notes[k] for k in kinds if k in notes}
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,7 +250,11 @@ def digits_dataset(noise: float = 0.0, shifts: Optional[Dict[str, List[float]]] 
             nm = f"{kind}{lv:g}"
             ood[nm] = _digits_set(idx["test"], noise, f"{tag}/ood-{nm}", shift=(kind, lv))
             sev[nm] = (kind, lv)
-    return DatasetSplits(tag, pool, test, ood, digits_classnames(), list(DIGIT_TEMPLATES), sev)
+    kinds = {k for k, _ in sev.values()}
+    notes = (_noisy_domain_shift_notes(noise, kinds) if noise > 0 else
+             {k: f"{k} of the clean test images" for k in kinds})
+    return DatasetSplits(tag, pool, test, ood, digits_classnames(), list(DIGIT_TEMPLATES), sev,
+                         shift_notes=notes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -353,8 +375,14 @@ def shapes_dataset(shifts: Optional[Dict[str, List[float]]] = None) -> DatasetSp
             nm = f"{kind}{lv:g}"
             ood[nm] = _shapes_set("test", f"shapes/ood-{nm}", shift=(kind, lv))
             sev[nm] = (kind, lv)
+    # the test images carry TASK_NOISE and every shift is applied after it (``_shapes_set``)
+    notes = {"noise": "more noise: a second draw of this sigma on the noisy test images",
+             "blur": f"blur of the noisy test images (it also smooths their sigma-"
+                     f"{TASK_NOISE:g} noise)",
+             "rotation": "rotation of the noisy test images",
+             "inversion": "inversion of the noisy test images"}
     return DatasetSplits("shapes", pool, test, ood, list(SHAPE_CLASSES), list(SHAPE_TEMPLATES),
-                         sev)
+                         sev, shift_notes={k: notes[k] for k in {k for k, _ in sev.values()}})
 
 
 # ----------------------------------------------------------------------------------------
@@ -511,7 +539,8 @@ def textiles_dataset(test_frac: float = 0.4, shifts=None) -> DatasetSplits:
     tr, te = _stratified_split(labels, test_frac)
     pool, test = full.subset(tr, "textiles/pool"), full.subset(te, "textiles/test")
     ood, sev = _shifted_file_sets(test, shifts if shifts is not None else SHIFTS_LARGE, "textiles")
-    return DatasetSplits("textiles", pool, test, ood, list(TEXTILE_CLASSES), [DEFAULT_TEMPLATE], sev)
+    return DatasetSplits("textiles", pool, test, ood, list(TEXTILE_CLASSES), [DEFAULT_TEMPLATE], sev,
+                         shift_notes=_file_shift_notes(sev))
 
 
 def imagefolder_dataset(path, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
@@ -539,7 +568,14 @@ def imagefolder_dataset(path, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
         o2, s2 = _shifted_file_sets(test, SHIFTS_LARGE, root.name)
         ood.update(o2)
         sev.update(s2)
-    return DatasetSplits(root.name, pool, test, ood, pool.classnames, list(templates), sev)
+    return DatasetSplits(root.name, pool, test, ood, pool.classnames, list(templates), sev,
+                         shift_notes=_file_shift_notes(sev))
+
+
+def _file_shift_notes(sev) -> Dict[str, str]:
+    """File images get each shift on its own (blur sigma given for a 256-pixel side)."""
+    return {k: f"{k} of the test images" + (" (sigma per 256 pixels)" if k == "blur" else "")
+            for k in {k for k, _ in sev.values()}}
 
 
 def get_dataset(spec: str, *, templates: Optional[Sequence[str]] = None,

@@ -20,9 +20,9 @@ from .progress import progress as _bar
 from .train import BASELINES, OPTIMIZERS, Task, TrainConfig, finetune, run_gda, run_zero_shot
 from ._paths import cache_root
 
-STANDIN_BANNER = ("NOTE: these numbers come from the offline STAND-IN: a tiny CLIP pretrained for "
-                  "about a minute on scikit-learn digits and generated shapes, not real "
-                  "pretrained CLIP weights.")
+STANDIN_BANNER = ("NOTE: these numbers come from the offline STAND-IN: a tiny CLIP pretrained "
+                  "on scikit-learn digits and generated shapes, not real pretrained CLIP "
+                  "weights.")
 
 
 @dataclass
@@ -126,6 +126,10 @@ def _ood_summary(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return out
 
 
+_METHOD_ORDER = {m: i for i, m in enumerate(["zero-shot", "gda", "adamw", "sgd", "kalman-loss",
+                                              "kalman-paper", "kalman"])}
+
+
 def aggregate(records: List[Dict]) -> List[Dict]:
     """Mean and standard deviation over seeds for each (method, shots, split, metric)."""
     groups: Dict = {}
@@ -144,9 +148,7 @@ def aggregate(records: List[Dict]) -> List[Dict]:
                                  for k in keys}
         row["seconds"] = float(np.mean([r["seconds"] for r in rs]))
         rows.append(row)
-    order = {m: i for i, m in enumerate(["zero-shot", "gda", "adamw", "sgd", "kalman-loss",
-                                         "kalman-paper", "kalman"])}
-    rows.sort(key=lambda r: (r["shots"], order.get(r["method"], 99)))
+    rows.sort(key=lambda r: (r["shots"], _METHOD_ORDER.get(r["method"], 99)))
     return rows
 
 
@@ -202,9 +204,10 @@ def format_shift_table(rows: List[Dict], severity: Dict, markdown: bool = False)
 
 
 def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: Path,
-               dataset: str = "") -> List[str]:
+               dataset: str = "", shift_notes: Optional[Dict[str, str]] = None) -> List[str]:
     """curves.png, reliability.png and ood_severity.png; every title says which data, shot
-    count and seeds it shows."""
+    count and seeds it shows. ``shift_notes``: what each shift kind's OOD images are made of
+    (``DatasetSplits.shift_notes``), shown over its severity panel."""
     import matplotlib
     matplotlib.use("Agg")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,59 +215,84 @@ def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: P
     seeds = sorted({r["seed"] for r in records})
     files = [_plot_curves(records, shots_max, seeds[0], out_dir, dataset),
              _plot_reliability(records, shots_max, seeds, out_dir, dataset),
-             _plot_severity(rows, severity, shots_max, seeds, out_dir, dataset)]
+             _plot_severity(rows, severity, shots_max, seeds, out_dir, dataset,
+                            shift_notes or {})]
     return [f for f in files if f]
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path: Path, **layout) -> str:
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout(**layout)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
 
 
+def _method_colours(methods) -> Dict[str, str]:
+    """One colour per method, the same in every plot of a run (the table's order)."""
+    cycle = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9"]
+    ordered = sorted(dict.fromkeys(methods), key=lambda m: (_METHOD_ORDER.get(m, 99), m))
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(ordered)}
+
+
 def _plot_curves(records, shots, seed, out_dir: Path, dataset: str) -> Optional[str]:
-    """Validation accuracy and NLL against training images seen (log axis; the prior, i.e.
-    before the first step, is the dashed line), one seed."""
+    """Validation accuracy and NLL against training images seen (log axis), one seed; each
+    method's value before its first step is a dotted line, the training-free methods are
+    dashed lines. One legend under both panels says so."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     sel = [r for r in records if r["shots"] == shots and r["seed"] == seed]
     trained = [r for r in sel if r["history"]]
     if not trained:
         return None
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    colour = _method_colours(r["method"] for r in records)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4.6))
     for r in trained:
+        c = colour[r["method"]]
         pts = [h for h in r["history"] if h.get("images_seen", h["step"]) > 0]
         x = [h.get("images_seen", h["step"]) for h in pts]
         for a, key in zip(ax, ("val_acc", "val_nll")):
-            line, = a.plot(x, [h.get(key, np.nan) for h in pts], marker=".", label=r["method"])
-            a.axhline(r["history"][0].get(key, np.nan), ls=":", lw=1, color=line.get_color())
-    for r in sel:
-        if not r["history"] and "val" in r["metrics"]:
-            for a, key in zip(ax, ("acc", "nll")):
-                a.axhline(r["metrics"]["val"][key], ls="--", lw=1, label=r["method"],
-                          color="gray" if r["method"] == "zero-shot" else "k")
-    for a in ax:
+            a.plot(x, [h.get(key, np.nan) for h in pts], marker=".", color=c, label=r["method"])
+            a.axhline(r["history"][0].get(key, np.nan), ls=":", lw=1, color=c)
+    free = [r for r in sel if not r["history"] and "val" in r["metrics"]]
+    for r in free:
+        for a, key in zip(ax, ("acc", "nll")):
+            a.axhline(r["metrics"]["val"][key], ls="--", lw=1.2, color=colour[r["method"]],
+                      label=r["method"] + " (training-free)")
+    for a, what in zip(ax, ("accuracy", "NLL")):
         a.set_xscale("log")
-        a.set_xlabel("training images seen (steps x batch, log scale)")
-    ax[0].set(ylabel="validation accuracy",
-              title=f"{dataset} {shots}-shot, seed {seed}: validation curves")
-    ax[1].set(ylabel="validation NLL",
-              title="dotted: each method's start (step 0); dashed: training-free")
-    ax[0].legend(fontsize=8)
-    return _save(fig, out_dir / "curves.png")
+        a.set(xlabel="training images seen (steps x batch, log scale)",
+              ylabel=f"validation {what}", title=f"validation {what}")
+    handles, labels = ax[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], ls=":", color="0.3", lw=1))
+    labels.append("dotted: each method before its first step")
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{dataset}, {shots}-shot, seed {seed}: validation split during training",
+                 fontsize=10)
+    rows_of_legend = math.ceil(len(labels) / 4)
+    return _save(fig, out_dir / "curves.png", rect=(0, 0.04 + 0.045 * rows_of_legend, 1, 1))
 
 
 def _plot_reliability(records, shots, seeds, out_dir: Path, dataset: str) -> Optional[str]:
     """Test-split reliability diagrams at the largest shot count, bins pooled over seeds; the
-    ECE in each title is the mean over seeds (the table's value)."""
+    ECE in each title is the mean over seeds (the table's value). Under each diagram a strip
+    of the number of test images per confidence bin (pooled over seeds), so that a bar over
+    a handful of images is not read like one over hundreds."""
     import matplotlib.pyplot as plt
     methods = list(dict.fromkeys(r["method"] for r in records
                                  if r["shots"] == shots and r.get("reliability")))
     if not methods:
         return None
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.5), squeeze=False)
-    for a, m in zip(axes[0], methods):
+    ncol = min(3, len(methods))
+    nrow = math.ceil(len(methods) / ncol)
+    fig = plt.figure(figsize=(3.6 * ncol, 4.2 * nrow), layout="constrained")
+    cells = fig.add_gridspec(nrow, ncol)
+    for i, m in enumerate(methods):
+        row, col = divmod(i, ncol)
+        pair = cells[row, col].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+        a = fig.add_subplot(pair[0])
+        strip = fig.add_subplot(pair[1], sharex=a)
         rs = [r for r in records if r["shots"] == shots and r["method"] == m]
         edges = np.asarray(rs[0]["reliability"]["edges"], dtype=float)
         count = np.zeros(len(edges) - 1)
@@ -276,24 +304,38 @@ def _plot_reliability(records, shots, seeds, out_dir: Path, dataset: str) -> Opt
             correct += c * acc
         acc = np.divide(correct, count, out=np.zeros_like(count), where=count > 0)
         centers = 0.5 * (edges[1:] + edges[:-1])
-        a.bar(centers, acc, width=edges[1] - edges[0], edgecolor="k", alpha=0.7)
+        width = edges[1] - edges[0]
+        a.bar(centers[count > 0], acc[count > 0], width=width, edgecolor="k", alpha=0.7)
         a.plot([0, 1], [0, 1], "r--", lw=1)
         ece = np.mean([r["metrics"]["test"]["ece"] for r in rs])
-        a.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{m}: ECE {ece:.3f}")
-    axes[0][0].set_ylabel("accuracy")
+        a.set(xlim=(0, 1), ylim=(0, 1), title=f"{m}: ECE {ece:.3f}")
+        a.tick_params(labelbottom=False)
+        strip.bar(centers, count, width=width, color="0.55", edgecolor="k", lw=0.5)
+        strip.set(xlim=(0, 1), ylim=(0, max(count.max(), 1) * 1.15), xlabel="confidence")
+        strip.tick_params(labelsize=7)
+        if col == 0:
+            a.set_ylabel("accuracy")
+            strip.set_ylabel("images", fontsize=8)
     fig.suptitle(f"{dataset} test split, {shots}-shot: bins pooled over seeds "
-                 f"{','.join(map(str, seeds))}; ECE = mean over seeds", fontsize=9)
+                 f"{','.join(map(str, seeds))}; ECE = mean over seeds; grey strip = test "
+                 f"images per bin", fontsize=9)
     return _save(fig, out_dir / "reliability.png")
 
 
-def _plot_severity(rows, severity, shots, seeds, out_dir: Path, dataset: str) -> Optional[str]:
-    """Accuracy against OOD severity, one panel per shift kind, mean over seeds."""
+def _plot_severity(rows, severity, shots, seeds, out_dir: Path, dataset: str,
+                   shift_notes: Dict[str, str]) -> Optional[str]:
+    """Accuracy against OOD severity, one panel per shift kind, mean over seeds; each panel's
+    title says what the shifted images are (e.g. the blur of the noisy test images)."""
+    import textwrap
+
     import matplotlib.pyplot as plt
+    from .data import SHIFT_UNITS
     if not severity:
         return None
     kinds = sorted({k for k, _ in severity.values()})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 4.2), squeeze=False)
     rows_max = [r for r in rows if r["shots"] == shots]
+    colour = _method_colours(r["method"] for r in rows)
     for a, kind in zip(axes[0], kinds):
         splits = sorted([s for s, (k, _) in severity.items() if k == kind],
                         key=lambda s: severity[s][1])
@@ -301,22 +343,30 @@ def _plot_severity(rows, severity, shots, seeds, out_dir: Path, dataset: str) ->
         for r in rows_max:
             ys = [r["splits"]["test"]["acc"]["mean"]] + [
                 r["splits"].get(s, {}).get("acc", {}).get("mean", np.nan) for s in splits]
-            a.plot(lv, ys, marker="o", label=r["method"])
-        a.set(xlabel=f"{kind} severity (0 = ID test)", title=kind, ylim=(0, 1))
+            a.plot(lv, ys, marker="o", color=colour[r["method"]], label=r["method"])
+        unit = SHIFT_UNITS.get(kind)
+        a.set_xlabel(f"{kind} severity" + (f" ({unit})" if unit else "") + "\n0 = ID test split",
+                     fontsize=9)
+        a.set_ylim(0, 1)
+        a.set_title("\n".join(textwrap.wrap(shift_notes.get(kind, kind), 34)), fontsize=9)
     axes[0][0].set_ylabel(f"test accuracy ({shots}-shot)")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+               frameon=False)
     fig.suptitle(f"{dataset}: accuracy under generated shifts, {shots}-shot, mean over seeds "
-                 f"{','.join(map(str, seeds))}", fontsize=9)
-    return _save(fig, out_dir / "ood_severity.png")
+                 f"{','.join(map(str, seeds))}", fontsize=10)
+    return _save(fig, out_dir / "ood_severity.png", rect=(0, 0.06, 1, 1))
 
 
 def write_outputs(prep: Prepared, records, rows, out_dir: Path, extra: Dict, plots: bool = True):
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = make_plots(records, rows, prep.ds.ood_severity, out_dir, prep.ds.name) if plots else []
+    files = (make_plots(records, rows, prep.ds.ood_severity, out_dir, prep.ds.name,
+                        shift_notes=prep.ds.shift_notes) if plots else [])
     blob = {"model": prep.bundle.name, "pretrained": prep.bundle.pretrained,
             "standin": prep.bundle.standin, "notes": prep.bundle.notes,
             "dataset": prep.ds.name, "classes": prep.ds.classnames,
             "ood_splits": {k: list(v) for k, v in prep.ds.ood_severity.items()} or list(prep.ood),
+            "shift_notes": prep.ds.shift_notes,
             "skipped_images": prep.skipped, "summary": rows, "runs": records, "plots": files,
             **extra}
     tmp = out_dir / ".results.json.tmp"
