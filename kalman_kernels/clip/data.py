@@ -238,7 +238,7 @@ def _digits_set(idx, noise: float, name: str, shift: Optional[Tuple[str, float]]
 
 
 def digits_dataset(noise: float = 0.0, shifts: Optional[Dict[str, List[float]]] = None) -> DatasetSplits:
-    """Digits as a downstream task; ``noise`` > 0 makes the noisy-digits domain (DESIGN 8).
+    """Digits as a downstream task; ``noise`` > 0 makes the noisy-digits domain.
     OOD splits apply each shift at each severity to the test images."""
     idx = digits_split_indices()
     tag = f"digits-noisy{noise:g}" if noise > 0 else "digits"

@@ -17,7 +17,7 @@ import torch
 
 from ._paths import cache_root
 
-# Tiny ViT CLIPs for the offline stand-in and the tests (DESIGN section 8). Average pooling of
+# Tiny ViT CLIPs for the offline stand-in and the tests (docs/clip.md). Average pooling of
 # the patch tokens (instead of the class token): measured here, the class-token variant sat on a
 # loss plateau for ~250 steps of contrastive pretraining, average pooling left it in < 50.
 TINY_CONFIGS: Dict[str, Dict[str, Any]] = {
