@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (Python 3.11 + a C++ compiler):
 #   make demo   installs everything into .venv and runs the main job
-#   make test   installs everything into .venv and runs the test suite
+#   make test   installs everything into .venv, lints (make lint) and runs the test suite
 # torch is pinned to the build this project is developed and measured with.
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +10,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kalman-clip demo
 
-test: $(STAMP)
+# ruff's settings are in pyproject.toml ([tool.ruff]); a finding fails the target.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)

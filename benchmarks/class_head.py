@@ -142,11 +142,13 @@ def status(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 variant, k, b, d = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-make = {"plain": lambda: class_head_step(k, b, d, False), "cosine": lambda: class_head_step(k, b, d, True),
+make = {"plain": lambda: class_head_step(k, b, d, False),
+        "cosine": lambda: class_head_step(k, b, d, True),
         "kron": lambda: kron_route_step(k, b, d),
         "categorical": lambda: categorical_head_step(k, b, d),
         "categorical_block": lambda: categorical_block_step(k, b, d)}[variant]
-small = {"plain": lambda: class_head_step(3, 2, 4, False), "cosine": lambda: class_head_step(3, 2, 4, True),
+small = {"plain": lambda: class_head_step(3, 2, 4, False),
+         "cosine": lambda: class_head_step(3, 2, 4, True),
          "kron": lambda: kron_route_step(3, 2, 4),
          "categorical": lambda: categorical_head_step(3, 2, 4),
          "categorical_block": lambda: categorical_block_step(3, 2, 4)}[variant]

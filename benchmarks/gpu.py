@@ -400,7 +400,7 @@ def bench(backends: Dict[str, object], sizes_n, sizes_m, reps: int, device) -> L
                                 0, 0, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             try:
                 opts, losses = [], []
-                for ps, st in zip(adam_params, sets):
+                for ps in adam_params:
                     opt = kk.KalmanNGD(ps, init_cov=1e-3, obs_noise=1.0, backend=name)
                     opts.append(opt)
                     losses.append(torch.tensor(0.5, device=device))
@@ -410,13 +410,16 @@ def bench(backends: Dict[str, object], sizes_n, sizes_m, reps: int, device) -> L
             except Exception as exc:
                 rows.append(Row(name, "KalmanNGD.step (loss mode)", "api", n, 1, float("nan"),
                                 (0, 0), 0, 0, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
-        del sets, adam_params, adams
+        # drop the references before the next size (not `del`: the timed closures above
+        # refer to these names)
+        sets = adam_params = adams = None
         torch.cuda.empty_cache()
         # ---- dense blocks
         for m in sizes_m:
             if m * n * 4 > JAC_LIMIT:
                 rows.append(Row("-", "dense", "raw", n, m, float("nan"), (0, 0), 0, 0,
-                                note=f"skipped: the float32 Jacobian needs {m * n * 4 / 1e9:.0f} GB"))
+                                note=f"skipped: the float32 Jacobian needs "
+                                     f"{m * n * 4 / 1e9:.0f} GB"))
                 continue
             sb, sf = model_dense_s(m, n)
             ub, uf = model_dense_update(m, n)
@@ -449,7 +452,7 @@ def bench(backends: Dict[str, object], sizes_n, sizes_m, reps: int, device) -> L
                     rows.append(Row(name, "ops.kalman_update_ (dense)", "api", n, m,
                                     float("nan"), (0, 0), 0, 0,
                                     note=f"failed: {type(exc).__name__}: {exc}"[:200]))
-            del jacs, params, covs
+            jacs = params = covs = None
             torch.cuda.empty_cache()
         # ---- Kronecker blocks (B = m samples, K = 1; weight (n / d_in, d_in))
         d_in = KRON_D_IN
@@ -488,7 +491,7 @@ def bench(backends: Dict[str, object], sizes_n, sizes_m, reps: int, device) -> L
                     rows.append(Row(name, "ops.kalman_update_ (kron)", "api", nk, b,
                                     float("nan"), (0, 0), 0, 0,
                                     note=f"failed: {type(exc).__name__}: {exc}"[:200]))
-            del weights, covs
+            weights = covs = None
             torch.cuda.empty_cache()
     return rows
 

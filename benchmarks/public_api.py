@@ -376,7 +376,8 @@ class TrackedCase:
         for b in obs.blocks:
             if isinstance(b, ops.KronBlock):
                 g = b.grouped_grad_outputs
-                blocks.append(ops.KronBlock(b.weight, b.cov, b.inputs.repeat_interleave(g.shape[1], 0),
+                blocks.append(ops.KronBlock(b.weight, b.cov,
+                                            b.inputs.repeat_interleave(g.shape[1], 0),
                                             g.reshape(-1, g.shape[-1])))
             else:
                 blocks.append(b)
@@ -461,5 +462,6 @@ def bench_tracked_mlp(table, threads: int, rounds: int, summary: Dict, widths=(2
                       f"{t.median / adam_t:.1f}x AdamW")
         entry["target_batch_step_ms_d1024"] = 300
         summary[f"tracked_mlp_d{d}_thr{threads}"] = entry
-        del case, m_adam, m_loss, m_kal
+        # drop the references (not `del`: the timed closures above refer to these names)
+        case = m_adam = m_loss = m_kal = None
         gc.collect()

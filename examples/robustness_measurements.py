@@ -67,7 +67,8 @@ def emulate_ranks(world: int, init_cov: float, rule: str, r: float = 0.05, batch
     covs = {id(p): torch.full_like(p, init_cov) for p in params}
     hp = StepHyper(1.0, 1.0, 0.0, floor, math.inf, rule == "information")
     kernels = resolve("reference", torch.device("cpu"))
-    captures = {layer: LinearCapture(layer, "never") for layer in model if isinstance(layer, nn.Linear)}
+    captures = {layer: LinearCapture(layer, "never") for layer in model
+                if isinstance(layer, nn.Linear)}
     n_total = sum(p.numel() for p in params)
     clamped = 0
     largest = 0.0
@@ -127,7 +128,8 @@ def cmd_clamps():
             _, _, acc_one, _, _ = emulate_ranks(1, init_cov, "kalman", r=r, batch=16 * world)
             assert frozen_i == 0.0
             print(f"| {init_cov:g} | {r:g} | {world} | {steps} | {largest:.2f} | {100 * frac:.2f}% "
-                  f"| {100 * frozen:.1f}% | {acc_k:.3f} | {acc_i:.3f} | {acc_lr:.3f} | {acc_one:.3f} "
+                  f"| {100 * frozen:.1f}% | {acc_k:.3f} | {acc_i:.3f} | {acc_lr:.3f} "
+                  f"| {acc_one:.3f} "
                   f"|  ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
@@ -137,7 +139,7 @@ def cmd_sub_batches():
     print("| --- | --- | --- | --- | --- |")
     for chunk in (256, 64, 16):
         diffs = []
-        for rep in range(5):
+        for _rep in range(5):
             n, m = 20, 512
             x = torch.tensor(rng.standard_normal((m, n)))
             w = torch.tensor(rng.standard_normal(n))
@@ -169,13 +171,15 @@ def cmd_sub_batches():
     def run(max_obs):
         w, b = w0.clone(), b0.clone()
         wc, bc = torch.full_like(w, 1e-2), torch.full_like(b, 1e-2)
-        ops.kalman_update_([ops.KronBlock(w, wc, x, dgrad), DenseBlock(b, bc, dgrad.reshape(320, 10))],
+        ops.kalman_update_([ops.KronBlock(w, wc, x, dgrad),
+                            DenseBlock(b, bc, dgrad.reshape(320, 10))],
                            e, 0.05, max_obs_per_update=max_obs)
         return w - w0, wc
 
     dw_a, wc_a = run(None)
     print(f"| digits linear head 64x10 + bias, class-logit observations: one batch vs the exact "
-          f"full-covariance step | 320 | - | {float((dw_a - exact).norm() / exact.norm()):.3g} | - |")
+          f"full-covariance step | 320 | - "
+          f"| {float((dw_a - exact).norm() / exact.norm()):.3g} | - |")
     for chunk in (160, 40, 10):
         dw_b, wc_b = run(chunk)
         print(f"| digits head, sub-batches vs one batch (vs the exact step) | 320 | {chunk} | "
@@ -204,7 +208,8 @@ def cmd_memory():
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(f"max_obs_per_update={chunk}: guard's estimate {est / 2 ** 30:.2f} GiB; "
               f"{opt.last_info.extras['sub_batches']} sub-batches, "
-              f"{wall:.1f} s, peak RSS {rss / 2 ** 20:.2f} GiB (grew {(rss - rss0) / 2 ** 20:.2f}), "
+              f"{wall:.1f} s, peak RSS {rss / 2 ** 20:.2f} GiB "
+              f"(grew {(rss - rss0) / 2 ** 20:.2f}), "
               f"skipped {opt.last_info.skipped}", flush=True)
 
 

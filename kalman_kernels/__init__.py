@@ -4,8 +4,8 @@ The parameters are a Gaussian N(mu, diag P); every minibatch is an observation a
 Kalman update is a Fisher-preconditioned step whose size comes from the filter.
 See README.md and DESIGN section 2 for the math.
 """
-from ._version import __version__
 from . import ops, reference
+from ._version import __version__
 from .backends import backend_errors, backends
 from .optimizer import KalmanNGD
 

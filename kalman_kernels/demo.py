@@ -58,7 +58,7 @@ def train(name, model, train_set, eval_set, steps, batch, lr, seed, log_every):
         xb, yb = x[idx], y[idx]
         if name == "kalman":
             target = F.one_hot(yb, 10).float()
-            opt.step(lambda: (model(xb).softmax(1), target))
+            opt.step(lambda: (model(xb).softmax(1), target))  # noqa: B023 - called in step()
         else:
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()

@@ -54,7 +54,8 @@ class LinearCapture:
             return f"called {len(self.calls)} times in one closure"
         a, out = self.calls[0]
         if a.dim() != 2:
-            return f"its input has shape {tuple(a.shape)} (a sequence per sample), not (batch, d_in)"
+            return (f"its input has shape {tuple(a.shape)} (a sequence per sample), "
+                    f"not (batch, d_in)")
         if not out.requires_grad:
             return "its output does not require grad"
         return None
@@ -117,7 +118,7 @@ def per_sample_output_grads(per_sample: torch.Tensor, outputs: List[torch.Tensor
         probes[k_cls + cls, :, cls] = u
     grads = batched_jacobian(per_sample, outputs, probes)
     result = []
-    for grad, out, layer, check in zip(grads, outputs, layers, verify):
+    for grad, _out, layer, check in zip(grads, outputs, layers, verify):
         if grad is None:
             raise ValueError(f"pred does not depend on the output of tracked layer {layer}")
         grad = grad.detach()

@@ -34,7 +34,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -42,8 +42,7 @@ from torch import nn
 from . import ops
 from ._deferred import PendingFlags, compiling, readable_now
 from .backends import resolve
-from .observations import LIKELIHOODS, LinearCapture, batch_observation, \
-    categorical_observation
+from .observations import LIKELIHOODS, LinearCapture, batch_observation, categorical_observation
 from .ops import KalmanInfo, StepHyper
 from .ops._common import CovValueCheck, check_workspace, numpy_view
 
@@ -218,7 +217,8 @@ class KalmanNGD(torch.optim.Optimizer):
                 raise TypeError(f"KalmanNGD optimises floating-point parameters, got {p.dtype}")
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
-            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+            raise ValueError(f"all parameters must be on one device, "
+                             f"got {sorted(map(str, devices))}")
 
     def _device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
@@ -435,9 +435,8 @@ class KalmanNGD(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for index, cov in saved_covs.items():
             p = index_to_param[index]
-            self.state[p]["cov"] = cov.detach().to(device=p.device,
-                                                   dtype=torch.promote_types(cov.dtype, _cov_dtype(p)),
-                                                   copy=True)
+            self.state[p]["cov"] = cov.detach().to(
+                device=p.device, dtype=torch.promote_types(cov.dtype, _cov_dtype(p)), copy=True)
         device = self._device()
         saved = dict(state_dict["state"].get(_FILTER, {}))
         filt = {}
@@ -473,7 +472,8 @@ class KalmanNGD(torch.optim.Optimizer):
         ours = {id(p) for g in self.param_groups for p in g["params"]}
         found = 0
         for layer in module.modules():
-            if isinstance(layer, nn.Linear) and id(layer.weight) in ours and layer not in self._captures:
+            if (isinstance(layer, nn.Linear) and id(layer.weight) in ours
+                    and layer not in self._captures):
                 self._captures[layer] = LinearCapture(layer, verify)
                 found += 1
         if found == 0 and not any(layer in self._captures for layer in module.modules()):

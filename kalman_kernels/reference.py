@@ -30,7 +30,7 @@ K = 1 (grad_outputs (B, d_out)) is the plain block of one observation per input 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -50,7 +50,8 @@ Scalar = Union[float, torch.Tensor]
 # --------------------------------------------------------------------------------------
 # Step 1: predict
 # --------------------------------------------------------------------------------------
-def predict_cov(cov: torch.Tensor, forgetting: float = 1.0, process_noise: float = 0.0) -> torch.Tensor:
+def predict_cov(cov: torch.Tensor, forgetting: float = 1.0,
+                process_noise: float = 0.0) -> torch.Tensor:
     """P- = P / lam + q (the mean is unchanged by the prediction)."""
     return cov / forgetting + process_noise
 
@@ -355,7 +356,8 @@ def fused_update_dense_(param: torch.Tensor, cov: torch.Tensor, jac: torch.Tenso
     """
     p_pred = predict_cov(cov.reshape(-1).to(F64), forgetting, process_noise)
     new_param = mean_step(param.reshape(-1), p_pred, dense_step_direction(jac, coef), 1.0)
-    new_cov = cov_update(p_pred, dense_diag_term(jac, whitening), cov_floor, cov_ceiling, information)
+    new_cov = cov_update(p_pred, dense_diag_term(jac, whitening), cov_floor, cov_ceiling,
+                         information)
     _write_(param, new_param, ok)
     _write_(cov, new_cov, ok)
 

@@ -15,7 +15,6 @@ The build (one host-compiler translation unit, about a minute) is cached in
 """
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Optional

@@ -25,7 +25,6 @@ from typing import Optional
 import pytest
 import torch
 
-import kalman_kernels as kk
 from kalman_kernels.backends import _load
 
 
@@ -98,7 +97,8 @@ class KernelBackend:
         return self.name != "triton"
 
     def __str__(self) -> str:
-        return self.name + (f"-{self.isa}" if self.isa else "") + ("-emulated" if self.emulated else "")
+        return (self.name + (f"-{self.isa}" if self.isa else "")
+                + ("-emulated" if self.emulated else ""))
 
 
 def _cpp_isas():

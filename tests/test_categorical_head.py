@@ -14,8 +14,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kalman_kernels as kk
-from kalman_kernels.ops.categorical_head import (CategoricalHeadInfo, categorical_head_update_,
-                                                 soft_target_tol)
+from kalman_kernels.ops.categorical_head import (
+    CategoricalHeadInfo,
+    categorical_head_update_,
+    soft_target_tol,
+)
 
 F64 = torch.float64
 

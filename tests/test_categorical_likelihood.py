@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kalman_kernels as kk
-from kalman_kernels import observations, ops
 from conftest import rel_err
+from kalman_kernels import observations, ops
 from op_checks import bits
 from step_backends import step_backends
 
@@ -648,8 +648,9 @@ def _dist_model(seed, k=3):
 
 
 def _dist_worker(rank, world, init_file, out_dir, seed):
-    import torch.distributed as dist
     import datetime
+
+    import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:

@@ -12,8 +12,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kalman_kernels as kk
-from kalman_kernels.ops.class_head import (ClassHeadInfo, class_head_predictive_variance,
-                                           class_head_update_)
+from kalman_kernels.ops.class_head import (
+    ClassHeadInfo,
+    class_head_predictive_variance,
+    class_head_update_,
+)
 
 F64 = torch.float64
 

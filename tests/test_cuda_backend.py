@@ -34,8 +34,16 @@ import torch
 import kalman_kernels as kk
 import kalman_kernels.reference as ref
 from kalman_kernels.backends import cuda_backend, resolve, schema
-from op_checks import (F64, assert_close_scaled, bits, filter_terms, kron_jacobian, rand_cov,
-                       randn, true_)
+from op_checks import (
+    F64,
+    assert_close_scaled,
+    bits,
+    filter_terms,
+    kron_jacobian,
+    rand_cov,
+    randn,
+    true_,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_CUDA_BUILD = os.environ.get("KALMAN_KERNELS_REQUIRE_CUDA_BUILD", "").strip().lower() in (
@@ -168,7 +176,8 @@ def _op_cases():
                            rand_cov(n, torch.float32), ok, *hyper)
 
 
-@pytest.mark.parametrize("name,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,args", list(_op_cases()),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_fakes_agree_with_the_kernels_opcheck(emulated, name, args):
     """torch.library.opcheck on the emulated CUDA kernels: the schema's mutation annotations,
     the fake implementations' shapes / dtypes / strides and the AOT-dispatch path all agree

@@ -352,7 +352,8 @@ def test_ranks_identical_and_equal_to_block_diagonal_emulation(request, ranks, m
     world, seed, results = request.getfixturevalue(ranks)
     first = results[0][mode]
     for other in results[1:]:
-        for a, b in zip(first["params"] + first["covs"], other[mode]["params"] + other[mode]["covs"]):
+        for a, b in zip(first["params"] + first["covs"],
+                        other[mode]["params"] + other[mode]["covs"]):
             assert torch.equal(a, b)                       # bit for bit across ranks
     mu_exp, cov_exp = _emulate(seed, world, mode, STEPS, _rule(world))
     assert rel_err(_flat(first["params"]), mu_exp) <= 1e-9

@@ -293,7 +293,8 @@ def test_kron_grouped_update_matches_float64_reference(backend, rule):
                                    ops.DenseBlock(want[2], want[3], jac)], res, 0.5,
                                   backend="reference", **hyper)
     got = [t.float().to(DEVICE) for t in (w, wc, bias, bc)]
-    info = ops.kalman_update_([ops.KronBlock(got[0], got[1], a.float().to(DEVICE), d.float().to(DEVICE)),
+    info = ops.kalman_update_([ops.KronBlock(got[0], got[1], a.float().to(DEVICE),
+                                             d.float().to(DEVICE)),
                                ops.DenseBlock(got[2], got[3], jac.float().to(DEVICE))],
                               res.float().to(DEVICE), 0.5, backend=backend, **hyper)
     torch.cuda.synchronize()

@@ -1,14 +1,13 @@
 """kalman_update_ (batch observations) against the independent NumPy oracle."""
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import kalman_kernels as kk
-from kalman_kernels import ops
 from conftest import rel_err
+from kalman_kernels import ops
 from oracle_numpy import kalman_step, kron_rows
 
 CPU_BACKENDS = [name for name, ok in kk.backends().items() if ok and name in ("reference", "cpp")]
@@ -299,7 +298,7 @@ def test_effective_step_size_decays_like_one_over_t_unless_forgetting_or_noise(f
     param = torch.zeros(1, dtype=torch.float64)
     cov = torch.full((1,), 100.0, dtype=torch.float64)
     p_inv = 1 / 100.0
-    for t in range(1, 401):
+    for _ in range(400):
         ops.kalman_update_([ops.DenseBlock(param, cov, torch.ones(1, 1, dtype=torch.float64))],
                            torch.ones(1, dtype=torch.float64) - param, 1.0,
                            forgetting=forgetting, process_noise=process_noise)

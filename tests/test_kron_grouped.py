@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import kalman_kernels as kk
-from kalman_kernels import ops
 from conftest import rel_err
+from kalman_kernels import ops
 from op_checks import F64, kron_jacobian
 from oracle_numpy import kalman_step
 
@@ -154,7 +154,8 @@ def test_grouped_float32_within_tolerance(kb, shape):
 class _Net(nn.Module):
     def __init__(self, d_in=7, hidden=9, k=5):
         super().__init__()
-        self.l1, self.l2, self.l3 = nn.Linear(d_in, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, k)
+        self.l1, self.l2 = nn.Linear(d_in, hidden), nn.Linear(hidden, hidden)
+        self.l3 = nn.Linear(hidden, k)
 
     def forward(self, x):
         return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))

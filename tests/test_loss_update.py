@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kalman_kernels as kk
-from kalman_kernels import ops
 from conftest import rel_err
+from kalman_kernels import ops
 from oracle_numpy import loss_step
 
 CPU_BACKENDS = [name for name, ok in kk.backends().items() if ok and name in ("reference", "cpp")]
@@ -95,7 +95,8 @@ def test_host_scalar_path_equals_device_path_bit_for_bit(monkeypatch, gate, adap
             x, y = getattr(i_h, field), getattr(i_d, field)
             assert (math.isnan(x) and math.isnan(y)) or x == y, field
         assert torch.equal(i_h.innovation_cov, i_d.innovation_cov) or (
-            bool(torch.isnan(i_h.innovation_cov).all()) and bool(torch.isnan(i_d.innovation_cov).all()))
+            bool(torch.isnan(i_h.innovation_cov).all())
+            and bool(torch.isnan(i_d.innovation_cov).all()))
         # the host path's report makes its tensors when read: same dtypes, shapes, values
         for field in ("mahalanobis_tensor", "gate_scale_tensor", "skipped_tensor",
                       "jitter_tensor", "obs_noise_tensor", "nonfinite_tensor",

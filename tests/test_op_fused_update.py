@@ -9,9 +9,22 @@ import pytest
 import torch
 
 import kalman_kernels.reference as ref
-from op_checks import (F64, PARAM_DTYPES, assert_close_scaled, bits, cov_dtype_for, embedded,
-                       false_, filter_terms, hyper, kron_jacobian, rand_cov, randn, tol_for,
-                       true_)
+from op_checks import (
+    F64,
+    PARAM_DTYPES,
+    assert_close_scaled,
+    bits,
+    cov_dtype_for,
+    embedded,
+    false_,
+    filter_terms,
+    hyper,
+    kron_jacobian,
+    rand_cov,
+    randn,
+    tol_for,
+    true_,
+)
 
 KRON_SHAPES = [(1, 1, 1, 1), (3, 1, 5, 7), (1, 10, 9, 4), (3, 2, 33, 17), (5, 7, 6, 11),
                (32, 10, 3, 5), (4, 3, 64, 129)]
@@ -148,8 +161,9 @@ def test_dense_strided_read_only_inputs(kb):
     exp = _expected(param0, cov0, jac, coef, whitening, 1.0, 0.0, 0.0, float("inf"), True)
     param, cov = kb.to(param0.clone()), kb.to(cov0.clone())
     with kb.active() as be:
-        be.fused_update_dense_(param, cov, kb.to(jac), kb.to(coef_strided), kb.to(whitening.T.contiguous().T),
-                               true_(kb.device), 1.0, 0.0, 0.0, float("inf"), True)
+        be.fused_update_dense_(param, cov, kb.to(jac), kb.to(coef_strided),
+                               kb.to(whitening.T.contiguous().T), true_(kb.device), 1.0, 0.0, 0.0,
+                               float("inf"), True)
     _check(kb, param, cov, *exp, torch.float32, torch.float32, 0.0, float("inf"),
            f"dense {kb} strided inputs")
 

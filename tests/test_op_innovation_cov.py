@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from op_checks import (F64, PARAM_DTYPES, assert_sym_close, cov_dtype_for, hyper,
-                       kron_jacobian, poison_allocator, rand_cov, randn, tol_for)
+from op_checks import (
+    F64,
+    PARAM_DTYPES,
+    assert_sym_close,
+    cov_dtype_for,
+    hyper,
+    kron_jacobian,
+    poison_allocator,
+    rand_cov,
+    randn,
+    tol_for,
+)
 
 SIZES_N = [1, 7, 1023, 4099]
 SIZES_M = [1, 3, 6, 8, 32, 40]

@@ -4,8 +4,17 @@ import pytest
 import torch
 
 import kalman_kernels.reference as ref
-from op_checks import (F64, assert_close_scaled, bits, embedded, false_, rand_cov, randn,
-                       tol_for, true_)
+from op_checks import (
+    F64,
+    assert_close_scaled,
+    bits,
+    embedded,
+    false_,
+    rand_cov,
+    randn,
+    tol_for,
+    true_,
+)
 
 # (param dtype, cov dtype) pairs the optimizer produces
 DTYPE_PAIRS = [(torch.float32, torch.float32), (F64, F64), (torch.bfloat16, torch.float32),

@@ -4,8 +4,20 @@ import pytest
 import torch
 
 import kalman_kernels.reference as ref
-from op_checks import (F64, assert_close_scaled, bits, embedded, false_, filter_terms, hyper,
-                       kron_jacobian, rand_cov, randn, tol_for, true_)
+from op_checks import (
+    F64,
+    assert_close_scaled,
+    bits,
+    embedded,
+    false_,
+    filter_terms,
+    hyper,
+    kron_jacobian,
+    rand_cov,
+    randn,
+    tol_for,
+    true_,
+)
 
 
 def _expected_terms(jac, coef, whitening):

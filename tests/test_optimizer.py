@@ -1,7 +1,6 @@
 """KalmanNGD: modes, tracking, param groups, schedulers, state_dict, sampling, bad input."""
 import copy
 import io
-import math
 import warnings
 
 import numpy as np
@@ -59,8 +58,8 @@ def test_loss_mode_equals_oracle(rng):
     loss = ((model(x) - y) ** 2).mean()
     g = _flat(torch.autograd.grad(loss, params))
     mu0 = _flat(params)
-    mu_exp, p_exp, _, _ = loss_step(mu0, np.full(mu0.size, 0.1), g, float(loss.detach()), 0.05, lr=0.5,
-                                    p_min=1e-12)
+    mu_exp, p_exp, _, _ = loss_step(mu0, np.full(mu0.size, 0.1), g, float(loss.detach()), 0.05,
+                                    lr=0.5, p_min=1e-12)
     opt = kk.KalmanNGD(model.parameters(), lr=0.5, init_cov=0.1, obs_noise=0.05)
     returned = opt.step(lambda: ((model(x) - y) ** 2).mean())
     assert float(returned) == pytest.approx(float(loss.detach()))
@@ -73,9 +72,10 @@ def test_drives_least_squares_to_solution_and_covariance_shrinks(rng):
     x, y, w = _regression(rng)
     model = nn.Linear(5, 1).double()
     opt = kk.KalmanNGD(model.parameters(), init_cov=1.0, obs_noise=0.05 ** 2)
-    sol = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y[:, None]).solution
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    sol = torch.linalg.lstsq(design, y[:, None]).solution
     cov_max = [float(opt.covariance(model.weight).max())]
-    for epoch in range(3):
+    for _epoch in range(3):
         for i in range(0, 256, 32):
             opt.step(lambda: (model(x[i:i + 32]).squeeze(-1), y[i:i + 32]))
             cov_max.append(float(opt.covariance(model.weight).max()))
@@ -406,7 +406,8 @@ def test_the_three_loss_closures_give_the_same_step(rng, reduce_in_backward):
             for _ in range(3):
                 opt.step(closure)
         hooked_ok = not any("reduce_in_backward" in str(w.message) for w in caught)
-        assert hooked_ok or (reduce_in_backward and form == "graph"), [str(w.message) for w in caught]
+        assert hooked_ok or (reduce_in_backward and form == "graph"), \
+            [str(w.message) for w in caught]
         results.append([t.detach().clone() for t in model.parameters()] +
                        [opt.covariance(p).clone() for p in model.parameters()])
     for other in results[1:]:
@@ -424,7 +425,8 @@ def test_the_three_loss_closures_give_the_same_step(rng, reduce_in_backward):
 
     loss = (base(x) - y).pow(2).mean()
     g = torch.autograd.grad(loss, list(base.parameters()))
-    mu_new, p_new, _, _ = loss_step(_flat(base.parameters()), np.full(sum(p.numel() for p in base.parameters()), 0.05),
+    n_params = sum(p.numel() for p in base.parameters())
+    mu_new, p_new, _, _ = loss_step(_flat(base.parameters()), np.full(n_params, 0.05),
                                     _flat(g), float(loss.detach()), 0.3)
     opt.step(standard)
     assert rel_err(_flat(model.parameters()), mu_new) <= 1e-12

@@ -33,7 +33,6 @@ import torch
 from hypothesis import event, given, note
 from hypothesis import strategies as st
 
-import kalman_kernels as kk
 from kalman_kernels import ops
 from kalman_kernels.ops import DenseBlock, KronBlock, StepHyper
 from op_checks import bits
@@ -82,7 +81,8 @@ def problems(draw):
             shapes.append(("dense", (numel,) if draw(st.booleans()) else (1, numel)))
         else:
             cap = max(1, min(remaining, 60_000))
-            d_out = max(1, min(cap, 300, int(round(_log_uniform(draw, 0, math.log10(min(cap, 300)))))))
+            d_out = max(1, min(cap, 300,
+                               int(round(_log_uniform(draw, 0, math.log10(min(cap, 300)))))))
             d_in = max(1, min(cap // d_out, int(round(_log_uniform(draw, 0, 3)))))
             shapes.append(("kron", (d_out, d_in)))
         remaining = max(1, remaining - int(np.prod(shapes[-1][1])))
@@ -204,7 +204,7 @@ def test_kalman_step_finite_bounded_and_matches_reference_or_skips_unchanged(p):
     rng = np.random.default_rng(p["seed"])
     dtype, hp, sc = p["dtype"], p["hyper"], p["scales"]
     state = []
-    for kind, shape in p["shapes"]:
+    for _kind, shape in p["shapes"]:
         param = torch.tensor(rng.standard_normal(shape)).to(dtype)
         cov = torch.tensor(sc["P"] * rng.uniform(0.5, 2.0, shape)).to(_cov_dtype(dtype))
         state.append((param, cov))
@@ -269,8 +269,10 @@ def loss_problems(draw):
     scales = {k: _log_uniform(draw, -8, 8) for k in ("g", "loss", "P", "R")}
     rule = draw(st.sampled_from(["kalman", "information"]))
     return dict(backend=backend, dtype=dtype, sizes=sizes, scales=scales, rule=rule,
-                adaptive=draw(st.sampled_from([0.0, 0.3])), gate=draw(st.sampled_from([None, 0.99])),
-                hyper=StepHyper(draw(st.sampled_from([1.0, 0.5])), draw(st.sampled_from([1.0, 0.9])),
+                adaptive=draw(st.sampled_from([0.0, 0.3])),
+                gate=draw(st.sampled_from([None, 0.99])),
+                hyper=StepHyper(draw(st.sampled_from([1.0, 0.5])),
+                                draw(st.sampled_from([1.0, 0.9])),
                                 0.0, draw(st.sampled_from([0.0, 1e-6])) * scales["P"], math.inf,
                                 rule == "information"),
                 inject=draw(st.sampled_from([None, None, None, "nan", "inf"])),

@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from kalman_kernels import reference as ref
 from conftest import rel_err
+from kalman_kernels import reference as ref
 from oracle_numpy import blr_posterior, kron_rows
 
 
@@ -48,7 +48,8 @@ def test_kron_innovation_and_terms_equal_dense_rows(rng):
                    ref.innovation_cov_dense(h, p, 0.9, 0.01)) <= 1e-12
     c = torch.tensor(rng.standard_normal(m))
     f = torch.tensor(np.tril(rng.standard_normal((m, m))))
-    assert rel_err(ref.kron_step_direction(a, d, c).reshape(-1), ref.dense_step_direction(h, c)) <= 1e-12
+    assert rel_err(ref.kron_step_direction(a, d, c).reshape(-1),
+                   ref.dense_step_direction(h, c)) <= 1e-12
     assert rel_err(ref.kron_diag_term(a, d, f).reshape(-1), ref.dense_diag_term(h, f)) <= 1e-12
 
 
@@ -66,8 +67,8 @@ def test_cholesky_ladder_reports_failure_and_success(batched):
     assert bool(ok) and float(jitter) in ref.JITTER_LADDER
     scale = 1.0   # trace(S) / m
     rebuilt = factor @ factor.T
-    assert torch.allclose(rebuilt, singular + float(jitter) * scale * torch.eye(3, dtype=torch.float64),
-                          rtol=1e-12, atol=1e-12)
+    expected = singular + float(jitter) * scale * torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(rebuilt, expected, rtol=1e-12, atol=1e-12)
     good = torch.eye(3, dtype=torch.float64) * 2
     factor, jitter, ok = ref.cholesky_with_jitter(good, batched=batched)
     assert bool(ok) and float(jitter) == 0.0
@@ -82,7 +83,8 @@ def test_whitening_gives_mahalanobis_and_solve(rng):
     factor, _, _ = ref.cholesky_with_jitter(s)
     z = ref.whiten(factor, e)
     s_inv = np.linalg.inv(s.numpy())
-    assert float(ref.mahalanobis(z)) == pytest.approx(float(e.numpy() @ s_inv @ e.numpy()), rel=1e-12)
+    assert float(ref.mahalanobis(z)) == pytest.approx(float(e.numpy() @ s_inv @ e.numpy()),
+                                                      rel=1e-12)
     assert rel_err(ref.solve_from_whitened(factor, z), s_inv @ e.numpy()) <= 1e-12
     w = ref.whitening_matrix(factor)
     assert rel_err(w.T @ w, s_inv) <= 1e-10

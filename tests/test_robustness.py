@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import kalman_kernels as kk
+from conftest import rel_err
 from kalman_kernels import ops
 from kalman_kernels.ops import _common
-from conftest import rel_err
 from op_checks import bits
 from step_backends import step_backends
 
@@ -54,8 +54,8 @@ def test_residual_1e37_and_loss_1e38_skip_and_keep_float32_state(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overflow_guard_follows_the_parameter_dtype(backend):
-    """h = 0.5, P = 1, r = 1e-3, e = 6e4: the exact step is h e / (h^2 + r) = 1.2e5, beyond float16's
-    65504 (the reference would write Inf) but fine for float32: skipped for the float16
+    """h = 0.5, P = 1, r = 1e-3, e = 6e4: the exact step is h e / (h^2 + r) = 1.2e5, beyond
+    float16's 65504 (the reference would write Inf) but fine for float32: skipped for the float16
     parameter, applied (and finite) for the float32 one."""
     for dtype in (torch.float16, torch.float32):
         p = torch.zeros(3, dtype=dtype)
@@ -280,9 +280,9 @@ def test_meta_model_runs_and_reading_values_says_why():
     opt.step(lambda: (model(x), torch.zeros(4, 2, device="meta")))
     opt.step(lambda: model(x).sum())
     with pytest.raises(RuntimeError, match="meta tensors, which hold no values"):
-        opt.last_info.mahalanobis
+        _ = opt.last_info.mahalanobis       # reading the property is what raises
     with pytest.raises(RuntimeError, match="meta device, which holds no values"):
-        opt.skipped_steps
+        _ = opt.skipped_steps
     with pytest.raises(RuntimeError, match="meta device"):
         opt.diagnostics()
     assert "meta" in repr(opt.last_info)

@@ -8,7 +8,6 @@
 * The same steps, and ``KalmanNGD`` in both modes, run on ``meta`` tensors, where any host
   read of a tensor value raises.
 """
-import copy
 
 import pytest
 import torch
@@ -44,8 +43,8 @@ def _kalman_fn(backend, adaptive):
         blocks = [ops.KronBlock(w, wc, a, d), ops.DenseBlock(b, bc, jac)]
         if adaptive:
             info = ops.kalman_step_(blocks, [ops.StepHyper(0.8, 0.95, 1e-3, 1e-6, 10.0)] * 2,
-                                    res, torch.tensor(0.2, dtype=torch.float64, device=w.device), gate=0.95,
-                                    backend=backend, adaptive_rate=0.3)
+                                    res, torch.tensor(0.2, dtype=torch.float64, device=w.device),
+                                    gate=0.95, backend=backend, adaptive_rate=0.3)
         else:
             info = ops.kalman_update_(blocks, res, 0.2, lr=0.8, forgetting=0.95,
                                       process_noise=1e-3, cov_floor=1e-6, cov_ceiling=10.0,
@@ -85,7 +84,8 @@ def _compare(fn, state, compiler="aot_eager"):
 def test_fullgraph_compile_matches_eager(backend, kind):
     _need(backend)
     torch._dynamo.reset()
-    fn = _loss_fn(backend) if kind == "loss_update_" else _kalman_fn(backend, kind != "kalman_update_")
+    fn = (_loss_fn(backend) if kind == "loss_update_"
+          else _kalman_fn(backend, kind != "kalman_update_"))
     state = _state()
     before = {k: v.clone() for k, v in state.items()}
     eager, _ = _compare(fn, state)

@@ -26,8 +26,18 @@ import torch
 import kalman_kernels as kk
 import kalman_kernels.reference as ref
 from kalman_kernels.backends import _load, auto_order, resolve
-from op_checks import (F64, assert_close_scaled, assert_sym_close, bits, false_, filter_terms,
-                       kron_jacobian, rand_cov, randn, true_)
+from op_checks import (
+    F64,
+    assert_close_scaled,
+    assert_sym_close,
+    bits,
+    false_,
+    filter_terms,
+    kron_jacobian,
+    rand_cov,
+    randn,
+    true_,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = torch.cuda.is_available()
@@ -423,7 +433,8 @@ def test_every_kernel_compiles_for_hopper():
             "_kron_terms_kernel", "_quad_form_kernel", "_loss_step_kernel",
             "_apply_terms_kernel"} <= kernels
     for r in results:
-        if r["kernel"] in ("_loss_step_kernel", "_quad_form_kernel") and "aligned=True" in r["variant"]:
+        if (r["kernel"] in ("_loss_step_kernel", "_quad_form_kernel")
+                and "aligned=True" in r["variant"]):
             assert r["vector_loads"], r
 
 

@@ -69,7 +69,8 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
 # Shape checks (shared by the fakes; compiled kernels repeat them with their own messages)
 # --------------------------------------------------------------------------------------
 def _check_ok(ok: torch.Tensor) -> None:
-    torch._check(ok.dim() == 0, lambda: f"ok must be a 0-d bool tensor, got shape {tuple(ok.shape)}")
+    torch._check(ok.dim() == 0,
+                 lambda: f"ok must be a 0-d bool tensor, got shape {tuple(ok.shape)}")
 
 
 def _check_coef(coef: torch.Tensor, whitening: torch.Tensor, m) -> None:

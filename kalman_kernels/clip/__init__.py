@@ -4,15 +4,29 @@
 
 See docs/clip.md. The command-line tool is ``kalman-clip`` (``kalman_kernels.clip.cli``).
 """
-from .models import (ClipBundle, ModelLoadError, TINY_CONFIGS, load_clip, register_tiny_configs,
-                     save_clip, text_features)
-from .data import DatasetError, get_dataset, few_shot_indices
+from .adapters import (
+    ClipAdapter,
+    LinearHead,
+    ProjAdapter,
+    kron_factors,
+    make_adapter,
+    observation,
+    predictive_variance,
+)
 from .cache import FeatureCache, FeatureSet, extract_features
-from .adapters import (ClipAdapter, LinearHead, ProjAdapter, kron_factors, make_adapter,
-                       observation, predictive_variance)
+from .data import DatasetError, few_shot_indices, get_dataset
 from .metrics import accuracy, auroc, brier, ece, nll, reliability
+from .models import (
+    TINY_CONFIGS,
+    ClipBundle,
+    ModelLoadError,
+    load_clip,
+    register_tiny_configs,
+    save_clip,
+    text_features,
+)
+from .run import make_task, prepare, run_methods
 from .train import Task, TrainConfig, finetune, run_gda, run_zero_shot
-from .run import prepare, make_task, run_methods
 
 __all__ = ["ClipBundle", "ModelLoadError", "TINY_CONFIGS", "load_clip", "register_tiny_configs",
            "save_clip", "text_features", "DatasetError", "get_dataset", "few_shot_indices",

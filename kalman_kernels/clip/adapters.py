@@ -186,7 +186,8 @@ def kron_factors(adapter: Adapter, x: torch.Tensor, y: Optional[torch.Tensor] = 
 
 
 @torch.no_grad()
-def predictive_variance(adapter: Adapter, x: torch.Tensor, cov_of: Callable[[torch.Tensor], torch.Tensor],
+def predictive_variance(adapter: Adapter, x: torch.Tensor,
+                        cov_of: Callable[[torch.Tensor], torch.Tensor],
                         obs_noise: float, batch_size: int = 512) -> torch.Tensor:
     """Linearised predictive variance of the ``logits`` observations (DESIGN 2.4), (m, K):
     var_jk = H_jk diag(P) H_jk^T + r. For the head (plain or cosine) it is the

@@ -4,8 +4,9 @@ One file per (model weights, dataset content, split, transform, feature kind): t
 SHA-256 of a JSON key built from those, and the file stores the key again plus a checksum of its
 tensors. Writes are atomic (temp file in the same folder + ``os.replace``), so a crash never
 leaves a half-written entry under the final name. On load the stored key and checksum are
-verified: a corrupted file (unreadable, truncated, file or tensor checksum mismatch) or a stale one (stored key
-differs, e.g. written by another version) is reported, deleted and rebuilt, never used.
+verified: a corrupted file (unreadable, truncated, file or tensor checksum mismatch) or a stale
+one (stored key differs, e.g. written by another version) is reported, deleted and rebuilt,
+never used.
 """
 from __future__ import annotations
 
@@ -76,14 +77,15 @@ class FeatureCache:
         except Exception:
             blob, ok_type = None, False
         if not ok_type or _tensor_digest(blob["tensors"]) != blob["digest"]:
-            warnings.warn(f"feature cache entry {path} is corrupted; rebuilding it", RuntimeWarning)
+            warnings.warn(f"feature cache entry {path} is corrupted; rebuilding it", RuntimeWarning,
+                          stacklevel=1)  # the file is at fault, not the caller
             self.events.append("corrupt")
             path.unlink(missing_ok=True)
             return None
         if blob.get("key") != self.key_hash(key) or blob.get("key_json") != json.dumps(
                 dict(key, cache_version=CACHE_VERSION), sort_keys=True, default=str):
             warnings.warn(f"feature cache entry {path} is stale (its key does not match); "
-                          f"rebuilding it", RuntimeWarning)
+                          f"rebuilding it", RuntimeWarning, stacklevel=1)
             self.events.append("stale")
             path.unlink(missing_ok=True)
             return None
@@ -229,7 +231,7 @@ def extract_features(bundle, imageset, cache: Optional[FeatureCache] = None, bat
     n_skipped = len(imageset) - kept.numel()
     if n_skipped:
         warnings.warn(f"{imageset.name}: skipped {n_skipped} unreadable image(s) of "
-                      f"{len(imageset)}", UserWarning)
+                      f"{len(imageset)}", UserWarning, stacklevel=1)
     labels = torch.as_tensor(np.asarray(imageset.labels)[kept.numpy()], dtype=torch.long)
     return FeatureSet(imageset.name, t["embed"], t["pre"], labels, n_skipped,
                       list(imageset.classnames))

@@ -32,14 +32,16 @@ def _ints(s: str) -> List[int]:
     try:
         return [int(x) for x in _csv(s)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {s!r}") from None
 
 
 def _floats(s: str) -> List[float]:
     try:
         return [float(x) for x in _csv(s)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {s!r}") from None
 
 
 def _gate(s: str) -> float:
@@ -48,7 +50,8 @@ def _gate(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability such as 0.999 or 'off', got {s!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a probability such as 0.999 or 'off', got {s!r}") from None
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"the gate is a chi-square probability in (0, 1), got {v}")
     return v
@@ -114,7 +117,8 @@ def _train_args(p: argparse.ArgumentParser, multi: bool):
                             f"(default: {','.join(DEMO_METHODS)})")
         g.add_argument("--shots", type=_ints, default=[1, 4, 16],
                        help="comma-separated shot counts (default: 1,4,16)")
-        g.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
+        g.add_argument("--seeds", type=_ints, default=[0],
+                       help="comma-separated seeds (default: 0)")
         g.add_argument("--adamw-lrs", type=_floats, default=None,
                        help="AdamW learning-rate grid, selected on the validation split "
                             "(default: the single --lr or 1e-3)")
@@ -347,7 +351,8 @@ def _describe_prepared(prep, R) -> None:
         if not prep.bundle.standin:
             print("note:", note)
     if prep.skipped:
-        print("skipped unreadable images: " + ", ".join(f"{k}: {v}" for k, v in prep.skipped.items()))
+        print("skipped unreadable images: "
+              + ", ".join(f"{k}: {v}" for k, v in prep.skipped.items()))
     print(f"dataset {prep.ds.name}: {len(prep.ds.classnames)} classes, pool {len(prep.pool)}, "
           f"test {len(prep.test)}, OOD splits {len(prep.ood)}"
           + (f" ({', '.join(prep.ood)})" if prep.ood else ""))
@@ -509,7 +514,7 @@ def _validate(args) -> None:
         flag = "--seeds" if hasattr(args, "seeds") else "--seed"
         _check(bool(seeds) and all(0 <= v < 2 ** 32 for v in seeds), flag, seeds,
                "seeds are integers in [0, 2**32), e.g. 0,1,2")
-    for name, flag, low, strict in (("steps", "--steps", 1, False),
+    for name, flag, low, _strict in (("steps", "--steps", 1, False),
                                     ("batch_size", "--batch-size", 1, False),
                                     ("eval_every", "--eval-every", 1, False),
                                     ("mc_samples", "--mc-samples", 0, False)):
@@ -579,6 +584,7 @@ def _validate(args) -> None:
 
 def _run(args) -> int:
     import torch
+
     from . import run as R
 
     _validate(args)

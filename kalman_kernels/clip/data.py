@@ -90,7 +90,8 @@ class DatasetSplits:
     ood: Dict[str, ImageSet]
     classnames: List[str]
     templates: List[str]
-    ood_severity: Dict[str, Tuple[str, float]] = field(default_factory=dict)  # split -> (kind, level)
+    # split -> (kind, level)
+    ood_severity: Dict[str, Tuple[str, float]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     # shift kind -> what its OOD splits are made of (the built-in tasks' test images carry
     # the domain's noise, and each shift composes with it in its own order)
@@ -237,7 +238,8 @@ def _digits_set(idx, noise: float, name: str, shift: Optional[Tuple[str, float]]
                     list(DIGIT_TEMPLATES), fp, {"noise": noise, "shift": shift})
 
 
-def digits_dataset(noise: float = 0.0, shifts: Optional[Dict[str, List[float]]] = None) -> DatasetSplits:
+def digits_dataset(noise: float = 0.0,
+                   shifts: Optional[Dict[str, List[float]]] = None) -> DatasetSplits:
     """Digits as a downstream task; ``noise`` > 0 makes the noisy-digits domain.
     OOD splits apply each shift at each severity to the test images."""
     idx = digits_split_indices()
@@ -357,8 +359,9 @@ def _shapes_set(split: str, name: str, shift: Optional[Tuple[str, float]] = None
         if shift is not None:
             a = apply_shift(a, shift[0], shift[1], _rng_for(0, "shape-shift", name, i))
         srcs.append(a.astype(np.float32))
-    fp = hashlib.sha1(f"shapes:v{SHAPES_VERSION}:{TASK_NOISE}:{name}:{split}:{shift}:{len(x)}".encode()
-                      ).hexdigest()
+    fp = hashlib.sha1(
+        f"shapes:v{SHAPES_VERSION}:{TASK_NOISE}:{name}:{split}:{shift}:{len(x)}".encode()
+    ).hexdigest()
     return ImageSet(name, srcs, y.copy(), list(SHAPE_CLASSES), list(SHAPE_TEMPLATES), fp,
                     {"shift": shift})
 
@@ -389,7 +392,8 @@ def shapes_dataset(shifts: Optional[Dict[str, List[float]]] = None) -> DatasetSp
 # folders
 # ----------------------------------------------------------------------------------------
 def _list_images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _file_fingerprint(paths: Sequence[Path], extra: str = "") -> str:
@@ -425,7 +429,8 @@ def image_folder(path, templates: Sequence[str] = (DEFAULT_TEMPLATE,), name: Opt
         raise DatasetError(f"{root} has no class sub-folders: an image-folder dataset needs "
                            f"one folder per class (PATH/cat/*.jpg, PATH/dog/*.jpg, ...)")
     folder_names = [d.name for d in subdirs]
-    names = list(classnames) if classnames is not None else [n.replace("_", " ") for n in folder_names]
+    names = (list(classnames) if classnames is not None
+             else [n.replace("_", " ") for n in folder_names])
     srcs, labels, files_all = [], [], []
     for d in subdirs:
         files = _list_images(d)
@@ -454,7 +459,8 @@ def _stratified_split(labels: np.ndarray, test_frac: float, seed: int = 0):
     return np.sort(np.asarray(tr, dtype=np.int64)), np.sort(np.asarray(te, dtype=np.int64))
 
 
-def _shifted_file_sets(base: ImageSet, shifts: Dict[str, List[float]], tag: str, max_images: int = 300):
+def _shifted_file_sets(base: ImageSet, shifts: Dict[str, List[float]], tag: str,
+                       max_images: int = 300):
     """OOD splits for folder datasets: shifts applied to (up to max_images) test images."""
     ood, sev = {}, {}
     idx = np.arange(len(base))
@@ -539,8 +545,8 @@ def textiles_dataset(test_frac: float = 0.4, shifts=None) -> DatasetSplits:
     tr, te = _stratified_split(labels, test_frac)
     pool, test = full.subset(tr, "textiles/pool"), full.subset(te, "textiles/test")
     ood, sev = _shifted_file_sets(test, shifts if shifts is not None else SHIFTS_LARGE, "textiles")
-    return DatasetSplits("textiles", pool, test, ood, list(TEXTILE_CLASSES), [DEFAULT_TEMPLATE], sev,
-                         shift_notes=_file_shift_notes(sev))
+    return DatasetSplits("textiles", pool, test, ood, list(TEXTILE_CLASSES), [DEFAULT_TEMPLATE],
+                         sev, shift_notes=_file_shift_notes(sev))
 
 
 def imagefolder_dataset(path, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
@@ -554,7 +560,8 @@ def imagefolder_dataset(path, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
         pool = image_folder(root / "train", templates, name=f"{root.name}/pool")
-        test = image_folder(test_dir, templates, name=f"{root.name}/test", classnames=pool.classnames)
+        test = image_folder(test_dir, templates, name=f"{root.name}/test",
+                            classnames=pool.classnames)
     else:
         full = image_folder(root, templates, name=root.name)
         tr, te = _stratified_split(full.labels, test_frac)
@@ -579,7 +586,8 @@ def _file_shift_notes(sev) -> Dict[str, str]:
 
 
 def get_dataset(spec: str, *, templates: Optional[Sequence[str]] = None,
-                ood_paths: Sequence[str] = (), generated_shifts: Optional[bool] = None) -> DatasetSplits:
+                ood_paths: Sequence[str] = (),
+                generated_shifts: Optional[bool] = None) -> DatasetSplits:
     """``digits``, ``digits-noisy`` (sigma DEFAULT_DIGITS_NOISE) or ``digits-noisy:SIGMA``,
     ``shapes``, ``textiles``, ``imagefolder:PATH``."""
     spec = spec.strip()
@@ -609,7 +617,8 @@ def get_dataset(spec: str, *, templates: Optional[Sequence[str]] = None,
     if generated_shifts is False:
         ds.ood, ds.ood_severity = {}, {}
     for nm, p in extra_ood.items():
-        ds.ood[nm] = image_folder(p, ds.templates, name=nm, classnames=ds.classnames, allow_flat=True)
+        ds.ood[nm] = image_folder(p, ds.templates, name=nm, classnames=ds.classnames,
+                                  allow_flat=True)
     return ds
 
 

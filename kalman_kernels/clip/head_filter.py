@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kalman_kernels.ops.class_head import (ClassHeadInfo, class_head_predictive_variance,
-                                           class_head_update_)
+from kalman_kernels.ops.class_head import (
+    ClassHeadInfo,
+    class_head_predictive_variance,
+    class_head_update_,
+)
 
 from .adapters import LinearHead
 

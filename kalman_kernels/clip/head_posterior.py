@@ -250,7 +250,7 @@ def fit_map(feats_aug: torch.Tensor, labels: torch.Tensor, theta0: torch.Tensor,
     ref = (theta0 if start is None else start).clone()
     f_ref = phi(ref)
     converged, it = False, 0
-    for it in range(1, max_iters + 1):
+    for it in range(1, max_iters + 1):  # noqa: B007 - `it` is read after the loop
         cand, _, _, _ = kalman_pass(theta0, cov0, feats_aug, labels, logit_scale=logit_scale,
                                     obs_noise=obs_noise, linearize_at=ref, max_batch=max_batch)
         step = cand - ref

@@ -20,7 +20,9 @@ N_BINS = 15
 
 
 def _np(t):
-    return t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().double().numpy()
+    return np.asarray(t, dtype=np.float64)
 
 
 def accuracy(probs, labels) -> float:

@@ -27,8 +27,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .registry import (TINY_CONFIGS, expected_random_init, open_clip_module,  # noqa: F401
-                       register_tiny_configs, save_clip)
+from .registry import (  # noqa: F401
+    TINY_CONFIGS,
+    expected_random_init,
+    open_clip_module,
+    register_tiny_configs,
+    save_clip,
+)
 from .standin import standin_checkpoint
 
 STANDIN_TAG = "standin"
@@ -204,7 +209,9 @@ def _load_local_dir(name: str, pretrained: Optional[str], device, precision) -> 
         raise ModelLoadError(f"local-dir:{path} has a config but no weights file "
                              f"(*.safetensors, *.bin or *.pth)")
     if pretrained:
-        warnings.warn(f"pretrained={pretrained!r} is ignored for {name!r}", UserWarning)
+        # stacklevel 3: the caller of load_clip, like the other warnings of this module
+        warnings.warn(f"pretrained={pretrained!r} is ignored for {name!r}", UserWarning,
+                      stacklevel=3)
     model, _, preprocess = open_clip.create_model_and_transforms(
         f"local-dir:{path}", device=device, precision=precision)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")

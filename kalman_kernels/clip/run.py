@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -13,12 +12,12 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ._paths import cache_root
 from .cache import FeatureCache, FeatureSet, extract_features, has_visual_proj
 from .data import DatasetSplits, few_shot_indices, get_dataset
 from .models import ClipBundle, load_clip, text_features
 from .progress import progress as _bar
 from .train import BASELINES, OPTIMIZERS, Task, TrainConfig, finetune, run_gda, run_zero_shot
-from ._paths import cache_root
 
 STANDIN_BANNER = ("NOTE: these numbers come from the offline STAND-IN: a tiny CLIP pretrained "
                   "on scikit-learn digits and generated shapes, not real pretrained CLIP "
@@ -52,7 +51,8 @@ def prepare(model: str = "kk-tiny-vit", pretrained: Optional[str] = "standin",
                                    enabled=progress)]
     pool, test, ood = feats[0], feats[1], dict(zip(ds.ood, feats[2:]))
     text = text_features(bundle, ds.classnames, ds.templates)
-    proj = bundle.model.visual.proj.detach().float().cpu() if has_visual_proj(bundle.model) else None
+    proj = (bundle.model.visual.proj.detach().float().cpu() if has_visual_proj(bundle.model)
+            else None)
     skipped = {s.name: s.n_skipped for s in [pool, test, *ood.values()] if s.n_skipped}
     return Prepared(bundle, ds, pool, test, ood, text, proj, skipped)
 
@@ -82,7 +82,8 @@ def run_methods(prep: Prepared, methods: Sequence[str], shots_list: Sequence[int
         raise TypeError(f"unexpected arguments {sorted(legacy)}")
     for m in methods:
         if m not in OPTIMIZERS and m not in BASELINES:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(OPTIMIZERS + BASELINES)}")
+            raise ValueError(f"unknown method {m!r}; "
+                             f"choose from {', '.join(OPTIMIZERS + BASELINES)}")
     records = []
     jobs = [(s, sd, m) for s in shots_list for sd in seeds for m in methods]
     bar = _bar(jobs, desc="runs", enabled=progress_bar, unit="run", item_lines=True)
@@ -120,7 +121,8 @@ def _ood_summary(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     ood = [v for k, v in metrics.items() if k not in ("test", "val") and v]
     out = {}
     for key in ("acc", "nll", "ece", "brier", "auroc_msp", "auroc_var"):
-        vals = [v[key] for v in ood if key in v and not (isinstance(v[key], float) and math.isnan(v[key]))]
+        vals = [v[key] for v in ood
+                if key in v and not (isinstance(v[key], float) and math.isnan(v[key]))]
         if vals:
             out[key] = float(np.mean(vals))
     return out
@@ -169,12 +171,13 @@ def format_table(rows: List[Dict], markdown: bool = False) -> str:
                       f(r, "ood-mean", "auroc_var")])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(l) + " |" for l in lines]
+        out += ["| " + " | ".join(row) + " |" for row in lines]
         return "\n".join(out)
-    w = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    w = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h)
+         for i, h in enumerate(head)]
     out = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head))]
     out.append("  ".join("-" * x for x in w))
-    out += ["  ".join(c.rjust(w[i]) for i, c in enumerate(l)) for l in lines]
+    out += ["  ".join(c.rjust(w[i]) for i, c in enumerate(row)) for row in lines]
     return "\n".join(out)
 
 
@@ -197,10 +200,11 @@ def format_shift_table(rows: List[Dict], severity: Dict, markdown: bool = False)
         lines.append(cells)
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(out + ["| " + " | ".join(l) + " |" for l in lines])
-    w = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+        return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines])
+    w = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
     out = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head)), "  ".join("-" * x for x in w)]
-    return "\n".join(out + ["  ".join(c.rjust(w[i]) for i, c in enumerate(l)) for l in lines])
+    return "\n".join(out + ["  ".join(c.rjust(w[i]) for i, c in enumerate(row))
+                            for row in lines])
 
 
 def make_plots(records: List[Dict], rows: List[Dict], severity: Dict, out_dir: Path,
@@ -329,6 +333,7 @@ def _plot_severity(rows, severity, shots, seeds, out_dir: Path, dataset: str,
     import textwrap
 
     import matplotlib.pyplot as plt
+
     from .data import SHIFT_UNITS
     if not severity:
         return None

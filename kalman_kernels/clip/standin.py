@@ -274,7 +274,8 @@ def _recipe_difference(shipped: Dict[str, Any], rec: Dict[str, Any]) -> str:
                      for k in keys if shipped.get(k) != rec.get(k))
 
 
-def _shipped_checkpoint(name: str, rec: Dict[str, Any], root: Path, verbose: bool) -> Optional[Path]:
+def _shipped_checkpoint(name: str, rec: Dict[str, Any], root: Path,
+                        verbose: bool) -> Optional[Path]:
     """The shipped weights as a ``local-dir`` folder in the cache (written once), or None
     (saying why when they exist for ``name`` but cannot serve this recipe)."""
     if name not in SHIPPED_MODELS:
@@ -326,8 +327,16 @@ SHAPE_EXTRA_TEMPLATES = ["a picture of a {}.", "the {}."]
 def _pretraining_data(preprocess) -> Tuple[torch.Tensor, torch.Tensor, List[List[str]]]:
     """Images of both pretraining sets through ``preprocess``, labels 0..9 (digits) and
     10..17 (shapes), and the captions of each label."""
-    from .data import (DIGIT_TEMPLATES, NUMBER_WORDS, SHAPE_CLASSES, SHAPE_TEMPLATES,
-                       digits_arrays, digits_split_indices, shapes_arrays, to_pil)
+    from .data import (
+        DIGIT_TEMPLATES,
+        NUMBER_WORDS,
+        SHAPE_CLASSES,
+        SHAPE_TEMPLATES,
+        digits_arrays,
+        digits_split_indices,
+        shapes_arrays,
+        to_pil,
+    )
     x, y = digits_arrays()
     idx = digits_split_indices()["pretrain"]
     xs, ys = shapes_arrays("pretrain")
@@ -343,13 +352,17 @@ def _pretraining_data(preprocess) -> Tuple[torch.Tensor, torch.Tensor, List[List
 
 
 def _optimizer(model, lr: float, steps: int):
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    def decays(n, p):
+        return p.ndim >= 2 and "embedding" not in n
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     warm = min(30, max(1, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     return opt, sched
 
 
@@ -381,7 +394,8 @@ def _pretrain(name: str, steps: int, batch: int, lr: float, seed: int,
     model, preprocess = _fresh_model(name, seed)
     tokenizer = open_clip.get_tokenizer(name)
     cfg = open_clip.get_model_config(name)
-    pp_cfg = {"mean": list(preprocess.transforms[-1].mean), "std": list(preprocess.transforms[-1].std)}
+    pp_cfg = {"mean": list(preprocess.transforms[-1].mean),
+              "std": list(preprocess.transforms[-1].std)}
     imgs, labels, captions = _pretraining_data(preprocess)
     caps_tok = tokenizer([c for per in captions for c in per])
     n_caps = torch.tensor([len(per) for per in captions])
@@ -409,8 +423,18 @@ def zero_shot_clean(pre: PretrainedStandin, name: str) -> Dict[str, float]:
     digits test split; clean-style shapes drawn with other seeds)."""
     import numpy as np
     import open_clip
-    from .data import (DIGIT_TEMPLATES, NUMBER_WORDS, SHAPE_CLASSES, SHAPE_TEMPLATES,
-                       _rng_for, digits_arrays, digits_split_indices, render_shape, to_pil)
+
+    from .data import (
+        DIGIT_TEMPLATES,
+        NUMBER_WORDS,
+        SHAPE_CLASSES,
+        SHAPE_TEMPLATES,
+        _rng_for,
+        digits_arrays,
+        digits_split_indices,
+        render_shape,
+        to_pil,
+    )
     tokenizer = open_clip.get_tokenizer(name)
     model = pre.model
 

@@ -79,6 +79,7 @@ def _metrics(r) -> Dict:
 def run_study(datasets: List[str], shots_list: List[int], seeds: List[int], out: str,
               cache_dir=None, points=None) -> List[Dict]:
     import torch
+
     from .run import make_task, prepare
     from .train import TrainConfig, finetune, run_gda, run_zero_shot
     points = KALMAN_POINTS if points is None else points
@@ -131,8 +132,8 @@ def analyse(records: List[Dict], rules=None) -> Dict:
         cells.setdefault((r["dataset"], r["shots"], r["seed"]), []).append(r)
     out: Dict = {}
     for (ds, shots, _seed), rs in cells.items():
-        def add(name, rec):
-            out.setdefault(name, {}).setdefault((ds, shots), []).append(rec)
+        def add(name, rec, cell=(ds, shots)):
+            out.setdefault(name, {}).setdefault(cell, []).append(rec)
         for m in BASE_ROWS:
             cands = [r for r in rs if r["method"] == m]
             if cands:

@@ -97,7 +97,8 @@ class TrainConfig:
                                         # r (0: off; None: the method's default)
     gate: Optional[float] = None        # Kalman: chi-square probability of the Mahalanobis gate
                                         # (None: the method's default; 0: off)
-    tempered: bool = False              # Kalman, epochs E > 1: r multiplied by E (one pass's evidence)
+    tempered: bool = False              # Kalman, epochs E > 1: r multiplied by E (one pass's
+                                        # evidence)
     forgetting: float = 1.0
     process_noise: float = 0.0
     weight_decay: float = 0.0
@@ -105,10 +106,12 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 20
     calibrate: bool = False
-    mc_samples: int = 0                 # Kalman only: predictive = mean softmax over theta ~ N(mu, P)
+    mc_samples: int = 0                 # Kalman only: predictive = mean softmax over
+                                        # theta ~ N(mu, P)
     probit: Optional[bool] = None       # Kalman only: softmax(tau mu / sqrt(1 + pi/8 tau^2 var)),
                                         # var = H P H^T + r (None: the method's default)
-    max_obs: int = 2048                 # dense-S Kalman paths: batch capped so that m * K <= max_obs
+    max_obs: int = 2048                 # dense-S Kalman paths: batch capped so that
+                                        # m * K <= max_obs
     backend: str = "auto"
 
     def resolved(self) -> "TrainConfig":
@@ -119,7 +122,8 @@ class TrainConfig:
             cfg = replace(cfg, adapter=PAPER_PRESET["adapter"], obs=PAPER_PRESET["obs"])
         defaults = (PAPER_PRESET if cfg.optimizer == "kalman-paper" else KALMAN_DEFAULTS
                     if cfg.optimizer == "kalman" else {"adaptive_obs_noise": 0.0, "gate": None})
-        beta = defaults["adaptive_obs_noise"] if cfg.adaptive_obs_noise is None else cfg.adaptive_obs_noise
+        beta = (defaults["adaptive_obs_noise"] if cfg.adaptive_obs_noise is None
+                else cfg.adaptive_obs_noise)
         gate = defaults["gate"] if cfg.gate is None else (cfg.gate or None)
         probit = (defaults.get("probit", False) if cfg.probit is None else cfg.probit)
         if beta != cfg.adaptive_obs_noise or gate != cfg.gate or probit != cfg.probit:
@@ -173,7 +177,9 @@ class TrainConfig:
 
     def resolved_init_cov(self) -> float:
         cfg = self.resolved()
-        return DEFAULT_INIT_COV.get(cfg.adapter, 1e-3) if cfg.init_cov is None else float(cfg.init_cov)
+        if cfg.init_cov is None:
+            return DEFAULT_INIT_COV.get(cfg.adapter, 1e-3)
+        return float(cfg.init_cov)
 
     def resolved_obs_noise(self) -> float:
         """r (Gaussian) or the tempering c (categorical), multiplied by the number of passes
@@ -318,7 +324,8 @@ def run_zero_shot(task: Task) -> MethodResult:
     return _training_free_result("zero-shot", {}, score, task, t0)
 
 
-def run_gda(task: Task, shrinkages=(0.1, 0.3, 0.6, 0.9), scales=(0.25, 0.5, 1.0, 2.0, 4.0)) -> MethodResult:
+def run_gda(task: Task, shrinkages=(0.1, 0.3, 0.6, 0.9),
+            scales=(0.25, 0.5, 1.0, 2.0, 4.0)) -> MethodResult:
     """Training-free Gaussian discriminant analysis on normalised embeddings: class means and
     one shared covariance, shrunk towards an isotropic v I. The shrinkage and the scale of v
     (around the mean within-class variance, or the between-class spread when there is a single
@@ -370,7 +377,8 @@ def finetune(task: Task, cfg: TrainConfig, progress_bar: bool = True, desc: str 
     if legacy:
         raise TypeError(f"unexpected arguments {sorted(legacy)}")
     if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; "
+                         f"choose from {', '.join(OPTIMIZERS)}")
     cfg.validate()
     torch.manual_seed(cfg.seed)
     if cfg.categorical_head():

@@ -13,12 +13,20 @@ The passes over the parameters go to a backend (``reference``, ``cpp``, ``triton
 is written until the inputs have been validated; no step reads a device value on the host
 (DESIGN 4), and a non-finite observation leaves the state unchanged bit for bit.
 """
-from ._common import KalmanInfo, StepHyper, check_gate, check_hyper, obs_noise_matrix
-from .blocks import Block, DenseBlock, KronBlock
+# Beyond ``__all__``, the ``X as X`` imports re-export on purpose: the argument checks the
+# optimizer calls as ``ops.check_gate`` etc., the ``Block`` union type (for annotations) and
+# ``runs_by_hyper``.
+from ._common import KalmanInfo, StepHyper
+from ._common import check_gate as check_gate
+from ._common import check_hyper as check_hyper
+from ._common import obs_noise_matrix as obs_noise_matrix
+from .blocks import Block as Block
+from .blocks import DenseBlock, KronBlock
 from .categorical_head import CategoricalHeadInfo, categorical_head_update_
 from .class_head import ClassHeadInfo, class_head_predictive_variance, class_head_update_
 from .kalman_update import kalman_step_, kalman_update_
-from .loss_update import loss_observation_step_, loss_update_, runs_by_hyper
+from .loss_update import loss_observation_step_, loss_update_
+from .loss_update import runs_by_hyper as runs_by_hyper
 
 __all__ = ["DenseBlock", "KronBlock", "KalmanInfo", "StepHyper", "kalman_update_",
            "loss_update_", "kalman_step_", "loss_observation_step_", "class_head_update_",

@@ -365,7 +365,7 @@ def check_no_overlap(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
         if t.numel() == 0 or t.device.type == "meta":
             continue
         base, lo, hi = _byte_range(t)
-        for other_name, (obase, olo, ohi) in spans:
+        for other_name, (_obase, olo, ohi) in spans:
             if lo < ohi and olo < hi:
                 raise ValueError(f"{name} and {other_name} share memory (the same tensor, or "
                                  f"overlapping views of one); every parameter and covariance a "
@@ -601,10 +601,12 @@ def check_workspace(m: int, device, *, dense_numel: int = 0, where: str = "kalma
             "pass max_obs_per_update=N (KalmanNGD(..., max_obs_per_update=N) or "
             "ops.kalman_update_(..., max_obs_per_update=N)) to process the batch as "
             "sequential sub-batches of at most N observations")
+    jac_note = (f"; dense Jacobians {_gib(jacobian_bytes + 8 * _JAC_COPIES * m * dense_numel)}"
+                if (dense_numel or jacobian_bytes) else "")
     raise MemoryError(
         f"{where}: a batch observation of m = {m} observations needs about {_gib(need)} "
         f"(each m x m float64 matrix -- S, its Cholesky factor, L^-1 -- is {_gib(one)}"
-        f"{f'; dense Jacobians {_gib(jacobian_bytes + 8 * _JAC_COPIES * m * dense_numel)}' if (dense_numel or jacobian_bytes) else ''}"
+        f"{jac_note}"
         f"{f'; the backend temporaries {_gib(extra_bytes)}' if extra_bytes else ''}"
         f"), more than {MEMORY_FRACTION:.0%} of the {_gib(free)} available on {device}. "
         f"Use smaller batches, loss-observation mode (closure() -> scalar loss: m = 1), or "

@@ -133,8 +133,15 @@ import torch
 from .. import reference as ref
 from .._deferred import compiling, readable_now
 from ._common import KalmanInfo, numpy_view
-from .class_head import (DEFAULT_CHUNK, _check_scalar, _factor_with_ladder, _need_cov,
-                         _need_float, _pair_index, _predicted)
+from .class_head import (
+    DEFAULT_CHUNK,
+    _check_scalar,
+    _factor_with_ladder,
+    _need_cov,
+    _need_float,
+    _pair_index,
+    _predicted,
+)
 
 __all__ = ["CategoricalHeadInfo", "categorical_head_update_", "soft_target_tol"]
 

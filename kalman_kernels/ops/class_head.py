@@ -336,7 +336,6 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
         # --- pass 1: S_k, factor, whiten, per chunk of classes ------------------------
         iu, ju, mult = _pair_index(b, device)
         a_pairs = a[iu] * a[ju]                                  # (T, d), T = B(B+1)/2
-        eye_b = torch.eye(b, dtype=F64, device=device)
         coef = torch.empty(k, b, dtype=F64, device=device)       # S_k^-1 e_k
         sinv_pairs = torch.empty(k, iu.shape[0], dtype=cdt, device=device)
         d2 = torch.empty(k, dtype=F64, device=device)

@@ -37,8 +37,19 @@ import torch
 from .. import reference as ref
 from .._deferred import PendingFlags, compiling
 from ..backends import resolve
-from ._common import F64, CovValueCheck, KalmanInfo, StepHyper, check_gate, check_workspace, \
-    hyper_from, noise_whitening, obs_noise_matrix, reference_kron_bytes, representable_step
+from ._common import (
+    F64,
+    CovValueCheck,
+    KalmanInfo,
+    StepHyper,
+    check_gate,
+    check_workspace,
+    hyper_from,
+    noise_whitening,
+    obs_noise_matrix,
+    reference_kron_bytes,
+    representable_step,
+)
 from .blocks import Block, DenseBlock, KronBlock, validate_blocks
 
 
@@ -92,11 +103,6 @@ def all_ranks_ok(ok: torch.Tensor, process_group, key: Optional[int] = None,
     everyone = (flat[0] == 0) & ~mismatch
     mean_r = flat[-1] / world if obs_noise is not None else None
     return everyone, mismatch, mean_r
-
-
-def _all_ranks_ok(ok: torch.Tensor, process_group) -> torch.Tensor:
-    """ok on every rank (kept for callers of the previous helper)."""
-    return all_ranks_ok(ok, process_group)[0]
 
 
 # ---------------------------------------------------------------------- the m x m work
@@ -221,8 +227,9 @@ def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual:
     most that many (cut on sample boundaries): sub-batch k sees the mean and covariance
     left by sub-batch k - 1 and its residual is corrected by the linearised change of the
     predictions, e_k - H_k (mu - mu_0); the predict step (forgetting, process noise) runs
-    once, with the first (if that one is skipped, so is the predict). With a full covariance this equals one batch update exactly;
-    with the diagonal one it differs slightly (docs/robustness.md). A non-finite value
+    once, with the first (if that one is skipped, so is the predict). With a full covariance
+    this equals one batch update exactly; with the diagonal one it differs slightly
+    (docs/robustness.md). A non-finite value
     anywhere skips the whole step (checked before the first sub-batch); a sub-batch whose
     factorisation fails or that would overflow is skipped alone. Under ``process_group``
     the sub-batches are instead independent blocks, like the ranks (DESIGN 2.5).
@@ -418,7 +425,7 @@ def apply_reduced_terms_(kernels, entries, ok, process_group,
         entries.sort(key=lambda t: param_order[id(t[0])])
     dtype = F64 if any(p.dtype == F64 for p, *_ in entries) else torch.float32
     flat_terms = []
-    for param, cov, hp, u, d in entries:
+    for param, _cov, _hp, u, d in entries:
         if u is None:
             u, d = _zero_terms(param, dtype)
         flat_terms += [u.reshape(-1).to(dtype), d.reshape(-1).to(dtype)]

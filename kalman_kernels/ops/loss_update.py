@@ -17,8 +17,20 @@ import torch
 from .. import reference as ref
 from .._deferred import compiling
 from ..backends import resolve
-from ._common import F64, HOST_FLAGS, CovValueCheck, HostKalmanInfo, KalmanInfo, StepHyper, \
-    check_cov, check_gate, check_no_overlap, hyper_from, numpy_view, representable_step
+from ._common import (
+    F64,
+    HOST_FLAGS,
+    CovValueCheck,
+    HostKalmanInfo,
+    KalmanInfo,
+    StepHyper,
+    check_cov,
+    check_gate,
+    check_no_overlap,
+    hyper_from,
+    numpy_view,
+    representable_step,
+)
 from .kalman_update import _pending, all_ranks_ok, apply_reduced_terms_, warn_if_skipped
 
 
@@ -89,7 +101,8 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
         quad_form = _as_tensor(quad_form, device)
         finite = torch.isfinite(e) & torch.isfinite(quad_form)
         if adaptive_rate > 0.0:
-            r = torch.where(finite, ref.adapt_obs_noise(r, adaptive_rate, e.reshape(1), quad_form), r)
+            r = torch.where(finite,
+                            ref.adapt_obs_noise(r, adaptive_rate, e.reshape(1), quad_form), r)
         s_val = ref.loss_innovation(quad_form, r)
         d2 = e * e / s_val
         tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None

@@ -106,7 +106,7 @@ def variants(quick: bool = False) -> List[Variant]:
                      **f64s("inv_lam", "q")}
             add(dense._innovation_dense_kernel, f"innovation_cov_dense jac={jdt} cov={cdt} m={m}",
                 types, dict(ACC=_ACC[acc], BLOCK_M=block_m, SMALL=small,
-                                        PRECISION="ieee" if acc == F64 else DOT_PRECISION, s_jn=1, s_c=1),
+                            PRECISION="ieee" if acc == F64 else DOT_PRECISION, s_jn=1, s_c=1),
                 ["jac_ptr", "cov_ptr", "out_ptr"])
     # dense update / terms
     for pdt, cdt in [(F32, F32), (BF16, F32), (F64, F64)]:

@@ -41,7 +41,8 @@ _TABLE_CACHE: "OrderedDict[tuple, Tuple[torch.Tensor, int]]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 
-def _table(lists: Sequence[Sequence[torch.Tensor]], device: torch.device) -> Tuple[torch.Tensor, int]:
+def _table(lists: Sequence[Sequence[torch.Tensor]],
+           device: torch.device) -> Tuple[torch.Tensor, int]:
     """(int64 table (chunks, L + 2) on ``device``, number of chunks) for L parallel lists of
     same-sized tensors: per chunk the element offset of the chunk's tensor from each list's
     first tensor, then the chunk's start and end inside the tensor."""

@@ -4,6 +4,9 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 # an empty Hugging Face cache (set before huggingface_hub is imported): no tag is cached
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="kk_hf_empty_")
@@ -13,9 +16,6 @@ os.environ["KALMAN_KERNELS_CACHE"] = tempfile.mkdtemp(prefix="kk_cache_")
 for _d in (os.environ["HF_HUB_CACHE"], os.environ["KALMAN_KERNELS_CACHE"]):
     atexit.register(shutil.rmtree, _d, True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np
-import pytest
 
 
 @pytest.fixture(autouse=True)

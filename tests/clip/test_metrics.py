@@ -26,7 +26,8 @@ def test_ece_hand_computed():
 
 def test_ece_bin_edges():
     # bins are (lo, hi]: with 4 bins, a confidence of exactly 0.75 (binary-exact) is in bin 2
-    r = M.reliability(torch.tensor([[0.75, 0.25]], dtype=torch.float64), torch.tensor([0]), n_bins=4)
+    r = M.reliability(torch.tensor([[0.75, 0.25]], dtype=torch.float64), torch.tensor([0]),
+                      n_bins=4)
     assert r["count"].tolist() == [0, 0, 1, 0] and r["accuracy"][2] == 1.0
     # 15 bins: 0.5 -> 7.5 -> bin 7; 0.75 (wrong) -> 11.25 -> bin 11; 1.0 -> last bin
     r = M.reliability(torch.tensor([[0.5, 0.5], [0.25, 0.75], [1.0, 0.0]], dtype=torch.float64),

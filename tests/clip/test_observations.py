@@ -4,8 +4,14 @@ import pytest
 import torch
 
 import kalman_kernels as kk
-from kalman_kernels.clip.adapters import (ClipAdapter, LinearHead, ProjAdapter, kron_factors,
-                                          observation, predictive_variance)
+from kalman_kernels.clip.adapters import (
+    ClipAdapter,
+    LinearHead,
+    ProjAdapter,
+    kron_factors,
+    observation,
+    predictive_variance,
+)
 
 K, D, W = 3, 8, 6
 
@@ -40,7 +46,8 @@ def _fd_jacobian(adapter, x, y, obs, eps=1e-6):
     """Central differences of the flattened observations w.r.t. every parameter element."""
     cols = {}
     for name, p in adapter.named_parameters():
-        jac = torch.zeros(observation(adapter, x, y, obs)[0].numel(), p.numel(), dtype=torch.float64)
+        jac = torch.zeros(observation(adapter, x, y, obs)[0].numel(), p.numel(),
+                          dtype=torch.float64)
         flat = p.data.view(-1)
         for i in range(p.numel()):
             old = flat[i].item()
@@ -61,7 +68,8 @@ def test_observation_jacobian_matches_finite_differences(kind, obs):
     x, y = _batch(kind)
     pred, target = observation(a, x, y, obs)
     if obs == "logits":
-        assert pred.shape == (7, K) and torch.equal(target.sum(1), torch.ones(7, dtype=torch.float64))
+        assert pred.shape == (7, K)
+        assert torch.equal(target.sum(1), torch.ones(7, dtype=torch.float64))
         assert torch.equal(target.argmax(1), y)
         # cosine scores are bounded (the head is a cosine at its prior mean only)
         if kind != "head":

@@ -14,7 +14,8 @@ def _records():
             metrics = {sp: {"acc": 0.5 + 0.1 * seed, "nll": 1.0, "ece": 0.1}
                        for sp in ("val", "test", "blur1", "blur2", "noise0.1")}
             history = [] if m == "zero-shot" else [
-                {"step": s, "images_seen": 32 * s, "val_acc": 0.4 + 0.05 * s, "val_nll": 2 - 0.1 * s}
+                {"step": s, "images_seen": 32 * s, "val_acc": 0.4 + 0.05 * s,
+                 "val_nll": 2 - 0.1 * s}
                 for s in range(4)]
             count = [0] * 10 + [5, 10, 20, 40, 25]
             out.append({"method": m, "shots": 4, "seed": seed, "history": history,

@@ -1,7 +1,6 @@
 """Structure and what a newcomer sees: no import circle, no undeclared attributes, plain
 progress lines off a terminal, help texts that state the defaults, fast generated shifts."""
 import ast
-import io
 import pathlib
 import time
 import warnings
@@ -30,9 +29,10 @@ def test_no_import_circle_between_models_and_standin():
 
 
 def test_results_and_tasks_declare_their_fields():
+    import torch
+
     from kalman_kernels.clip.cache import FeatureSet
     from kalman_kernels.clip.train import MethodResult, Task
-    import torch
     fs = FeatureSet("x", torch.zeros(2, 3), None, torch.zeros(2, dtype=torch.long), 0, ["a"])
     t = Task(fs, fs, fs, {}, torch.ones(1, 3), 10.0, calibrate=True)
     assert t.calibrate is True and str(t.device) == "cpu"
@@ -97,8 +97,9 @@ def test_generated_blur_of_a_large_image_is_fast_and_separable():
 
 
 def test_lazy_shift_is_applied_at_model_resolution(tmp_path):
-    from kalman_kernels.clip.data import _LazyShift
     from PIL import Image
+
+    from kalman_kernels.clip.data import _LazyShift
     arr = (np.random.rand(200, 240, 3) * 255).astype(np.uint8)
     Image.fromarray(arr).save(tmp_path / "x.png")
     s = _LazyShift(str(tmp_path / "x.png"), "blur", 4.0, "k")
@@ -107,6 +108,7 @@ def test_lazy_shift_is_applied_at_model_resolution(tmp_path):
 
 def test_quiet_silences_the_standin_pretraining(capsys, monkeypatch, tmp_path):
     import torch
+
     from kalman_kernels.clip import standin as S
     monkeypatch.setattr(S, "_pretraining_data", lambda pp: (
         torch.stack([pp(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (16, 16)))] * 4),
@@ -128,6 +130,7 @@ def test_quiet_silences_the_standin_pretraining(capsys, monkeypatch, tmp_path):
 
 def test_random_init_notice_is_silenced_where_asked_for(caplog):
     import logging
+
     from kalman_kernels.clip.registry import expected_random_init
     with caplog.at_level(logging.WARNING):
         with expected_random_init():

@@ -29,7 +29,8 @@ def test_kalman_reaches_95_percent_on_separable_toy(adapter, obs, epochs):
     task = _task(16)
     zs = run_zero_shot(task).metrics["test"]["acc"]
     cfg = TrainConfig(optimizer="kalman", adapter=adapter, obs=obs, epochs=epochs,
-                      likelihood="gaussian", batch_size=16, init_cov=1e-1 if adapter == "clip-adapter" else 1e-2,
+                      likelihood="gaussian", batch_size=16,
+                      init_cov=1e-1 if adapter == "clip-adapter" else 1e-2,
                       obs_noise=1e-2, backend="reference")
     r = finetune(task, cfg, progress=False)
     acc = r.metrics["test"]["acc"]
