@@ -1,4 +1,4 @@
-"""The class-structured head step (``kalman_kernels.ops.class_head``, DESIGN 2.6, issue 11).
+"""The class-structured head step (``kalman_kernels.ops.class_head``, docs/design.md, 2.6).
 
     python -m benchmarks.class_head                 # the 1,000-class table, one thread
     python -m benchmarks.class_head --threads 1,2 --json out.json
@@ -110,8 +110,9 @@ def categorical_block_step(k: int, b: int = B, d: int = D, gate: Optional[float]
 
 
 def kron_route_step(k: int = K, b: int = 2, d: int = D):
-    """The pre-issue-11 route: the head's weight as a KronBlock over m = b K observations
-    (rows a_j repeated K times, one-hot output gradients) through ops.kalman_update_."""
+    """The route before the class-structured step: the head's weight as a KronBlock over
+    m = b K observations (rows a_j repeated K times, one-hot output gradients) through
+    ops.kalman_update_."""
     import kalman_kernels as kk
     c = _case(k, b, d)
     inputs = c["a"].repeat_interleave(k, 0)                       # (b K, d)

@@ -1,5 +1,5 @@
 """Workloads, ceilings and the timing harness shared by the pytest-benchmark files and
-``python -m benchmarks.report`` (DESIGN section 6).
+``python -m benchmarks.report`` (docs/design.md, section 6).
 
 Every figure is a ratio measured in the same run: cpp against the reference backend, the
 loss step against ``torch.optim.AdamW(fused=True)`` on the same parameters, and every kernel
@@ -116,7 +116,7 @@ def square_matmul_peak(rounds: int = 5) -> float:
 
 def compute_ceiling(same_shape_gflops: float) -> float:
     """The compute ceiling used for the roofline floor: the faster of a matmul of the
-    kernel's own GEMM shape (DESIGN 6) and the square-matmul peak (a skinny or degenerate
+    kernel's own GEMM shape (docs/design.md, 6) and the square-matmul peak (a skinny or degenerate
     shape, e.g. m = 1, runs far below the machine's peak and would flatter the kernel)."""
     return max(same_shape_gflops, square_matmul_peak())
 
@@ -200,7 +200,7 @@ class KronCase:
     inputs A (B, d_in), grad_outputs D (B, K, d_out), m = B K observations.
 
     The work is GEMMs against the T = B (B + 1) / 2 pairwise products of the inputs
-    (DESIGN 2.6): the innovation's Q = Ap P^T and the update's diagonal G^T Ap, each
+    (docs/design.md, 2.6): the innovation's Q = Ap P^T and the update's diagonal G^T Ap, each
     2 T d_in d_out flops (the dominant contraction), plus O(T K^2 d_out) per-pair work and
     the update's step GEMM (2 B d_in d_out)."""
 

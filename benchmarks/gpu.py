@@ -1,4 +1,4 @@
-"""GPU benchmark of every built GPU backend (issue 8, DESIGN section 6).
+"""GPU benchmark of every built GPU backend (the rules: docs/design.md, section 6).
 
     python -m benchmarks.gpu                      # full grid: n = 1e6, 1e7, 1e8; m = 1, 8, 32, 128
     python -m benchmarks.gpu --quick              # n = 1e6, 1e7; m = 1, 32
@@ -7,7 +7,8 @@
 1. **Check.** Every op of every available backend that serves CUDA tensors (its
    ``DEVICES`` names "cuda": the Triton backend, and the CUDA C++ backend once it is built)
    is run on fresh random inputs and compared element by element with the float64
-   reference (DESIGN 5 tolerances: float32 1e-5 elementwise, 1e-4 for reductions; bf16 1e-2).
+   reference (the tolerances of docs/design.md, 5: float32 1e-5 elementwise, 1e-4 for
+   reductions; bf16 1e-2).
 2. **Time.** CUDA events around each call, after warm-up; median and IQR over repetitions;
    inputs rotate over enough copies that the working set of consecutive calls exceeds twice
    the L2 cache (no call reads what the previous one left in L2). Raw ops and the public

@@ -1,4 +1,4 @@
-"""Where the public loss step's non-kernel time goes (issue 7): a diagnostic, not a target.
+"""Where the public loss step's non-kernel time goes: a diagnostic, not a target.
 
     python -m benchmarks.host_overhead             # 1 thread, 10M parameters in 4 tensors
     python -m benchmarks.host_overhead --threads 2 --n 1000000

@@ -1,4 +1,4 @@
-"""What users call, timed beside the raw ops it calls and the ceilings (issues 7 and 12).
+"""What users call, timed beside the raw ops it calls and the ceilings.
 
 Every public entry point is measured in the same run, round-robin, against:
 
@@ -11,8 +11,9 @@ Every public entry point is measured in the same run, round-robin, against:
 
 Sections (functions taking the report's ``Table``, thread count, rounds and a summary dict):
 ``bench_loss_public``, ``bench_dense_public``, ``bench_kron_public``,
-``bench_batch_public`` (a tracked 512 x 512 layer) and ``bench_tracked_mlp`` (issue 12's
-MLP 256-d-d-10, batch 32, 10 classes, with the cost-model rows for the README).
+``bench_batch_public`` (a tracked 512 x 512 layer) and ``bench_tracked_mlp`` (an MLP
+256-d-d-10 with every layer tracked, batch 32, 10 classes, with the cost-model rows for the
+README).
 """
 from __future__ import annotations
 
@@ -419,7 +420,7 @@ class _MLP(nn.Sequential):
 
 def bench_tracked_mlp(table, threads: int, rounds: int, summary: Dict, widths=(256, 1024),
                       batch: int = 32, classes: int = 10, ungrouped: bool = True):
-    """Issue 12's MLP 256-d-d-10: AdamW iteration, KalmanNGD loss mode (standard closure),
+    """An MLP 256-d-d-10: AdamW iteration, KalmanNGD loss mode (standard closure),
     KalmanNGD batch mode with every layer tracked (grouped blocks), and the raw ops of the
     same step ungrouped."""
     for d in widths:

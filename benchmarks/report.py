@@ -1,4 +1,4 @@
-"""Print the CPU benchmark table (DESIGN section 6; issues 3, 7, 11, 12).
+"""Print the CPU benchmark table (the rules: docs/design.md, section 6).
 
     python -m benchmarks.report                 # every section, 1 and 2 threads
     python -m benchmarks.report --quick         # a smaller grid
@@ -209,7 +209,7 @@ def bench_loss(table, threads, sizes_n, rounds, cpp, refb, summary, with_ivon=Tr
 
 
 def _hook_overhead(case, cpp, rounds):
-    """Backward of a 4-tensor model with and without the quad-form hooks (DESIGN 2.2)."""
+    """Backward of a 4-tensor model with and without the quad-form hooks (docs/design.md, 2.2)."""
     from kalman_kernels.backends.loss_hooks import attach_quad_form_hooks
     ws = [torch.nn.Parameter(p.clone()) for p in case.params]
     xs = [torch.randn_like(p) for p in case.params]
@@ -330,7 +330,7 @@ def bench_kron(table, threads, rounds, cpp, refb, summary):
 
 
 def bench_public(table, threads, rounds, summary):
-    """What users call (issues 7 and 12): benchmarks/public_api.py."""
+    """What users call: benchmarks/public_api.py."""
     from . import public_api as P
     P.bench_loss_public(table, threads, rounds, summary)
     P.bench_dense_public(table, threads, rounds, summary)
@@ -340,7 +340,7 @@ def bench_public(table, threads, rounds, summary):
 
 
 def bench_class_head(table, threads, summary):
-    """The class-structured head of the CLIP application (issue 11): benchmarks/class_head.py.
+    """The class-structured head of the CLIP application: benchmarks/class_head.py.
     The rows hold class_head_update_ (plain, cosine) and, timed in the same round-robin,
     categorical_head_update_ (the softmax head under the categorical likelihood)."""
     from . import class_head as H
@@ -405,7 +405,7 @@ def main(argv=None):
     print()
     print(table.markdown())
     print()
-    print("## Targets (issues 3, 7, 11, 12)")
+    print("## Targets (docs/cpp_backend.md, \"Targets\")")
     for key, val in summary.items():
         if isinstance(val, dict):
             print(f"- {key}: " + ", ".join(

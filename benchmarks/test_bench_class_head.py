@@ -1,6 +1,7 @@
-"""class_head_update_ at the issue-11 target size: a 1,000-class head on 512-d features,
-batch 32, float32 (threads: ``--kk-threads``, default 1). Target <= 100 ms per step; the
-extra-memory figure (<= 50 MB) and the old Kronecker route are in ``benchmarks.class_head``.
+"""class_head_update_ at its target size (docs/cpp_backend.md, "Targets"): a 1,000-class head
+on 512-d features, batch 32, float32 (threads: ``--kk-threads``, default 1). Target <= 100 ms
+per step; the extra-memory figure (<= 50 MB) and the old Kronecker route are in
+``benchmarks.class_head``.
 categorical_head_update_ (the softmax head under the categorical likelihood) at the same size
 beside it: target <= 150 ms per step; its peak extra memory is recorded. Its full-block form
 (one 512 x 512 covariance per class) at K = 100, without a target."""

@@ -51,7 +51,7 @@ def test_kron_step_512_b32(benchmark, request, variant):
 
 @pytest.mark.parametrize("variant", ["grouped", "ungrouped"])
 def test_kron_step_1024_b32_k10(benchmark, cpp, variant):
-    """Issue 12: sample-grouped (B^2 work) vs the same observations ungrouped ((B K)^2)."""
+    """Sample-grouped (B^2 work) vs the same observations ungrouped ((B K)^2)."""
     case = C.KronCase(1024, 1024, 32, 10)
     if variant == "ungrouped":
         case = case.ungrouped()

@@ -1,4 +1,4 @@
-"""loss_step_ (DESIGN 2.2) over 4 float32 tensors vs AdamW(fused=True), the add_ bandwidth
+"""loss_step_ (docs/design.md, 2.2) over 4 float32 tensors vs AdamW(fused=True), the add_ bandwidth
 ceiling and ivon-opt, n in {1e4..1e7}."""
 import pytest
 import torch

@@ -1,6 +1,6 @@
-"""What users call (issue 7): KalmanNGD.step in loss mode vs AdamW(fused=True).step and the
+"""What users call: KalmanNGD.step in loss mode vs AdamW(fused=True).step and the
 raw ops; ops.kalman_update_ (dense n = 1e6, m = 32; Kronecker 512 x 512) vs its raw ops;
-batch mode with a tracked 512 x 512 layer; issue 12's tracked MLP. The full table with
+batch mode with a tracked 512 x 512 layer; an MLP with every layer tracked. The full table with
 ratios: ``python -m benchmarks.report --only public``."""
 import pytest
 import torch

@@ -41,7 +41,8 @@ struct KernelTable {
                        int64_t ld, int64_t m, int64_t n, const double* coef, const double* f,
                        const UpdateScalars& s);
   // The two column terms of update_dense written out (float64 when acc64, else float32):
-  // dir = jac^T coef, diag = sum_l (F jac)[l, :]^2 (the distributed step terms, DESIGN 2.5).
+  // dir = jac^T coef, diag = sum_l (F jac)[l, :]^2 (the distributed step terms,
+  // docs/design.md, 2.5).
   void (*terms_dense)(const void* jac, KKType jt, int64_t ld, int64_t m, int64_t n,
                       const double* coef, const double* f, bool acc64, void* dir, void* diag);
   // In place over n elements: param += P- dir ; cov = rule(P-, diag).

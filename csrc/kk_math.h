@@ -1,4 +1,4 @@
-// Per-element math of the diagonal Kalman filter (DESIGN section 2), shared by every
+// Per-element math of the diagonal Kalman filter (docs/design.md, section 2), shared by every
 // compiled backend: the CPU kernels (this extension) and a future CUDA backend include
 // this header, so the CPU tests exercise the same formulas a GPU build would run.
 //
@@ -70,7 +70,7 @@ KK_INLINE T mean_step(T param, T p_pred, T direction) {
   return param + p_pred * direction;
 }
 
-// Loss-observation mode (DESIGN 2.2), one element:
+// Loss-observation mode (docs/design.md, 2.2), one element:
 //   mu += coef * P- g ;  P = rule(P-, weight * g^2)
 // with coef = lr * s * e / S and weight = 1/S (Kalman) or 1/r (information).
 template <bool INFORMATION, typename T>

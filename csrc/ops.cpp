@@ -272,7 +272,7 @@ void apply_terms_(const at::Tensor& param, const at::Tensor& cov, const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------
-// Sample-grouped Kronecker blocks (DESIGN 2.1 / 2.6, issue 12)
+// Sample-grouped Kronecker blocks (docs/design.md, 2.1 and 2.6)
 //
 // A (B, d_in) holds one input row per sample, D (B, K, d_out) the K observations' output
 // gradients of each sample; observation (j, k) has the Jacobian row vec(D[j,k] A[j]^T).

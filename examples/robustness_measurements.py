@@ -1,11 +1,11 @@
-"""Measurements behind docs/robustness.md (issue 10, items 5 and 6).
+"""Measurements behind docs/robustness.md ("Scale-out" and "Memory guard and sub-batches").
 
     python examples/robustness_measurements.py clamps       # the covariance rule under scale-out
     python examples/robustness_measurements.py sub-batches  # sequential sub-batches vs one batch
     python examples/robustness_measurements.py memory       # a 20,000-observation batch, split
 
-``clamps``: DESIGN 2.5's all-reduced update emulated in one process for W ranks (every rank
-factors its own S_r with the same P-, the terms u and d are summed, then applied) on a
+``clamps``: the all-reduced update of docs/design.md, 2.5, emulated in one process for W ranks
+(every rank factors its own S_r with the same P-, the terms u and d are summed, then applied) on a
 realistic problem: scikit-learn's 8x8 digits (1,797 images, 64 features), an MLP
 64-32-10 (tanh) whose 10 softmax outputs per image are the observations (batch mode, both
 layers as sample-grouped Kronecker blocks), 16 images per rank per step, one epoch. For
@@ -58,9 +58,9 @@ def _mlp(seed=0):
 
 def emulate_ranks(world: int, init_cov: float, rule: str, r: float = 0.05, batch: int = 16,
                   floor: float = 1e-12, lr: float = 1.0):
-    """One epoch of DESIGN 2.5 with ``world`` emulated ranks; returns (clamped element-steps
-    fraction, elements at the floor at the end fraction, held-out accuracy, steps, the
-    largest P- d summed over the ranks)."""
+    """One epoch of the all-reduced update (docs/design.md, 2.5) with ``world`` emulated
+    ranks; returns (clamped element-steps fraction, elements at the floor at the end
+    fraction, held-out accuracy, steps, the largest P- d summed over the ranks)."""
     xtr, ytr, xte, yte = digits()
     model = _mlp()
     params = list(model.parameters())

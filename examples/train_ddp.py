@@ -11,7 +11,7 @@ different all-reduces (docs/robustness.md, "Scale-out"):
 * ``--mode batch`` (batch-observation mode, the class scores as observations): each rank's
   batch is its own observation block, and ``KalmanNGD(process_group=...)`` all-reduces the
   two per-parameter terms u = sum_r H_r^T S_r^-1 e_r and d = sum_r diag(H_r^T S_r^-1 H_r)
-  (DESIGN 2.5). DDP's gradient all-reduce never runs: the Jacobian is taken with
+  (docs/design.md, 2.5). DDP's gradient all-reduce never runs: the Jacobian is taken with
   torch.autograd.grad, which does not trigger DDP's gradient hooks. The covariance rule is
   ``"information"``, which cannot be pushed below zero by the summed terms, and the step
   scale is 1/W, since the ranks' steps add up.

@@ -2,7 +2,7 @@
 
 The parameters are a Gaussian N(mu, diag P); every minibatch is an observation and the
 Kalman update is a Fisher-preconditioned step whose size comes from the filter.
-See README.md and DESIGN section 2 for the math.
+See README.md, docs/design.md (section 2) and docs/math.md for the math.
 """
 from . import ops, reference
 from ._version import __version__

@@ -1,6 +1,6 @@
 """Host-side reactions (warnings, counters) to device flags, without stalling the device.
 
-A step is sync-free (DESIGN 4): whether it was skipped is a 0-d bool tensor on the
+A step is sync-free (docs/design.md, 4.2): whether it was skipped is a 0-d bool tensor on the
 parameters' device. Reading it on the host would stall a GPU stream, so a warning that
 depends on it is deferred: on CPU tensors the value is read at once (it is already on the
 host); on CUDA tensors it is copied into pinned host memory without blocking and read once

@@ -1,4 +1,4 @@
-"""Building the observation blocks of batch-observation mode (DESIGN 2.1, issue 12).
+"""Building the observation blocks of batch-observation mode (docs/design.md, 2.1).
 
 ``KalmanNGD.step`` in batch mode gets ``(pred, target)`` from the closure; this module turns
 that into parameter blocks for :func:`kalman_kernels.ops.kalman_step_`:

@@ -1,11 +1,11 @@
-"""Pure-PyTorch reference of the diagonal Kalman filter (DESIGN section 2).
+"""Pure-PyTorch reference of the diagonal Kalman filter (docs/design.md, section 2).
 
 This module is the oracle every other backend is tested against and is what
 ``backend="reference"`` runs. It favours readability over speed: one function per
 equation, and every accumulation is done in float64 whatever the input dtype, so its
 results are the float64 answer rounded once into the state's dtype.
 
-Notation (DESIGN section 2): ``P`` is the diagonal covariance, ``P-`` the predicted one,
+Notation (docs/design.md, section 2): ``P`` is the diagonal covariance, ``P-`` the predicted one,
 ``H`` the (m, n) Jacobian, ``S = H diag(P-) H^T + R`` the innovation covariance,
 ``L`` its Cholesky factor, ``z = L^-1 e`` the whitened residual.
 
@@ -22,7 +22,7 @@ Two groups of functions live here:
   ``kalman_kernels/backends/README.md``; the in-place ones take a 0-d boolean ``ok`` and
   leave their outputs bit-for-bit unchanged when it is false.
 
-Kronecker blocks are *sample-grouped* (DESIGN 2.1, issue 12): inputs A (B, d_in) hold one
+Kronecker blocks are *sample-grouped* (docs/design.md, 2.1): inputs A (B, d_in) hold one
 row per sample and grad_outputs D (B, K, d_out) the K observations of each sample, so
 observation (j, k) has the Jacobian row vec(D[j, k] A[j]^T), in row-major (j, k) order.
 K = 1 (grad_outputs (B, d_out)) is the plain block of one observation per input row.
@@ -37,10 +37,10 @@ import torch
 F64 = torch.float64
 
 #: Relative jitters tried, in order, when the Cholesky factorisation of S fails
-#: (DESIGN 2, step 3): S + eps * trace(S) / m * I.
+#: (step 3 of the filter, docs/design.md, 2): S + eps * trace(S) / m * I.
 JITTER_LADDER = (1e-10, 1e-8, 1e-6)
 
-#: Lower bound of the adaptive observation noise (DESIGN 2.3): keeps r > 0 when the
+#: Lower bound of the adaptive observation noise (docs/design.md, 2.3): keeps r > 0 when the
 #: residuals are smaller than the predicted spread.
 ADAPTIVE_NOISE_FLOOR = 1e-8
 
@@ -85,7 +85,7 @@ def pair_products(inputs: torch.Tensor) -> torch.Tensor:
 
 def innovation_cov_kron(inputs: torch.Tensor, grad_outputs: torch.Tensor, cov: torch.Tensor,
                         forgetting: float = 1.0, process_noise: float = 0.0) -> torch.Tensor:
-    """H diag(P-) H^T of a sample-grouped Kronecker block, without building H (DESIGN 2.1).
+    """H diag(P-) H^T of a sample-grouped Kronecker block, without building H (docs/design.md, 2.1).
 
     ``inputs`` A is (B, d_in), ``grad_outputs`` D is (B, K, d_out) (or (B, d_out): K = 1),
     ``cov`` is (d_out, d_in). With Q[j, j', o] = sum_i P-[o, i] a_j,i a_j',i:
@@ -316,7 +316,7 @@ def dense_diag_term(jac: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
 
 def kron_step_direction(inputs: torch.Tensor, grad_outputs: torch.Tensor,
                         coef: torch.Tensor) -> torch.Tensor:
-    """H^T c = sum_j (sum_k c_jk D[j, k]) A[j]^T, shaped like the weight (DESIGN 2.1)."""
+    """H^T c = sum_j (sum_k c_jk D[j, k]) A[j]^T, shaped like the weight (docs/design.md, 2.1)."""
     d = grouped(grad_outputs).to(F64)
     c = coef.to(F64).reshape(d.shape[0], d.shape[1])
     dc = torch.einsum("jk,jko->jo", c, d)                       # (B, d_out)
@@ -378,12 +378,12 @@ def fused_update_kron_(weight: torch.Tensor, cov: torch.Tensor, inputs: torch.Te
 
 def step_terms_dense(jac: torch.Tensor, coef: torch.Tensor, whitening: torch.Tensor):
     """(H^T c, diag(H^T F^T F H)) of a dense block, flat (n,), for the all-reduced update
-    of DESIGN 2.5."""
+    of docs/design.md, 2.5."""
     return dense_step_direction(jac, coef), dense_diag_term(jac, whitening)
 
 
 def step_terms_kron(inputs, grad_outputs, coef, whitening):
-    """(H^T c, diag(H^T F^T F H)) of a Kronecker block, each (d_out, d_in) (DESIGN 2.5)."""
+    """(H^T c, diag(H^T F^T F H)) of a Kronecker block, each (d_out, d_in) (docs/design.md, 2.5)."""
     return (kron_step_direction(inputs, grad_outputs, coef),
             kron_diag_term(inputs, grad_outputs, whitening))
 
@@ -393,7 +393,7 @@ def apply_terms_(param: torch.Tensor, cov: torch.Tensor, direction: torch.Tensor
                  process_noise: float, cov_floor: float, cov_ceiling: float,
                  information: bool) -> None:
     """In place, when ``ok``: param += P- (.) direction ; cov = rule(P-, diag_term)
-    (DESIGN 2.5; ``direction`` already carries lr * s)."""
+    (docs/design.md, 2.5; ``direction`` already carries lr * s)."""
     p_pred = predict_cov(cov.reshape(-1).to(F64), forgetting, process_noise)
     new_param = mean_step(param.reshape(-1), p_pred, direction.reshape(-1), 1.0)
     new_cov = cov_update(p_pred, diag_term.reshape(-1).to(F64), cov_floor, cov_ceiling, information)
@@ -402,7 +402,7 @@ def apply_terms_(param: torch.Tensor, cov: torch.Tensor, direction: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------
-# Loss-observation mode (DESIGN 2.2)
+# Loss-observation mode (docs/design.md, 2.2)
 # --------------------------------------------------------------------------------------
 def loss_quad_form(grads: Sequence[torch.Tensor], covs: Sequence[torch.Tensor],
                    forgetting: float = 1.0, process_noise: float = 0.0) -> torch.Tensor:
@@ -441,7 +441,7 @@ def loss_innovation(quad_form: Scalar, obs_noise: Scalar) -> Scalar:
 
 
 # --------------------------------------------------------------------------------------
-# Adaptive observation noise (DESIGN 2.3)
+# Adaptive observation noise (docs/design.md, 2.3)
 # --------------------------------------------------------------------------------------
 def adapt_obs_noise(obs_noise: Scalar, rate: float, residual: torch.Tensor,
                     predicted_spread: Scalar, floor: float = ADAPTIVE_NOISE_FLOOR):
@@ -458,7 +458,7 @@ def adapt_obs_noise(obs_noise: Scalar, rate: float, residual: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------
-# Full-covariance filter: a test oracle and an option for tiny models (DESIGN 5a)
+# Full-covariance filter: a test oracle and an option for tiny models (docs/design.md, 5)
 # --------------------------------------------------------------------------------------
 def full_cov_update(mean: torch.Tensor, cov: torch.Tensor, jac: torch.Tensor,
                     residual: torch.Tensor, obs_noise: torch.Tensor, forgetting: float = 1.0,

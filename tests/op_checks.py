@@ -1,6 +1,6 @@
 """Shared checks of the per-op kernel tests (tests/test_op_*.py).
 
-Tolerances are DESIGN section 5: float64 1e-10; float32 1e-5 elementwise and 1e-4 for
+Tolerances (docs/design.md, section 5): float64 1e-10; float32 1e-5 elementwise and 1e-4 for
 reductions over n; bf16 / fp16 parameters 1e-2. Errors are measured per element against
 the float64 answer, relative to the magnitude of the terms that make up that element (the
 condition scale of the sum: the same sum over absolute values), and NaN never passes.
@@ -19,7 +19,7 @@ def cov_dtype_for(param_dtype):
 
 
 def tol_for(*dtypes, reduction: bool = False, exact64: bool = True) -> float:
-    """The DESIGN 5 tolerance for the lowest-precision dtype among ``dtypes``."""
+    """The tolerance for the lowest-precision dtype among ``dtypes``."""
     if any(d in (torch.bfloat16, torch.float16) for d in dtypes):
         return 1e-2
     if all(d == F64 for d in dtypes) and exact64:

@@ -53,7 +53,8 @@ def kalman_step(mu, p, h, e, r, *, lr=1.0, lam=1.0, q=0.0, p_min=0.0, p_max=np.i
 
 def loss_step(mu, p, g, loss, r, *, target=0.0, lr=1.0, lam=1.0, q=0.0, p_min=0.0,
               p_max=np.inf, rule="kalman"):
-    """DESIGN 2.2 written as the m = 1 case of the full-matrix filter with H = g^T."""
+    """Loss-observation mode (docs/design.md, 2.2) written as the m = 1 case of the
+    full-matrix filter with H = g^T."""
     mu_new, p_new, S, d2, s = kalman_step(mu, p, np.asarray(g, dtype=np.float64).reshape(1, -1),
                                           [target - loss], r, lr=lr, lam=lam, q=q, p_min=p_min,
                                           p_max=p_max, rule=rule)

@@ -1,4 +1,4 @@
-"""ops.class_head_update_ (DESIGN 2.6) against the dense Kalman update over the whole head.
+"""ops.class_head_update_ (docs/design.md, 2.6) against the dense Kalman update over the whole head.
 
 The oracle is ``kalman_kernels.ops.kalman_update_`` on the reference backend with one
 DenseBlock for the weight and one for the bias, whose Jacobian is the (B K) x (K d) matrix

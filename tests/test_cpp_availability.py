@@ -1,4 +1,4 @@
-"""cpp backend availability (issue 3, item 6) and the run-time choice of instruction set.
+"""cpp backend availability (docs/cpp_backend.md) and the run-time choice of instruction set.
 
 The missing-extension cases run in a subprocess whose import system refuses
 ``kalman_kernels._C``, as on a machine where the build failed.

@@ -347,7 +347,7 @@ def test_gpu_results_are_bit_identical_run_to_run():
 
 
 def _loss_step(params, grads, covs, loss, r, lr):
-    """A loss-observation step on device tensors (DESIGN 2.2): kernels + the scalar work,
+    """A loss-observation step on device tensors (docs/design.md, 2.2): kernels + the scalar work,
     no host reads."""
     quad = cuda_backend.loss_quad_form(grads, covs, 0.95, 1e-4)
     s = quad + r

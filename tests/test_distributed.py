@@ -1,4 +1,4 @@
-"""DESIGN 2.5 on real processes (issue 10, item 4): ranks observe their own batches and
+"""Scale-out (docs/design.md, 2.5) on real processes: ranks observe their own batches and
 apply one identical, all-reduced update.
 
 One spawn per world size runs every scenario (starting a process costs seconds here):
@@ -260,7 +260,7 @@ def _unflatten(model, mu):
 
 
 def _emulate(seed, world, mode, steps, rule, nan_step=NAN_STEP, lr=HYPER["lr"]):
-    """Single-process float64 NumPy emulation of DESIGN 2.5's block-diagonal update."""
+    """Single-process float64 NumPy emulation of the block-diagonal update (docs/design.md, 2.5)."""
     model = _model()
     mu = np.concatenate([p.detach().reshape(-1).numpy() for p in model.parameters()])
     cov = np.full(mu.size, HYPER["init_cov"])

@@ -64,7 +64,7 @@ def test_matches_full_matrix_oracle(rng, backend, dtype, m):
                               process_noise=q, backend=backend)
     assert not info.skipped
     tol = TOL[dtype]
-    # S and d2 are reductions over n: the reduction tolerance of DESIGN 5.
+    # S and d2 are reductions over n: the reduction tolerance (docs/design.md, 5).
     red_tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 1e-2)
     assert rel_err(info.innovation_cov, s_exp) <= red_tol
     assert abs(info.mahalanobis - d2_exp) <= red_tol * d2_exp
@@ -136,7 +136,8 @@ def test_kron_block_equals_dense_block_of_outer_products(rng):
 
 
 def test_exact_case_one_parameter_per_observation(rng):
-    """DESIGN 5(b): H with one non-zero per row and column keeps the diagonal filter exact."""
+    """Exact case 2 (docs/design.md, 5): H with one non-zero per row and column keeps the
+    diagonal filter exact."""
     from kalman_kernels.reference import full_cov_update
     n, m, steps = 40, 8, 30
     mu = torch.tensor(rng.standard_normal(n))

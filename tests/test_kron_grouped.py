@@ -1,10 +1,10 @@
-"""Sample-grouped Kronecker blocks through the public step (issue 12), on every backend.
+"""Sample-grouped Kronecker blocks through the public step, on every backend.
 
 A block whose output gradients are (B, K, d_out) against inputs (B, d_in) must give exactly
 the step of the same Jacobian written out: the ungrouped block (each input row repeated K
 times) and the dense Jacobian, in float64 to 1e-10 (and the NumPy full-matrix oracle), for
 K in {1, 2, 7, 10}, B in {1, 3, 32}, odd layer sizes, a bias block, several tracked layers
-sharing one S, both covariance rules, gate on; float32 within DESIGN 5's tolerances.
+sharing one S, both covariance rules, gate on; float32 within the tolerances of docs/design.md, 5.
 Then through KalmanNGD.track: tracked (grouped) steps equal untracked (dense Jacobian) steps.
 """
 import copy
@@ -110,7 +110,7 @@ def test_grouped_equals_ungrouped_dense_and_oracle_float64(kb, shape, rule):
 @pytest.mark.parametrize("shape", [(3, 7), (32, 10)], ids=lambda s: f"B{s[0]}K{s[1]}")
 def test_grouped_float32_within_tolerance(kb, shape):
     """float32 blocks against the float64 answer from the same (rounded) inputs, every
-    element on the scale of the terms it is formed from (DESIGN 5): for the mean
+    element on the scale of the terms it is formed from (docs/design.md, 5): for the mean
     |mu| + P- |H|^T |c|, for the covariance P- + P-^2 (|H|^T |S^-1| |H|)_ii. With m = 320
     observations of small layers the posterior shrinks P by orders of magnitude, so a
     relative error of the small result would measure the cancellation, not the kernel."""

@@ -1,4 +1,4 @@
-"""Loss-observation mode (DESIGN 2.2) against the m = 1 full-matrix oracle."""
+"""Loss-observation mode (docs/design.md, 2.2) against the m = 1 full-matrix oracle."""
 import math
 
 import numpy as np

@@ -82,7 +82,7 @@ def _dense_step(be, param, cov, x, y, r: float):
 
 
 def _loss_step(be, params, covs, x, y, r: float, lr: float):
-    """One loss-observation step (DESIGN 2.2) of a linear model with analytic gradients."""
+    """One loss-observation step (docs/design.md, 2.2) of a linear model with analytic gradients."""
     w, b = params
     resid = x @ w + b - y
     loss = 0.5 * resid.pow(2).mean()

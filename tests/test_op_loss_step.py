@@ -1,5 +1,5 @@
-"""loss_quad_form / loss_step_ (DESIGN 2.2, the multi-tensor loss-observation step) on every
-backend, against the float64 answer; the skip predicate ``ok``; empty lists."""
+"""loss_quad_form / loss_step_ (the multi-tensor loss-observation step, docs/design.md, 2.2) on
+every backend, against the float64 answer; the skip predicate ``ok``; empty lists."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """step_terms_dense / step_terms_kron / apply_terms_ (the per-parameter terms that ranks
-all-reduce, DESIGN 2.5) on every backend, against the float64 answer."""
+all-reduce, docs/design.md, 2.5) on every backend, against the float64 answer."""
 import pytest
 import torch
 

@@ -413,7 +413,7 @@ def test_the_three_loss_closures_give_the_same_step(rng, reduce_in_backward):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert rel_err(b, a) <= 1e-12
-    # and the first step equals the oracle of DESIGN 2.2
+    # and the first step equals the loss-mode oracle (docs/design.md, 2.2)
     model = copy.deepcopy(base)
     opt = kk.KalmanNGD(model.parameters(), init_cov=0.05, obs_noise=0.3)
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the step (issue 10, item 1), on every available backend.
+"""Property-based tests of the step (docs/robustness.md), on every available backend.
 
 Hypothesis draws random problems: shapes (m from 1 to 64 observations, parameter tensors
 from 1 to 1e5 elements, one to three blocks, dense and sample-grouped Kronecker), scales of
@@ -8,8 +8,8 @@ injected at random positions. After every step, either
 
 * the step was applied: all state is finite, P lies in [cov_floor, cov_ceiling] (up to the
   storage dtype's rounding of the bounds), and the state equals the float64 reference's
-  (backend "reference" on float64 copies of the same stored inputs) within DESIGN 5's
-  tolerances, each element's error measured against the magnitude of the terms it is made
+  (backend "reference" on float64 copies of the same stored inputs) within the tolerances of
+  docs/design.md, 5, each element's error measured against the magnitude of the terms it is made
   of (as tests/op_checks.py does: the Kalman covariance update cancels where an observation
   pins a parameter, and a float32 kernel cannot do better than that); or
 * the step was skipped, and every parameter and covariance is bit-for-bit unchanged.
@@ -154,7 +154,7 @@ def _as64(blocks, e, r):
 
 
 def _term_scales(pre, blocks, oracle, hp, e):
-    """Per element, the magnitude of the terms each new value is made of (DESIGN 5 measures
+    """Per element, the magnitude of the terms each new value is made of (docs/design.md, 5 measures
     errors against it, as tests/op_checks.py does): for mu_i, |mu_i| + P-_i sum_j |H_ji c_j|;
     for P_i under the Kalman rule, P-_i + P-_i^2 sum_l (sum_j |F_lj H_ji|)^2 (the update
     cancels where an observation pins a parameter); under the information rule, the new P_i

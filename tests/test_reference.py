@@ -1,4 +1,4 @@
-"""The reference equations on their own: exact cases and helpers (DESIGN 2, 5)."""
+"""The reference equations on their own: exact cases and helpers (docs/design.md, 2 and 5)."""
 import numpy as np
 import pytest
 import torch
@@ -16,7 +16,8 @@ def test_chi2_quantile_matches_scipy(prob, dof):
 
 
 def test_sequential_full_covariance_filter_is_bayesian_linear_regression(rng):
-    """DESIGN 5(a): batches of a linear-Gaussian model give the closed-form posterior."""
+    """Exact case 1 (docs/design.md, 5): batches of a linear-Gaussian model give the
+    closed-form posterior."""
     n, batches, m, r = 6, 7, 5, 0.3
     w_true = rng.standard_normal(n)
     prior_mean = rng.standard_normal(n) * 0.1

@@ -1,5 +1,5 @@
-"""Issue 10: bad inputs (item 7), the overflow guard, diagnostics (item 3), the memory
-guard and sequential sub-batches (item 6). Every test that runs a step runs it on every
+"""Robustness (docs/robustness.md): bad inputs, the overflow guard, diagnostics, the memory
+guard and sequential sub-batches. Every test that runs a step runs it on every
 backend that runs the step on CPU tensors here (tests/step_backends.py)."""
 import copy
 import math
@@ -363,7 +363,8 @@ def test_workspace_estimate_counts_the_m_by_m_matrices():
 # ====================================================================== sub-batches
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sub_batches_equal_one_batch_where_the_diagonal_filter_is_exact(backend, rng):
-    """H with one non-zero per row and column (DESIGN 5b): the diagonal filter is the exact
+    """H with one non-zero per row and column (exact case 2 of docs/design.md, 5): the diagonal
+    filter is the exact
     posterior, so sequential sub-batches equal one batch update, predict step included."""
     n, m = 40, 24
     jac = torch.zeros(m, n, dtype=F64)

@@ -1,4 +1,4 @@
-"""Long run (issue 10, item 2): 10,000 steps on a drifting linear-Gaussian problem.
+"""Long run (docs/robustness.md, "Long runs"): 10,000 steps on a drifting linear-Gaussian problem.
 
 The truth theta_t (n = 20) is a random walk, theta_t = theta_{t-1} + w_t with
 w_t ~ N(0, q I), q = 1e-4; every step observes m = 4 random projections

@@ -1,4 +1,4 @@
-"""The public step reads no device value on the host (DESIGN 4, issue 7).
+"""The public step reads no device value on the host (docs/design.md, 4.2).
 
 * ``torch.compile(..., fullgraph=True)`` of functions that call ``ops.kalman_update_``
   (dense and Kronecker blocks, gate on), ``ops.kalman_step_`` (adaptive noise on) and

@@ -122,7 +122,7 @@ if kk.backends()["triton"]:
     raised = text.split("RAISED", 1)[1]
     assert "triton" in raised
     if not GPU and HAVE_TRITON:
-        # available wherever triton imports (issue 8), but it serves no device here
+        # available wherever triton imports, but it serves no device here
         assert "AVAILABLE True" in text
         assert "does not run on cpu tensors" in raised
         assert "TRITON_INTERPRET" in raised and "To get it" in raised
@@ -455,7 +455,8 @@ def test_kalman_ngd_end_to_end_matches_reference(mode):
         xs, ys = x.to(DEVICE), y.to(DEVICE)
         for _ in range(3):
             if mode == "loss":
-                def closure():          # the optimizer differentiates the loss (DESIGN 2.2)
+                # the optimizer differentiates the loss (docs/design.md, 2.2)
+                def closure():
                     opt.zero_grad()
                     return ((model(xs) - ys) ** 2).mean()
             else:

@@ -602,7 +602,7 @@ void update_tiles(const Packer& pack, void* param, KKType pt, void* cov, KKType 
 }
 
 // ---------------------------------------------------------------------------------------
-// Loss-observation mode (DESIGN 2.2): multi-tensor reduction and elementwise step
+// Loss-observation mode (docs/design.md, 2.2): multi-tensor reduction and elementwise step
 // ---------------------------------------------------------------------------------------
 constexpr int64_t kChunk = int64_t(1) << 16;  // elements per parallel work item
 constexpr int64_t kStage = 2048;              // elements per staged sub-block
@@ -677,8 +677,8 @@ void loss_range(void* p, KKType pt, const void* g, KKType gt, void* c, KKType ct
 }
 
 // ---------------------------------------------------------------------------------------
-// Step terms of the distributed update (DESIGN 2.5): the fused update's two column terms,
-// written out instead of applied (dir = H^T coef, diag = sum_l (F H)[l]^2).
+// Step terms of the distributed update (docs/design.md, 2.5): the fused update's two column
+// terms, written out instead of applied (dir = H^T coef, diag = sum_l (F H)[l]^2).
 // ---------------------------------------------------------------------------------------
 template <typename Acc, typename Packer>
 void terms_tiles(const Packer& pack, int64_t m, int64_t n, const double* coef, const double* f,
@@ -1104,7 +1104,8 @@ void loss_step(int64_t count, void* const* params, const KKType* pt, const void*
   const int64_t nc = static_cast<int64_t>(chunks.size());
   // Chunks are visited in the reverse of quad_form's order: the data that pass read last
   // (still in the last-level cache) is what this pass reads first, which saves up to a
-  // cache's worth of the grads / covs re-read (DESIGN 2.2: the reduction must finish first).
+  // cache's worth of the grads / covs re-read (the reduction must finish before the step can
+  // start: docs/design.md, 2.2).
   int64_t total_numel = 0;
   for (int64_t t = 0; t < count; ++t) total_numel += numel[t];
   run_items(nc, total_numel >= 4 * kChunk, [] { return 0; }, [&](int64_t i, int&) {

@@ -196,7 +196,8 @@ class Kernels:
                              bool(information))
 
     def step_terms_dense(self, jac: torch.Tensor, coef: torch.Tensor, whitening: torch.Tensor):
-        """(H^T coef, diag(H^T F^T F H)), each (n,): the terms ranks all-reduce (DESIGN 2.5)."""
+        """(H^T coef, diag(H^T F^T F H)), each (n,): the terms ranks all-reduce
+        (docs/design.md, 2.5)."""
         self._check_device("step_terms_dense", jac=jac, coef=coef, whitening=whitening)
         return self._ops.step_terms_dense(self._rows(jac), coef, whitening)
 

@@ -1,4 +1,4 @@
-"""Move the loss-mode reduction into the backward pass (DESIGN 2.2).
+"""Move the loss-mode reduction into the backward pass (docs/design.md, 2.2).
 
 The loss-observation step needs g^T P- g over every parameter before it can update any of
 them. Computed after backward, that is one extra read of every gradient and covariance.

@@ -12,7 +12,7 @@ Semantics are those of the functions of the same name in :mod:`kalman_kernels.re
 (see ``kalman_kernels/backends/README.md``). In short:
 
 * ``ok`` is a 0-d ``bool`` tensor on the ops' device: when it is false an in-place op
-  writes nothing (the skip predicate of a sync-free step, DESIGN 4);
+  writes nothing (the skip predicate of a sync-free step, docs/design.md, 4.2);
 * ``coef`` (m,), ``whitening`` (m, m), and the loss step's ``coef`` / ``weight`` (0-d) are
   float64 tensors on the ops' device;
 * Kronecker blocks are sample-grouped: ``inputs`` (B, d_in), ``grad_outputs``

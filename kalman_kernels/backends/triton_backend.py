@@ -61,7 +61,7 @@ DEVICES = {"cuda": CUDA_PRIORITY}
 if INTERPRET:
     DEVICES["cpu"] = None
 
-# Available wherever triton imports (issue 8); without a GPU it serves no device here, and
+# Available wherever triton imports; without a GPU it serves no device here, and
 # asking for it on CPU tensors outside the interpreter raises (registry), naming HOW_TO_GET.
 
 NAMESPACE = schema.define(schema.TRITON_NAMESPACE)
@@ -406,13 +406,14 @@ def loss_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 
 
 def step_terms_dense(jac: torch.Tensor, coef: torch.Tensor, whitening: torch.Tensor):
-    """(H^T coef, diag(H^T F^T F H)), each (n,), for the all-reduced update (DESIGN 2.5)."""
+    """(H^T coef, diag(H^T F^T F H)), each (n,), for the all-reduced update
+    (docs/design.md, 2.5)."""
     return _ops.step_terms_dense(jac.reshape(jac.shape[0], -1), coef, whitening)
 
 
 def step_terms_kron(inputs: torch.Tensor, grad_outputs: torch.Tensor, coef: torch.Tensor,
                     whitening: torch.Tensor):
-    """The two Kronecker terms, each (d_out, d_in) (DESIGN 2.5)."""
+    """The two Kronecker terms, each (d_out, d_in) (docs/design.md, 2.5)."""
     return _ops.step_terms_kron(inputs, _grouped(grad_outputs), coef, whitening)
 
 
@@ -420,7 +421,7 @@ def apply_terms_(param: torch.Tensor, cov: torch.Tensor, direction: torch.Tensor
                  diag_term: torch.Tensor, ok: torch.Tensor, forgetting: float,
                  process_noise: float, cov_floor: float, cov_ceiling: float,
                  information: bool) -> None:
-    """In place when ok: param += P- direction ; cov = rule(P-, diag_term) (DESIGN 2.5)."""
+    """In place when ok: param += P- direction ; cov = rule(P-, diag_term) (docs/design.md, 2.5)."""
     _ops.apply_terms_(param, cov, direction, diag_term, _pred(ok, param.device),
                       _f(forgetting), _f(process_noise), _f(cov_floor), _ceiling(cov_ceiling),
                       bool(information))

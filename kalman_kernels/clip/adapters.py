@@ -3,7 +3,7 @@
 Every adapter maps cached features x_j to class scores ``scores(x)`` (m, K), and every
 trainable tensor is an ``nn.Linear`` weight whose input for image j is one vector built from
 row j only. So observation (j, k) depends on a layer only through batch row j, which is the
-condition for the Kronecker-structured Jacobian of DESIGN 2.1 (``KalmanNGD.track``): the
+condition for the Kronecker-structured Jacobian (docs/design.md, 2.1; ``KalmanNGD.track``): the
 filter never materialises the (m K) x n Jacobian.
 
 * ``LinearHead``: text-initialised linear head with a bias. Input: the normalised image
@@ -12,7 +12,7 @@ filter never materialises the (m K) x n Jacobian.
   plain, score_jk = w_k . a_j + b_k (a cosine at the prior mean, a dot product after it), and
   cosine (``normalize_rows=True``), score_jk = (w_k / |w_k|) . a_j + b_k, a cosine at every
   point. Either way observation (j, k) touches row k only: the Kalman step is the exact
-  class-structured one of ``kalman_kernels.ops.class_head`` (DESIGN 2.6), for any K.
+  class-structured one of ``kalman_kernels.ops.class_head`` (docs/design.md, 2.6), for any K.
 * ``ClipAdapter``: CLIP-Adapter residual MLP: g = 0.2 relu(W2 relu(W1 x)) + 0.8 x, with
   W1: D -> D/4, W2: D/4 -> D; score_jk = cosine(g_j, t_k) with fixed text features t_k.
   W2 starts near zero (a near-zero residual: the prior mean is the zero-shot model; exactly
@@ -144,7 +144,7 @@ def observation(adapter: Adapter, x: torch.Tensor, y: torch.Tensor, obs: str
 
 def kron_factors(adapter: Adapter, x: torch.Tensor, y: Optional[torch.Tensor] = None,
                  obs: str = "logits") -> List[Tuple[nn.Linear, torch.Tensor, torch.Tensor]]:
-    """Kronecker factors of the observation Jacobian (DESIGN 2.1), per ``nn.Linear`` layer:
+    """Kronecker factors of the observation Jacobian (docs/design.md, 2.1), per ``nn.Linear`` layer:
     (layer, A (m, d_in), D (m, n_obs_per_row, d_out)) with
     d yhat_{j,k} / d W[o, i] = D[j, k, o] * A[j, i] (and d yhat_{j,k} / d b[o] = D[j, k, o]
     for a layer's bias). ``n_obs_per_row`` is K for ``logits`` and 1 for ``paired``.
@@ -189,7 +189,7 @@ def kron_factors(adapter: Adapter, x: torch.Tensor, y: Optional[torch.Tensor] = 
 def predictive_variance(adapter: Adapter, x: torch.Tensor,
                         cov_of: Callable[[torch.Tensor], torch.Tensor],
                         obs_noise: float, batch_size: int = 512) -> torch.Tensor:
-    """Linearised predictive variance of the ``logits`` observations (DESIGN 2.4), (m, K):
+    """Linearised predictive variance of the ``logits`` observations (docs/design.md, 2.4), (m, K):
     var_jk = H_jk diag(P) H_jk^T + r. For the head (plain or cosine) it is the
     class-structured formula of ``ops.class_head``; for the other adapters
     sum_{o,i} P[o,i] D[j,k,o]^2 A[j,i]^2 (+ sum_o P_b[o] D[j,k,o]^2 for biases) from the

@@ -1,4 +1,4 @@
-"""The Kalman filter of the text-initialised head, class by class (DESIGN 2.6).
+"""The Kalman filter of the text-initialised head, class by class (docs/design.md, 2.6).
 
 ``HeadKalman`` keeps the head's mean (its weight and bias) and diagonal covariance and
 steps them with ``kalman_kernels.ops.class_head.class_head_update_``: the exact Kalman

@@ -4,7 +4,7 @@
     kalman-clip compare --dataset imagefolder:/tmp/textures --shifts ...
 
 They test whether defaults carry over to data whose features fit worse than the built-in
-tasks (the situation issue 11 reports): nothing was chosen on them.
+tasks (where a default chosen on one task can fail): nothing was chosen on them.
 
 * ``textures``: 4 classes (stripes, checkerboard, dots, waves): random colours, scales,
   orientations and phases, pixel noise;

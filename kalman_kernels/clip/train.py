@@ -162,7 +162,7 @@ class TrainConfig:
     def resolved_batch(self, n_classes: int) -> int:
         """The dense Kalman logits path forms S over m K observations (float64, (m K)^2), so
         its batch is capped at m K <= max_obs. The head's class-structured path (plain or
-        cosine logits, DESIGN 2.6) has no cap: its blocks are B x B per class."""
+        cosine logits, docs/design.md, 2.6) has no cap: its blocks are B x B per class."""
         cfg = self.resolved()
         if (cfg.optimizer in ("kalman", "kalman-paper") and cfg.obs in ("logits", "cosine-logits")
                 and cfg.adapter != "head"):

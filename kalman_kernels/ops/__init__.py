@@ -2,16 +2,16 @@
 
 * :func:`kalman_update_` (:mod:`.kalman_update`): one step over parameter blocks
   (:class:`DenseBlock`, :class:`KronBlock`, :mod:`.blocks`) that share one observation;
-* :func:`loss_update_` (:mod:`.loss_update`): the loss-observation step (DESIGN 2.2);
+* :func:`loss_update_` (:mod:`.loss_update`): the loss-observation step (docs/design.md, 2.2);
 * :func:`class_head_update_` (:mod:`.class_head`): the class-structured step of a linear
-  head over K classes (DESIGN 2.6), built from torch ops so it runs on any device;
+  head over K classes (docs/design.md, 2.6), built from torch ops so it runs on any device;
 * :func:`categorical_head_update_` (:mod:`.categorical_head`): the exact step of a softmax
   head observed through its categorical likelihood (same per-class structure).
 
 The passes over the parameters go to a backend (``reference``, ``cpp``, ``triton``,
 ``cuda``); the small m x m work stays here, in float64, on the parameters' device. Nothing
 is written until the inputs have been validated; no step reads a device value on the host
-(DESIGN 4), and a non-finite observation leaves the state unchanged bit for bit.
+(docs/design.md, 4.2), and a non-finite observation leaves the state unchanged bit for bit.
 """
 # Beyond ``__all__``, the ``X as X`` imports re-export on purpose: the argument checks the
 # optimizer calls as ``ops.check_gate`` etc., the ``Block`` union type (for annotations) and

@@ -3,7 +3,7 @@ validation of observation noise and of the tensors a step writes.
 
 Validation reads only metadata (shapes, dtypes, devices, storage ranges), never a tensor's
 value, except for an explicit ``obs_noise`` tensor on the CPU, whose values are checked
-where reading them costs nothing (DESIGN 4: no host round trips inside a step).
+where reading them costs nothing (no host round trips inside a step: docs/design.md, 4.2).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class KalmanInfo:
       noise updates it); ``num_obs``: m;
     * ``cov_clamps``: under ``process_group`` with the ``"kalman"`` rule, the number of
       covariance elements whose summed update went below zero and were clamped to the
-      floor (DESIGN 2.5); None elsewhere (a single observation cannot do that).
+      floor (docs/design.md, 2.5); None elsewhere (a single observation cannot do that).
     """
 
     __slots__ = ("mahalanobis_tensor", "gate_scale_tensor", "skipped_tensor",
@@ -332,7 +332,7 @@ def check_cov(name: str, value: torch.Tensor, cov) -> None:
                          f"{tuple(value.shape)}; the diagonal covariance is stored per element")
     if cov.dtype not in COV_DTYPES:
         raise TypeError(f"{name}.cov must be float32 or float64, got {cov.dtype}; covariances "
-                        f"are kept at least in float32 (DESIGN 3)")
+                        f"are kept at least in float32")
     if value.dtype == torch.float64 and cov.dtype != torch.float64:
         raise TypeError(f"{name}.cov is {cov.dtype} for a float64 parameter; use a float64 "
                         f"covariance (never lower precision than the parameter)")
@@ -388,7 +388,8 @@ def _max_of(dtype: torch.dtype) -> float:
 
 def compute_dtype(param: torch.Tensor, cov: torch.Tensor) -> torch.dtype:
     """The dtype a kernel may do a block's per-element math in: float64 only when both the
-    parameter and its covariance are float64 (DESIGN 3: at least float32)."""
+    parameter and its covariance are float64 (covariances and accumulations are at least
+    float32: docs/design.md, 3)."""
     return F64 if (param.dtype == F64 and cov.dtype == F64) else torch.float32
 
 
@@ -397,8 +398,9 @@ def representable_step(params: Sequence[torch.Tensor], covs: Sequence[torch.Tens
                        coef_max: torch.Tensor, weight_max, world: int = 1) -> torch.Tensor:
     """The overflow guard of a step, a 0-d bool device tensor (no host read).
 
-    A step must never make finite state non-finite (issue 10). Two conditions, both on the
-    step's scalars, so they cost O(m^2) work and no pass over the parameters:
+    A step must never make finite state non-finite (docs/robustness.md, "The overflow
+    guard"). Two conditions, both on the step's scalars, so they cost O(m^2) work and no pass
+    over the parameters:
 
     1. every scalar handed to the kernels (``coef`` = lr s S^-1 e, the whitening matrix or
        the loss step's weight) is finite and representable in the dtype the kernels compute
@@ -462,8 +464,8 @@ class CovValueCheck:
     """Checks that covariance tensors hold finite values >= 0 (a negative variance would be
     used as is and yield NaN when sampled), once per tensor *version*.
 
-    Reading values on the host is a synchronisation on a GPU (DESIGN 4), so each tensor is
-    checked when first seen and again only after something else modified it in place
+    Reading values on the host is a synchronisation on a GPU (docs/design.md, 4.2), so each
+    tensor is checked when first seen and again only after something else modified it in place
     (``tensor._version`` changed since this step's own write, recorded with
     :meth:`record`). In steady state (the same tensors every step, written only by the
     step) nothing is read. Nothing is checked while torch.compile traces or on meta

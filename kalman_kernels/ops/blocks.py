@@ -1,5 +1,5 @@
 """Parameter blocks that share one observation: a dense Jacobian, or a Kronecker-structured
-``nn.Linear`` weight (DESIGN 2.1)."""
+``nn.Linear`` weight (docs/design.md, 2.1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,14 +42,15 @@ class DenseBlock:
 
 @dataclass
 class KronBlock:
-    """An ``nn.Linear`` weight (d_out, d_in) whose Jacobian rows are vec(D A^T) (DESIGN 2.1).
+    """An ``nn.Linear`` weight (d_out, d_in) whose Jacobian rows are vec(D A^T)
+    (docs/design.md, 2.1).
 
     ``inputs`` A is (B, d_in), one row per sample; ``grad_outputs`` D is (B, d_out) (one
     observation per row) or (B, K, d_out): the K observations of sample j (e.g. its K class
     scores) share its input A[j], and observation (j, k) has the Jacobian row
     vec(D[j, k] A[j]^T). The m = B K observations are ordered (j, k) row-major, as
     ``pred.reshape(-1)`` of a (B, K) prediction. The kernels' work is then
-    O(B^2 (d_in d_out + K^2 d_out)), not O((B K)^2 d_in d_out) (issue 12).
+    O(B^2 (d_in d_out + K^2 d_out)), not O((B K)^2 d_in d_out).
     """
 
     weight: torch.Tensor

@@ -1,4 +1,4 @@
-"""The class-structured Kalman step of a linear head over K classes (DESIGN 2.6).
+"""The class-structured Kalman step of a linear head over K classes (docs/design.md, 2.6).
 
 A head W (K x d, rows w_k) with bias b on a batch of B feature vectors a_j (rows of A) scores
 observation (j, k) as
@@ -226,9 +226,9 @@ def _pair_index(b: int, device):
 
 
 def _factor_with_ladder(s: torch.Tensor):
-    """Batched Cholesky of (n, B, B) float64 blocks with the jitter ladder of DESIGN 2 step 3,
-    evaluated on the device: every rung is factored for every block and the first rung that
-    succeeded is kept per block. Returns (L, jitter (n,), ok (n,) bool)."""
+    """Batched Cholesky of (n, B, B) float64 blocks with the jitter ladder of step 3
+    (docs/design.md, 2), evaluated on the device: every rung is factored for every block
+    and the first rung that succeeded is kept per block. Returns (L, jitter (n,), ok (n,) bool)."""
     factor, info = torch.linalg.cholesky_ex(s)
     ok = info == 0
     jitter = torch.zeros(s.shape[0], dtype=F64, device=s.device)
@@ -268,7 +268,7 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
                        gate: Optional[float] = None, cov_update: str = "kalman",
                        normalize_rows: bool = False, adaptive_rate: float = 0.0,
                        chunk_size: int = DEFAULT_CHUNK) -> ClassHeadInfo:
-    """One exact Kalman step, in place, of a K-class linear head (DESIGN 2.6).
+    """One exact Kalman step, in place, of a K-class linear head (docs/design.md, 2.6).
 
     ``weight`` (K, d) and ``weight_cov`` (K, d); ``bias`` / ``bias_cov`` (K,) or both None;
     ``features`` A (B, d): the head's input rows (e.g. normalised image embeddings);
@@ -277,8 +277,9 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
     ``normalize_rows``: the scores use the row-normalised weight (cosine scores, module
     docstring); the step is then the exact EKF step linearised at the current weight.
     ``adaptive_rate`` beta > 0 (scalar R only): r <- (1-beta) r + beta max(1e-8, mean(e^2) -
-    mean(diag(H P- H^T))) before S is formed (DESIGN 2.3); the r used is ``info.obs_noise``.
-    ``gate``: chi-square probability over the B K observations (DESIGN 2.3).
+    mean(diag(H P- H^T))) before S is formed (docs/design.md, 2.3); the r used is
+    ``info.obs_noise``.
+    ``gate``: chi-square probability over the B K observations (docs/design.md, 2.3).
     Other hyper-parameters as in :func:`kalman_kernels.ops.kalman_update_`.
 
     Work: two GEMMs with inner size B(B+1)/2, one with inner size B, K batched B x B Cholesky
@@ -314,7 +315,7 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
             q = (p_w * u * u).sum(1).to(F64)                    # (K,)
             inv_n2 = (1.0 / norms.to(F64)) ** 2                 # (K,)
 
-        # --- observation noise (and its adaptive update, DESIGN 2.3) -------------------
+        # --- observation noise (and its adaptive update, docs/design.md, 2.3) ----------
         r_obs = _noise_per_obs(obs_noise, b, k, device)         # (K, B) float64
         r_scalar = None
         if not isinstance(obs_noise, torch.Tensor) or obs_noise.dim() == 0:
@@ -436,7 +437,7 @@ def class_head_predictive_variance(weight: torch.Tensor, weight_cov: torch.Tenso
                                    bias_cov: Optional[torch.Tensor], features: torch.Tensor,
                                    obs_noise: Union[float, torch.Tensor] = 0.0, *,
                                    normalize_rows: bool = False) -> torch.Tensor:
-    """Linearised predictive variance of every score (DESIGN 2.4), (B, K):
+    """Linearised predictive variance of every score (docs/design.md, 2.4), (B, K):
     var_jk = h_jk^T diag(P_k) h_jk + P_bk + r, with h_jk the Jacobian row of score (j, k)
     (plain or cosine, as in :func:`class_head_update_`)."""
     cdt = F64 if weight.dtype == F64 else torch.float32

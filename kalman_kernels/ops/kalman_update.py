@@ -1,18 +1,18 @@
 """``kalman_update_``: one Kalman step over parameter blocks that share one observation.
 
-DESIGN section 2 end to end: every block contributes to one innovation covariance S (m x m,
-float64); S is factored once; every block is updated with the same factor. The passes over
-the parameters go to a backend; the m x m work stays here, in float64, on the parameters'
-device.
+The filter of docs/design.md, section 2, end to end: every block contributes to one
+innovation covariance S (m x m, float64); S is factored once; every block is updated with
+the same factor. The passes over the parameters go to a backend; the m x m work stays here,
+in float64, on the parameters' device.
 
-The step never reads a device value on the host (DESIGN 4): non-finite inputs are detected
-from S and the residual (NaN/Inf in H, A or D always reaches S), the jitter ladder, gate,
+The step never reads a device value on the host (docs/design.md, 4.2): non-finite inputs are
+detected from S and the residual (NaN/Inf in H, A or D always reaches S), the jitter ladder, gate,
 adaptive noise, the overflow guard and the skip decision are device tensors, and a skipped
 step reaches the kernels as ``ok = False``, which leaves every tensor bit-for-bit
 unchanged. So the step runs on a GPU without a synchronisation, under
 ``torch.compile(fullgraph=True)`` and on ``meta`` tensors.
 
-Robustness (issue 10, ``docs/robustness.md``):
+Robustness (``docs/robustness.md``):
 
 * overflow guard: ``ok`` also requires that the step's scalars are representable in the
   kernels' dtype and that the step on every parameter stays within half its dtype's range
@@ -145,7 +145,7 @@ def _factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate, world=1):
     solved = ref.solve_from_whitened(factor, z)              # S^-1 e (float64)
     whiten_kalman = ref.whitening_matrix(factor)             # L^-1
     whiten_info = noise_whitening(r, m) if any(hp.information for hp in hypers) else None
-    # Overflow guard (issue 10): scalars representable, step within the dtype's range.
+    # Overflow guard (docs/robustness.md): scalars representable, step within the dtype's range.
     w_max = {False: whiten_kalman.abs().amax()}
     if whiten_info is not None:
         w_max[True] = whiten_info.abs().amax()
@@ -219,7 +219,7 @@ def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual:
 
     ``hypers[i]`` holds block i's lr / forgetting / process noise / floor / ceiling / rule.
     ``obs_noise`` is a float, a 0-d / (m,) / (m, m) tensor. With ``adaptive_rate`` > 0 a
-    scalar noise is first moved towards the innovation-based estimate of DESIGN 2.3 (not
+    scalar noise is first moved towards the innovation-based estimate of docs/design.md, 2.3 (not
     when the observation is non-finite), and the updated value is used for this step and
     returned in ``info.obs_noise_tensor``. Raises only for bad input (before any write).
 
@@ -232,7 +232,7 @@ def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual:
     (docs/robustness.md). A non-finite value
     anywhere skips the whole step (checked before the first sub-batch); a sub-batch whose
     factorisation fails or that would overflow is skipped alone. Under ``process_group``
-    the sub-batches are instead independent blocks, like the ranks (DESIGN 2.5).
+    the sub-batches are instead independent blocks, like the ranks (docs/design.md, 2.5).
 
     Distributed only: ``untouched`` are (param, cov, hyper) that the observation does not
     reach (they get zero terms, so every rank all-reduces the same layout), ``param_order``
@@ -348,8 +348,9 @@ def _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds
 
 def _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, process_group,
                        bounds, untouched, param_order, rank_key):
-    """DESIGN 2.5: all-reduce u = sum_r H_r^T c_r and d = sum_r diag(H_r^T W_r H_r), then
-    every rank applies the same update. Local sub-batches are independent blocks too."""
+    """Scale-out (docs/design.md, 2.5): all-reduce u = sum_r H_r^T c_r and
+    d = sum_r diag(H_r^T W_r H_r), then every rank applies the same update. Local
+    sub-batches are independent blocks too."""
     import torch.distributed as dist
     world = dist.get_world_size(process_group)
     device = e.device
@@ -439,7 +440,8 @@ def apply_reduced_terms_(kernels, entries, ok, process_group,
         u, d = flat[offset:offset + n], flat[offset + n:offset + 2 * n]
         offset += 2 * n
         if not hp.information:
-            # P- - P-^2 d < 0 <=> P- d > 1: the floor catches it (DESIGN 2.5's caution).
+            # P- - P-^2 d < 0 <=> P- d > 1: the floor catches it (the caution of
+            # docs/design.md, 2.5).
             # P- d summed over the ranks is the fraction of the prior variance the step
             # removes; near 1 the block-diagonal update is a poor approximation.
             p_pred = cov.reshape(-1).to(d.dtype) / hp.forgetting + hp.process_noise
@@ -478,7 +480,7 @@ def kalman_update_(blocks: Sequence[Block], residual: torch.Tensor, obs_noise, *
 
     ``residual`` is e = y - yhat (m,); ``obs_noise`` is R: a float, an (m,) diagonal or an
     (m, m) matrix. ``lr`` scales the mean step (1 = the exact Kalman update); ``gate`` is a
-    chi-square probability (e.g. 0.999) above which the step is shrunk (DESIGN 2.3).
+    chi-square probability (e.g. 0.999) above which the step is shrunk (docs/design.md, 2.3).
     A non-finite residual or Jacobian, or a step that would overflow the parameters'
     dtype, skips the step, leaves every tensor unchanged bit for bit and warns (on CPU at
     once; on a GPU once the flag has reached the host, checked at the next call; never

@@ -1,4 +1,4 @@
-"""``loss_update_``: the loss-observation step (DESIGN 2.2).
+"""``loss_update_``: the loss-observation step (docs/design.md, 2.2).
 
 One observation yhat = L with target y (0 by default): H = g^T, S = g^T P- g + r. One
 multi-tensor reduction (g^T P- g), then one elementwise pass over every tensor. As in
@@ -61,8 +61,8 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
     multi-tensor backend call. ``loss`` and ``obs_noise`` are floats or 0-d tensors.
     ``quad_form`` (g^T P- g, a 0-d tensor) may be supplied when it was accumulated during
     the backward pass. With ``process_group`` every rank observes its own loss and all ranks
-    apply u = sum_r g_r c_r, d = sum_r w_r g_r^2 (DESIGN 2.5); every rank must then pass the
-    same parameters in the same order (zero gradients for those its loss does not reach),
+    apply u = sum_r g_r c_r, d = sum_r w_r g_r^2 (docs/design.md, 2.5); every rank must then
+    pass the same parameters in the same order (zero gradients for those its loss does not reach),
     and ``rank_key`` is the hash of its configuration, compared across ranks at every step.
 
     The step is skipped (state unchanged) when the loss or g^T P- g is not finite, or when
@@ -267,7 +267,7 @@ def loss_update_(params: List[torch.Tensor], grads: List[torch.Tensor], covs: Li
                  forgetting: float = 1.0, process_noise: float = 0.0, cov_floor: float = 0.0,
                  cov_ceiling: float = float("inf"), gate: Optional[float] = None,
                  cov_update: str = "kalman", backend: str = "auto") -> KalmanInfo:
-    """Functional loss-observation step (DESIGN 2.2): one observation yhat = L, target y.
+    """Functional loss-observation step (docs/design.md, 2.2): one observation yhat = L, target y.
 
     S = g^T P- g + r; mu += lr * s * P- g (y - L) / S; P = clamp(P- - P-^2 g^2 / S).
     ``loss`` is a float or a 0-d tensor (read on the device, never on the host). A

@@ -26,7 +26,7 @@ INTERPRET: bool = _flag("TRITON_INTERPRET")
 
 #: ``input_precision`` of the float32 ``tl.dot`` calls. "ieee" (default) is exact float32
 #: FMA arithmetic; "tf32x3" (three TF32 tensor-core passes, about float32 accuracy) and
-#: "tf32" (10-bit mantissa: outside DESIGN 5's tolerances) can be chosen with
+#: "tf32" (10-bit mantissa: outside the tolerances of docs/design.md, 5) can be chosen with
 #: KALMAN_KERNELS_TRITON_DOT_PRECISION. float64 dots are always "ieee".
 DOT_PRECISION: str = os.environ.get("KALMAN_KERNELS_TRITON_DOT_PRECISION", "ieee").strip().lower()
 if DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):

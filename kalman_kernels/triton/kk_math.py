@@ -74,7 +74,7 @@ def mean_step(param, p_pred, direction):
 
 @triton.jit
 def loss_update(param, cov, grad, coef, weight, inv_lam, q, lo, hi, INFORMATION: tl.constexpr):
-    """Loss-observation mode (DESIGN 2.2), one element: mu += coef * P- g ;
+    """Loss-observation mode (docs/design.md, 2.2), one element: mu += coef * P- g ;
     P = rule(P-, weight * g^2). Returns (param, cov)."""
     p_pred = predict(cov, inv_lam, q)
     new_param = param + coef * p_pred * grad

@@ -1,5 +1,5 @@
-"""Sample-grouped Kronecker blocks (DESIGN 2.1 / 2.6): GEMMs against the pairwise products
-of the batch's inputs, never H.
+"""Sample-grouped Kronecker blocks (docs/design.md, 2.1 and 2.6): GEMMs against the pairwise
+products of the batch's inputs, never H.
 
 Notation: A (B, d_in) one row per sample, D (B, K, d_out) the K observations of each
 sample, the weight and its covariance (d_out, d_in), m = B K. The B (B + 1) / 2 sample

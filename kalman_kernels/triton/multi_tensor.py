@@ -1,5 +1,5 @@
-"""Loss-observation mode (DESIGN 2.2): lists of tensors in one launch per phase, and the
-elementwise update of the distributed step (DESIGN 2.5).
+"""Loss-observation mode (docs/design.md, 2.2): lists of tensors in one launch per phase, and the
+elementwise update of the distributed step (docs/design.md, 2.5).
 
 A chunked tensor-list launcher, as fused optimizers do: the tensors of a call (grouped by
 their dtypes, one launch per group) are cut into chunks of ``CHUNK`` elements, and a small
@@ -223,7 +223,7 @@ def loss_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 
 
 # --------------------------------------------------------------------------------------
-# apply_terms_ (DESIGN 2.5)
+# apply_terms_ (docs/design.md, 2.5)
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _apply_terms_kernel(param_ptr, cov_ptr, dir_ptr, diag_ptr, ok_ptr, n,

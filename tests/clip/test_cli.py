@@ -104,7 +104,7 @@ def test_builtin_dataset_with_ood_folder_and_generated_shifts(tmp_path, checkpoi
     assert cfg["prior"] == "fixed" and cfg["prior_variances"] == [pytest.approx(1e-3)]
     assert cfg["obs_noise"] == pytest.approx(1e-2) and cfg["converged"]
     assert "grid" not in cfg  # P0 and c given: nothing selected
-    # the generated shapes task, every method of the table
+    # the generated shapes task, every method of the study's table (docs/clip.md)
     out3 = tmp_path / "o3"
     rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
                    "--dataset", "shapes", "--no-shifts", "--methods",

@@ -84,7 +84,7 @@ def test_observation_jacobian_matches_finite_differences(kind, obs):
     for layer, A, Dm in factors:
         n_per = K if obs == "logits" else 1
         assert A.shape[0] == 7 and Dm.shape[:2] == (7, n_per)
-        # H[(j, k), (o, i)] = D[j, k, o] A[j, i]  (Kronecker structure, DESIGN 2.1)
+        # H[(j, k), (o, i)] = D[j, k, o] A[j, i]  (Kronecker structure, docs/design.md, 2.1)
         H = torch.einsum("jko,ji->jkoi", Dm, A).reshape(7 * n_per, -1)
         ref = fd[names[id(layer.weight)]]
         assert H.shape == ref.shape

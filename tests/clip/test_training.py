@@ -84,8 +84,8 @@ def test_monte_carlo_predictive_uses_posterior_samples():
 
 
 def test_head_logits_batch_is_not_capped_dense_paths_are():
-    """The head's class-structured path (DESIGN 2.6) has no m K cap; the dense-S logits path
-    of the other adapters keeps it."""
+    """The head's class-structured path (docs/design.md, 2.6) has no m K cap; the dense-S
+    logits path of the other adapters keeps it."""
     for obs in ("logits", "cosine-logits"):
         cfg = TrainConfig(optimizer="kalman", obs=obs, batch_size=32, max_obs=2048, epochs=1.0)
         assert cfg.resolved_batch(1000) == 32 and cfg.resolved_steps(2000, 1000) == 63
