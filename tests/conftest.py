@@ -13,6 +13,9 @@ if "TRITON_INTERPRET" not in os.environ:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import random
+import secrets
+
 import numpy as np
 import pytest
 import torch
@@ -46,10 +49,60 @@ def rel_err(actual, expected) -> float:
     return float((a - b).abs().max()) / max(scale, 1e-300)
 
 
+# ---------------------------------------------------------------------- random seeds
+# Tests draw fresh random inputs every run (docs/design.md, 5), so a failure must say which
+# inputs it saw: every test gets its own fresh seed, the global torch / NumPy / random
+# generators are seeded with it, and a failed test's report shows it with the command that
+# replays it. KALMAN_TEST_SEED=<seed> makes every seed below that value instead.
+SEED_ENV = "KALMAN_TEST_SEED"
+
+
+def fresh_seed(bits: int = 31) -> int:
+    """KALMAN_TEST_SEED when set (a replay), else a new seed from the OS's entropy."""
+    fixed = os.environ.get(SEED_ENV, "").strip()
+    return int(fixed) if fixed else secrets.randbits(bits)
+
+
+def draw_seed(bits: int = 31) -> int:
+    """A seed for a test's own generator, drawn from the global NumPy generator that
+    ``random_seed`` seeded for this test: fresh every run, replayed with the test's seed."""
+    return int(np.random.randint(0, 1 << bits))
+
+
+def note_seed(node, what: str, seed: int) -> None:
+    """Record a seed on a pytest node (a test, or a module for module-scoped fixtures) so
+    that a failure of any test under that node reports it."""
+    node.__dict__.setdefault("kk_seeds", []).append((what, seed))
+
+
+@pytest.fixture(autouse=True)
+def random_seed(request) -> int:
+    """This test's seed; the global generators start from it."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    note_seed(request.node, "this test", seed)
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    seeds = [s for node in item.listchain() for s in node.__dict__.get("kk_seeds", [])]
+    if seeds:
+        lines = [f"{what}: {seed}  (replay: {SEED_ENV}={seed} pytest '{item.nodeid}')"
+                 for what, seed in seeds]
+        report.sections.append(("random seeds", "\n".join(lines)))
+
+
 @pytest.fixture
-def rng():
-    """A fresh, unseeded generator every run (inputs differ from run to run)."""
-    return np.random.default_rng()
+def rng(random_seed):
+    """A NumPy generator seeded with this test's fresh seed (inputs differ from run to run)."""
+    return np.random.default_rng(random_seed)
 
 
 from kernel_backends import params as _kernel_backend_params  # noqa: E402

@@ -60,7 +60,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import kalman_kernels as kk
-from conftest import rel_err
+from conftest import fresh_seed, note_seed, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -329,21 +329,23 @@ def _spawn(world, seed):
 _SPAWNED = {}
 
 
-def _spawned(world):
+def _spawned(world, request):
     if world not in _SPAWNED:
-        seed = int(np.random.default_rng().integers(1 << 20))
+        # module-scoped: its own fresh seed, reported with every test of this module that fails
+        seed = fresh_seed(20)
+        note_seed(request.node, f"the {world} spawned ranks", seed)
         _SPAWNED[world] = (world, seed, _spawn(world, seed))
     return _SPAWNED[world]
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    return _spawned(2)
+def two_ranks(request):
+    return _spawned(2, request)
 
 
 @pytest.fixture(scope="module")
-def three_ranks():
-    return _spawned(3)
+def three_ranks(request):
+    return _spawned(3, request)
 
 
 @pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])

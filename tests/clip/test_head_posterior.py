@@ -2,7 +2,6 @@
 float64 oracle: Newton's method on the MAP objective with autograd Hessians, the Laplace
 evidence and the Laplace covariance."""
 import math
-import os
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ F64 = torch.float64
 
 
 @pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {s}")           # shown on failure: replay with torch.manual_seed(seed)
-    return s
+def seed(random_seed):
+    """The test's fresh seed (tests/conftest.py reports it when the test fails)."""
+    return random_seed
 
 
 def _problem(seed, k=3, d=4, n=13, logit_scale=7.0):
