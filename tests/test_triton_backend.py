@@ -415,15 +415,14 @@ def test_every_kernel_compiles_for_hopper():
     import importlib.util
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton build has no NVIDIA backend")
-    code = ("import json, sys\n"
-            "from kalman_kernels.triton import compile_check as cc\n"
-            "sys.exit(cc.main(['--quick', '--arch', '90', '--json', sys.argv[1]]))\n")
+    tool = ROOT / "tools" / "triton_compile_check.py"
     out_json = ROOT / ".pytest_cache" / "triton_compile_check.json"
     out_json.parent.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", code, str(out_json)], capture_output=True,
-                          text=True, env=env, cwd=str(ROOT), timeout=600)
+    proc = subprocess.run([sys.executable, str(tool), "--quick", "--arch", "90", "--json",
+                           str(out_json)], capture_output=True, text=True, env=env,
+                          cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     import json
     results = json.loads(out_json.read_text())["results"]

@@ -8,9 +8,11 @@ configuration, to PTX and a cubin for NVIDIA Ampere (sm_80) and Hopper (sm_90) w
 Triton's bundled ptxas, and reports per variant the registers, spilled bytes, shared memory
 and whether the streaming loads are 128-bit vectors.
 
-    python -m kalman_kernels.triton.compile_check [--arch 80 90] [--quick] [--json out.json]
+    python tools/triton_compile_check.py [--arch 80 90] [--quick] [--json out.json]
 
-Run it with TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted).
+Run it with TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted). It is
+a development tool, not part of the installed package: it imports the kernels from the
+installed (or, with PYTHONPATH=., the checked-out) ``kalman_kernels``.
 """
 from __future__ import annotations
 
@@ -26,15 +28,15 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
-    raise SystemExit("compile_check: unset TRITON_INTERPRET (the kernels must be compiled)")
+    raise SystemExit("triton_compile_check: unset TRITON_INTERPRET (the kernels must be compiled)")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import dense, kron, multi_tensor  # noqa: E402
-from ._common import DOT_PRECISION  # noqa: E402
+from kalman_kernels.triton import dense, kron, multi_tensor  # noqa: E402
+from kalman_kernels.triton._common import DOT_PRECISION  # noqa: E402
 
 F32, F64, BF16, F16 = "fp32", "fp64", "bf16", "fp16"
 _ACC = {F32: tl.float32, F64: tl.float64}
