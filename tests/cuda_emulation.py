@@ -4,10 +4,11 @@ without a GPU.
 ``backend()`` compiles csrc/cuda/emulated.cpp -- the same kernel source (kernels.cuh) and
 operator layer (ops_impl.h) as the CUDA build, with a host compiler and the fiber-based
 emulator of CUDA threads, barriers and warp shuffles -- registers it for CPU tensors under
-the ``kalman_kernels_cuda_emulated`` namespace (schemas from
-``kalman_kernels/backends/schema.py``) and returns the cuda backend's entry points bound to
-it. The per-op tests run it as the ``cuda-emulated`` variant (tests/kernel_backends.py), so
-the kernels' indexing, tiling, barriers, the skip predicate and the alignment of vector
+the ``kalman_kernels_cuda_emulated`` namespace (schemas, fakes and default kernels from
+``kalman_kernels/backends/library.py``) and returns the one wrapper of the entry points
+(``library.Kernels``) bound to it, as the cuda backend binds it to ``kalman_kernels``. The
+per-op tests run it as the ``cuda-emulated`` variant (tests/kernel_backends.py), so the
+kernels' indexing, tiling, barriers, the skip predicate and the alignment of vector
 accesses are checked here, where no GPU exists. It says nothing about speed.
 
 The build (one host-compiler translation unit, about a minute) is cached in
@@ -18,8 +19,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 from typing import Optional
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "kalman_kernels_cuda_emulated"
@@ -32,9 +31,9 @@ _state = {"kernels": None, "error": None}
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    from kalman_kernels.backends import schema
+    from kalman_kernels.backends import library
 
-    schema.define(NAMESPACE)
+    library.define(NAMESPACE)
     build_dir = ROOT / "build" / "cuda_emulated"
     build_dir.mkdir(parents=True, exist_ok=True)
     load(name="kk_cuda_emulated", sources=[str(s) for s in SOURCES],
@@ -50,9 +49,9 @@ def backend():
         if _state["kernels"] is None and _state["error"] is None:
             try:
                 _build()
-                from kalman_kernels.backends import cuda_backend
-                _state["kernels"] = cuda_backend.Kernels(
-                    getattr(torch.ops, NAMESPACE), "cpu", "cuda (emulated on CPU)")
+                from kalman_kernels.backends import library
+                _state["kernels"] = library.Kernels("cuda", NAMESPACE, ("cpu",),
+                                                    label="cuda (emulated on CPU)")
             except Exception as exc:  # noqa: BLE001 -- reported to every test that needs it
                 _state["error"] = f"{type(exc).__name__}: {exc}"
         if _state["error"] is not None:

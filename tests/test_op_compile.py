@@ -1,19 +1,33 @@
-"""Every op of the schema under torch.compile, for every compiled backend variant:
+"""Every op of the schema under torch.compile, for every registered kernel variant:
 ``torch.library.opcheck`` (schema, fake implementation and kernel agree: shapes, dtypes,
 aliasing, mutation), and fullgraph-compiled steps calling the backend's entry points
-(a graph break is an error) equal the eager steps."""
+(a graph break is an error) equal the eager steps. The reference variant runs the ops'
+default kernels (the reference, registered as CompositeExplicitAutograd: what a device
+without a compiled kernel runs, docs/design.md, 4.3) in a namespace no backend registers
+kernels for."""
+import contextlib
+
 import pytest
 import torch
 
+from kalman_kernels.backends import library
 from op_checks import F64, rand_cov, randn
 
+#: The ops with nothing but their default kernels.
+DEFAULT_ONLY = "kalman_kernels_default_only"
 
-def _compiled_only(kb):
-    if kb.name == "reference":
-        pytest.skip("the reference is plain PyTorch, not registered ops")
+
+@contextlib.contextmanager
+def _registered(kb):
+    """The variant's entry points over registered ops."""
     if kb.interpreted:
         pytest.skip("the interpreted Triton ops have their own compile tests "
                     "(tests/test_triton_backend.py)")
+    if kb.name == "reference":
+        yield library.Kernels("reference", DEFAULT_ONLY)
+        return
+    with kb.active() as be:
+        yield be
 
 
 def _op_cases(kb, dtype):
@@ -51,16 +65,12 @@ def _op_cases(kb, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 def test_opcheck_every_op(kb, dtype):
-    _compiled_only(kb)
-    from kalman_kernels.backends import schema
-    with kb.active() as be:
-        # the op namespace the variant's entry points call (each module keeps it as _ops)
-        ops = getattr(be, "_ops", None)
-        if ops is None:
-            ops = getattr(torch.ops, schema.TRITON_NAMESPACE if kb.name == "triton"
-                          else schema.NAMESPACE)
+    with _registered(kb) as be:
+        # the op namespace the variant's entry points call (a backend module's KERNELS, or
+        # the bound wrapper itself)
+        ops = getattr(be, "KERNELS", be).ops
         cases = _op_cases(kb, dtype)
-        assert set(cases) == set(schema.SCHEMAS), "a schema op has no opcheck case"
+        assert set(cases) == set(library.SCHEMAS), "a schema op has no opcheck case"
         for name, args in cases.items():
             torch.library.opcheck(getattr(ops, name), args)
 
@@ -97,11 +107,10 @@ def _loss_step(be, params, covs, x, y, r: float, lr: float):
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiled_dense_step_fullgraph(kb, compiler):
-    _compiled_only(kb)
     n, m = 33, 8
     x_all, y_all = kb.to(torch.randn(5, m, n)), kb.to(torch.randn(5, m))
     p0, c0 = kb.to(torch.randn(n)), kb.to(rand_cov(n, torch.float32))
-    with kb.active() as be:
+    with _registered(kb) as be:
         torch._dynamo.reset()
         step = lambda p, c, x, y: _dense_step(be, p, c, x, y, 0.1)
         compiled = torch.compile(step, fullgraph=True, backend=compiler)
@@ -119,11 +128,10 @@ def test_compiled_dense_step_fullgraph(kb, compiler):
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiled_loss_step_fullgraph(kb, compiler):
-    _compiled_only(kb)
     x, y = kb.to(torch.randn(5, 16, 6)), kb.to(torch.randn(5, 16))
     w0, b0 = kb.to(torch.randn(6)), kb.to(torch.randn(1))
     c0 = [kb.to(rand_cov(6, torch.float32)), kb.to(rand_cov(1, torch.float32))]
-    with kb.active() as be:
+    with _registered(kb) as be:
         torch._dynamo.reset()
         step = lambda ps, cs, xi, yi: _loss_step(be, ps, cs, xi, yi, 0.5, 0.8)
         compiled = torch.compile(step, fullgraph=True, backend=compiler)

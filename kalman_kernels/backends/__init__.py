@@ -1,20 +1,20 @@
-"""Backend registry: which kernel implementations exist here, and why the others do not.
+"""Backend registry: which kernel implementations exist here, why the others do not, and
+which one ``backend=`` names.
 
-A backend is a module ``kalman_kernels/backends/<name>_backend.py`` exposing the kernel
-entry points of the contract (``kalman_kernels/backends/README.md``; the signatures of the
-functions of the same name in :mod:`kalman_kernels.reference`) and declaring itself:
+A backend is a module ``kalman_kernels/backends/<name>_backend.py`` declaring:
 
 * ``NAME``: its name;
-* ``DEVICES``: ``{device type: priority}``; ``backend="auto"`` takes, for a tensor's
-  device type, the available backend with the highest priority. A priority of ``None``
-  serves that device only when asked for by name (e.g. the Triton interpreter on CPU, a
-  test tool). ``"*"`` matches every device type;
+* ``DEVICES``: the device types it serves (``"*"``: every device type);
+* ``KERNELS`` (compiled backends): the entry points of the contract, the one wrapper of
+  :class:`.library.Kernels` bound to the op namespace its kernels are registered under;
+  the reference backend's entry points are the reference functions themselves;
 * ``UNAVAILABLE_REASON`` (optional): set when the module imports but cannot run here;
 * ``HOW_TO_GET`` (optional): what a user does to get it.
 
-The registry has no per-backend rules. Backends load lazily and the failure reason of one
-that cannot load is kept, so ``backend="cpp"`` on a machine where the extension did not
-build raises with that reason instead of silently running something else.
+``backend="auto"`` follows one rule, :func:`auto` (docs/design.md, 4.4). Backends load at
+import and the failure reason of one that cannot load is kept, so ``backend="cpp"`` on a
+machine where the extension did not build raises with that reason instead of silently
+running something else.
 """
 from __future__ import annotations
 
@@ -25,11 +25,17 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import library
+
 NAMES = ("reference", "cpp", "triton", "cuda")
 
 # name -> (module or None, reason it is unavailable or None)
 _loaded: Dict[str, Tuple[Optional[ModuleType], Optional[str]]] = {}
 _how_to_get: Dict[str, str] = {}
+
+#: The kalman_kernels ops where no compiled kernel serves the device: their default kernel,
+#: the reference, runs (docs/design.md, 4.3).
+_DEFAULT = library.Kernels("reference", library.NAMESPACE)
 
 _DEFAULT_HOW_TO_GET = ("reinstall with `pip install --no-build-isolation -e .` after torch and "
                        "read the build output")
@@ -65,72 +71,72 @@ def backend_errors() -> Dict[str, str]:
     return {name: _load(name)[1] for name in NAMES if _load(name)[0] is None}
 
 
-def _priority(module: ModuleType, device_type: str):
-    """(serves this device?, auto priority or None)."""
-    devices = getattr(module, "DEVICES", {})
-    if device_type in devices:
-        return True, devices[device_type]
-    if "*" in devices:
-        return True, devices["*"]
-    return False, None
+def _serves(module: ModuleType, device_type: str) -> bool:
+    devices = getattr(module, "DEVICES", ())
+    return device_type in devices or "*" in devices
 
 
-def auto_order(device_type: str):
-    """Available backends that ``backend="auto"`` would consider for ``device_type``,
-    highest priority first."""
-    ranked = []
+def _kernels(module: ModuleType):
+    """A backend's entry points: its bound wrapper, or the module (the reference)."""
+    return getattr(module, "KERNELS", module)
+
+
+def auto(device_type: str):
+    """What ``backend="auto"`` runs on ``device_type`` tensors: the ``kalman_kernels`` ops.
+
+    The one rule (docs/design.md, 4.4): PyTorch's dispatcher runs the kernel compiled for the
+    tensors' device (``cpp`` on CPU, ``cuda`` on CUDA GPUs) and, on a device without one,
+    the ops' default kernel, the reference. Triton runs only when named. The entry points
+    returned carry the name of the backend whose kernel will run.
+    """
     for name in NAMES:
         module, _ = _load(name)
-        if module is None:
-            continue
-        serves, prio = _priority(module, device_type)
-        if serves and prio is not None:
-            ranked.append((prio, name))
-    return [name for _, name in sorted(ranked, key=lambda t: -t[0])]
+        kernels = _kernels(module) if module is not None else None
+        if (getattr(kernels, "namespace", None) == library.NAMESPACE
+                and _serves(module, device_type)):
+            return kernels
+    return _DEFAULT
 
 
-#: (name, device) -> module. Every backend is loaded at import and none appears later, so a
-#: resolution never changes; steps resolve their backend each time, right after the backward
-#: pass has flushed the caches, where the ~60 lines of the lookup cost tens of microseconds.
-_resolved: Dict[tuple, ModuleType] = {}
+#: (name, device) -> entry points. Every backend is loaded at import and none appears later,
+#: so a resolution never changes; steps resolve their backend each time, right after the
+#: backward pass has flushed the caches, where the lookup's lines cost tens of microseconds.
+_resolved: Dict[tuple, object] = {}
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` ("auto" picks the fastest available for ``device``)."""
+def resolve(name: str, device: torch.device):
+    """The entry points of backend ``name`` for ``device`` tensors (``"auto"``: :func:`auto`);
+    they carry the backend's name as ``NAME``."""
     try:
         return _resolved[(name, device)]
     except (KeyError, TypeError):             # TypeError: an unhashable device argument
         pass
-    module = _resolve(name, device)
+    kernels = _resolve(name, device)
     try:
-        _resolved[(name, device)] = module
+        _resolved[(name, device)] = kernels
     except TypeError:
         pass
-    return module
+    return kernels
 
 
-def _resolve(name: str, device) -> ModuleType:
+def _resolve(name: str, device):
     device = torch.device(device)
     if name == "auto":
-        order = auto_order(device.type)
-        if not order:
-            raise RuntimeError(f"no backend serves {device.type} tensors")
-        return _load(order[0])[0]
+        return auto(device.type)
     if name not in NAMES:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
     module, reason = _load(name)
     if module is None:
         raise RuntimeError(f"backend={name!r} is not available: {reason}. To get it: "
                            f"{_how_to_get.get(name, _DEFAULT_HOW_TO_GET)}")
-    serves, _ = _priority(module, device.type)
-    if not serves:
-        served = sorted(getattr(module, "DEVICES", {}))
+    if not _serves(module, device.type):
+        served = sorted(getattr(module, "DEVICES", ()))
         hint = _how_to_get.get(name)
         raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors (it serves "
                            f"{', '.join(served) or 'no device here'}); use backend='auto' or "
                            f"move the tensors to a supported device"
                            + (f". To get it: {hint}" if hint else ""))
-    return module
+    return _kernels(module)
 
 
 def _require_cpp_if_asked() -> None:

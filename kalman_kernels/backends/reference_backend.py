@@ -1,7 +1,10 @@
 """The ``reference`` backend: the pure-PyTorch kernels of :mod:`kalman_kernels.reference`.
 
 Runs on any device (meta tensors included) and under ``torch.compile``; float64
-accumulation throughout. It is the oracle of the tests, not a fast path.
+accumulation throughout. It is the oracle of the tests, not a fast path. ``backend="reference"``
+calls these functions directly; the same functions are the default kernel of the
+``kalman_kernels`` ops (:mod:`.library`), which ``backend="auto"`` runs on a device without
+a compiled kernel.
 """
 from ..reference import (  # noqa: F401  (re-exported as the backend contract)
     apply_terms_,
@@ -16,5 +19,5 @@ from ..reference import (  # noqa: F401  (re-exported as the backend contract)
 )
 
 NAME = "reference"
-#: device type -> priority for backend="auto" ("*": any device; lowest, the fallback).
-DEVICES = {"*": 0}
+#: device types served ("*": any device)
+DEVICES = ("*",)
