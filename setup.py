@@ -368,7 +368,8 @@ def _extensions_and_cmdclass():
             finally:
                 self.extensions = built
 
-    headers = [os.path.join("csrc", f) for f in ("kk_math.h", "kk_kernels.h")]
+    headers = [os.path.join("csrc", f) for f in ("kk_math.h", "kk_kernels.h", "kk_dtype.h",
+                                                 "kk_checks.h")]
     headers.append(os.path.join("csrc", "cpu", "kernels_impl.h"))
     # The per-ISA kernel files are compiled by KKBuildExtension, not listed as sources;
     # naming them here puts them in source distributions too.
@@ -394,7 +395,7 @@ def _cuda_extension(cpp_extension):
     """kalman_kernels._cuda: the kernels (one nvcc translation unit, kernels.cu, no torch
     headers) and their operator layer (ops.cpp, host compiler)."""
     cuda_dir = os.path.join("csrc", "cuda")
-    headers = [os.path.join("csrc", "kk_math.h")] + [
+    headers = [os.path.join("csrc", f) for f in ("kk_math.h", "kk_dtype.h", "kk_checks.h")] + [
         os.path.join(cuda_dir, f) for f in ("compat.cuh", "kernels.cuh", "launch.h", "ops_impl.h",
                                             "emulate.h", "emulated.cpp")]
     ext = cpp_extension.CUDAExtension(

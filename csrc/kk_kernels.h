@@ -5,10 +5,9 @@
 #pragma once
 #include <cstdint>
 
-namespace kalman_kernels {
+#include "kk_dtype.h"  // KKType, the storage dtype of one array
 
-// Storage dtype of one array, decided at run time.
-enum class KKType : int32_t { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
+namespace kalman_kernels {
 
 namespace {
 // Bytes per element of a storage dtype. (Internal linkage: the kernels are compiled once per

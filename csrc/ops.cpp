@@ -3,11 +3,12 @@
 // run-time choice of the instruction set. The per-parameter kernels are in
 // csrc/cpu/kernels_impl.h (compiled once per instruction set) and see raw pointers only.
 //
-// The op schemas and their fake implementations are defined once, in Python
-// (kalman_kernels/backends/schema.py, namespace kalman_kernels); this library only registers
-// CPU kernels for them (TORCH_LIBRARY_IMPL), plus the fragment ops _isa() / _set_isa(str).
-// Every in-place op takes a 0-d bool ``ok``: when false it writes nothing. Reading it costs
-// nothing here (a CPU tensor).
+// The ops are defined once, in Python (kalman_kernels/backends/library.py, namespace
+// kalman_kernels: schemas, fakes, the default kernel and the one wrapper); this library only
+// registers CPU kernels for them (TORCH_LIBRARY_IMPL), plus the fragment ops _isa() /
+// _set_isa(str). Their argument checks are csrc/kk_checks.h's, shared with the CUDA operator
+// layer. Every in-place op takes a 0-d bool ``ok``: when false it writes nothing. Reading it
+// costs nothing here (a CPU tensor).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kk_checks.h"
 #include "kk_kernels.h"
 
 namespace kalman_kernels {
@@ -82,42 +84,9 @@ void set_isa_op(std::string isa) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Checks and dtype routing
+// Checks (csrc/kk_checks.h) and layout
 // ---------------------------------------------------------------------------------------
-KKType kk_type(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return KKType::F32;
-    case at::kDouble:
-      return KKType::F64;
-    case at::kBFloat16:
-      return KKType::BF16;
-    case at::kHalf:
-      return KKType::F16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, float64, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
-}
-
-KKType cov_type(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " (a covariance) must be float32 or float64, got ", t.scalar_type());
-  return t.scalar_type() == at::kFloat ? KKType::F32 : KKType::F64;
-}
-
-void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device(),
-              " (the cpp backend is CPU-only)");
-}
-
-// Tensors updated in place must be contiguous: a copy would silently drop the update.
-void check_inplace(const at::Tensor& t, const char* op, const std::string& name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " is updated in place and must be contiguous ",
-              "(got sizes ", t.sizes(), ", strides ", t.strides(), "); pass a contiguous "
-              "tensor, e.g. keep the state in its own .contiguous() storage");
-}
+checks::Site site(const char* op) { return checks::Site{op, "cpp", c10::DeviceType::CPU}; }
 
 // A (m, n) Jacobian with unit column stride (any row stride) is read in place;
 // anything else is made contiguous (a copy of the input, never written).
@@ -131,13 +100,6 @@ at::Tensor jac_rows(const at::Tensor& jac, int64_t* ld) {
 
 double inv(double forgetting) { return 1.0 / forgetting; }
 
-void check_scalars(const char* op, double forgetting, double process_noise) {
-  TORCH_CHECK(forgetting > 0.0 && std::isfinite(forgetting), op,
-              ": forgetting must be finite and > 0, got ", forgetting);
-  TORCH_CHECK(std::isfinite(process_noise), op, ": process_noise must be finite, got ",
-              process_noise);
-}
-
 at::Tensor f64_contig(const at::Tensor& t) {
   return t.to(at::kDouble).contiguous();
 }
@@ -147,51 +109,28 @@ at::Tensor f64_contig(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------
 at::Tensor innovation_cov_dense(const at::Tensor& jac, const at::Tensor& cov, double forgetting,
                                 double process_noise) {
-  const char* op = "innovation_cov_dense";
-  check_cpu(jac, op, "jac");
-  check_cpu(cov, op, "cov");
-  check_scalars(op, forgetting, process_noise);
-  TORCH_CHECK(jac.dim() == 2, op, ": jac must be (m, n), got shape ", jac.sizes());
+  const checks::Innovation x =
+      checks::innovation_cov_dense(site("innovation_cov_dense"), jac, cov, forgetting,
+                                   process_noise);
   const int64_t m = jac.size(0), n = jac.size(1);
-  TORCH_CHECK(cov.numel() == n, op, ": cov has ", cov.numel(), " elements but jac has n = ", n,
-              " columns");
-  const KKType jt = kk_type(jac, op, "jac");
-  const KKType ct = cov_type(cov, op, "cov");
   int64_t ld = 0;
   at::Tensor j = jac_rows(jac, &ld);
   at::Tensor c = cov.contiguous();
   at::Tensor out = at::empty({m, m}, jac.options().dtype(at::kDouble));
-  const bool acc64 = jt == KKType::F64 || ct == KKType::F64;
-  table()->innovation_dense(j.const_data_ptr(), jt, ld, c.const_data_ptr(), ct, m, n,
-                            inv(forgetting), process_noise, acc64, out.mutable_data_ptr<double>());
+  table()->innovation_dense(j.const_data_ptr(), x.a, ld, c.const_data_ptr(), x.cov, m, n,
+                            inv(forgetting), process_noise, x.acc64,
+                            out.mutable_data_ptr<double>());
   return out;
 }
 
 // ---------------------------------------------------------------------------------------
-// The skip predicate and the m x m terms
+// The skip predicate and the hyper-parameters (checked before: csrc/kk_checks.h)
 // ---------------------------------------------------------------------------------------
-bool ok_value(const at::Tensor& ok, const char* op) {
-  TORCH_CHECK(ok.device().is_cpu() && ok.numel() == 1, op,
-              ": ok must be a 0-d bool CPU tensor (the step's skip predicate), got ", ok.sizes(),
-              " on ", ok.device());
-  return ok.to(at::kBool).item<bool>();
-}
+bool ok_value(const at::Tensor& ok) { return ok.item<bool>(); }
 
-UpdateScalars update_scalars(const char* op, double forgetting, double process_noise,
-                             double cov_floor, double cov_ceiling, bool information, bool acc64) {
-  check_scalars(op, forgetting, process_noise);
-  TORCH_CHECK(!std::isnan(cov_floor) && !std::isnan(cov_ceiling), op,
-              ": cov_floor / cov_ceiling must not be NaN");
+UpdateScalars update_scalars(double forgetting, double process_noise, double cov_floor,
+                             double cov_ceiling, bool information, bool acc64) {
   return UpdateScalars{inv(forgetting), process_noise, cov_floor, cov_ceiling, information, acc64};
-}
-
-void check_whitening(const char* op, int64_t m, const at::Tensor& coef, const at::Tensor& f) {
-  check_cpu(coef, op, "coef");
-  check_cpu(f, op, "whitening");
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == m, op, ": coef must be (m,) = (", m,
-              ",), got ", coef.sizes());
-  TORCH_CHECK(f.dim() == 2 && f.size(0) == m && f.size(1) == m, op, ": whitening must be (m, m) ="
-              " (", m, ", ", m, "), got ", f.sizes());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -201,45 +140,32 @@ void fused_update_dense_(const at::Tensor& param, const at::Tensor& cov, const a
                          const at::Tensor& coef, const at::Tensor& whitening, const at::Tensor& ok,
                          double forgetting, double process_noise, double cov_floor,
                          double cov_ceiling, bool information) {
-  const char* op = "fused_update_dense_";
-  check_inplace(param, op, "param");
-  check_inplace(cov, op, "cov");
-  check_cpu(jac, op, "jac");
-  TORCH_CHECK(jac.dim() == 2, op, ": jac must be (m, n), got shape ", jac.sizes());
-  const int64_t m = jac.size(0), n = jac.size(1);
-  TORCH_CHECK(param.numel() == n && cov.numel() == n, op, ": param and cov must have n = ", n,
-              " elements (jac columns), got ", param.numel(), " and ", cov.numel());
-  check_whitening(op, m, coef, whitening);
-  const KKType pt = kk_type(param, op, "param");
-  const KKType ct = cov_type(cov, op, "cov");
-  const KKType jt = kk_type(jac, op, "jac");
-  const bool acc64 = pt == KKType::F64 || ct == KKType::F64 || jt == KKType::F64;
+  const checks::Update x =
+      checks::fused_update_dense_(site("fused_update_dense_"), param, cov, jac, coef, whitening,
+                                  ok, forgetting, process_noise, cov_floor, cov_ceiling);
   const UpdateScalars s =
-      update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling, information, acc64);
-  if (!ok_value(ok, op)) return;
+      update_scalars(forgetting, process_noise, cov_floor, cov_ceiling, information, x.acc64);
+  if (!ok_value(ok)) return;
+  const int64_t m = jac.size(0), n = jac.size(1);
   int64_t ld = 0;
   at::Tensor j = jac_rows(jac, &ld);
   at::Tensor c64 = f64_contig(coef), f64 = f64_contig(whitening);
-  table()->update_dense(param.mutable_data_ptr(), pt, cov.mutable_data_ptr(), ct,
-                        j.const_data_ptr(), jt, ld, m, n, c64.const_data_ptr<double>(),
+  table()->update_dense(param.mutable_data_ptr(), x.param, cov.mutable_data_ptr(), x.cov,
+                        j.const_data_ptr(), x.a, ld, m, n, c64.const_data_ptr<double>(),
                         f64.const_data_ptr<double>(), s);
 }
 
 std::tuple<at::Tensor, at::Tensor> step_terms_dense(const at::Tensor& jac, const at::Tensor& coef,
                                                     const at::Tensor& whitening) {
-  const char* op = "step_terms_dense";
-  check_cpu(jac, op, "jac");
-  TORCH_CHECK(jac.dim() == 2, op, ": jac must be (m, n), got shape ", jac.sizes());
+  const checks::Terms x = checks::step_terms_dense(site("step_terms_dense"), jac, coef, whitening);
   const int64_t m = jac.size(0), n = jac.size(1);
-  check_whitening(op, m, coef, whitening);
-  const KKType jt = kk_type(jac, op, "jac");
-  const bool acc64 = jt == KKType::F64;
+  const bool acc64 = x.acc64;
   at::TensorOptions opts = jac.options().dtype(acc64 ? at::kDouble : at::kFloat);
   at::Tensor dir = at::empty({n}, opts), diag = at::empty({n}, opts);
   int64_t ld = 0;
   at::Tensor j = jac_rows(jac, &ld);
   at::Tensor c64 = f64_contig(coef), f64 = f64_contig(whitening);
-  table()->terms_dense(j.const_data_ptr(), jt, ld, m, n, c64.const_data_ptr<double>(),
+  table()->terms_dense(j.const_data_ptr(), x.a, ld, m, n, c64.const_data_ptr<double>(),
                        f64.const_data_ptr<double>(), acc64, dir.mutable_data_ptr(),
                        diag.mutable_data_ptr());
   return {dir, diag};
@@ -248,27 +174,16 @@ std::tuple<at::Tensor, at::Tensor> step_terms_dense(const at::Tensor& jac, const
 void apply_terms_(const at::Tensor& param, const at::Tensor& cov, const at::Tensor& direction,
                   const at::Tensor& diag_term, const at::Tensor& ok, double forgetting,
                   double process_noise, double cov_floor, double cov_ceiling, bool information) {
-  const char* op = "apply_terms_";
-  check_inplace(param, op, "param");
-  check_inplace(cov, op, "cov");
-  check_cpu(direction, op, "direction");
-  check_cpu(diag_term, op, "diag_term");
-  const int64_t n = param.numel();
-  TORCH_CHECK(cov.numel() == n && direction.numel() == n && diag_term.numel() == n, op,
-              ": cov, direction and diag_term must have the parameter's ", n, " elements, got ",
-              cov.numel(), ", ", direction.numel(), " and ", diag_term.numel());
-  const KKType pt = kk_type(param, op, "param");
-  const KKType ct = cov_type(cov, op, "cov");
-  at::Tensor u = direction.contiguous(), d = diag_term.contiguous();
-  const KKType ut = kk_type(u, op, "direction");
-  const KKType dt = kk_type(d, op, "diag_term");
-  const bool acc64 = pt == KKType::F64 || ct == KKType::F64 || ut == KKType::F64 ||
-                     dt == KKType::F64;
+  const checks::Apply x =
+      checks::apply_terms_(site("apply_terms_"), param, cov, direction, diag_term, ok, forgetting,
+                           process_noise, cov_floor, cov_ceiling);
   const UpdateScalars s =
-      update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling, information, acc64);
-  if (!ok_value(ok, op)) return;
-  table()->apply_terms(param.mutable_data_ptr(), pt, cov.mutable_data_ptr(), ct,
-                       u.const_data_ptr(), ut, d.const_data_ptr(), dt, n, s);
+      update_scalars(forgetting, process_noise, cov_floor, cov_ceiling, information, x.acc64);
+  if (!ok_value(ok)) return;
+  at::Tensor u = direction.contiguous(), d = diag_term.contiguous();
+  table()->apply_terms(param.mutable_data_ptr(), x.param, cov.mutable_data_ptr(), x.cov,
+                       u.const_data_ptr(), x.direction, d.const_data_ptr(), x.diag_term,
+                       param.numel(), s);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -291,19 +206,6 @@ void apply_terms_(const at::Tensor& param, const at::Tensor& cov, const at::Tens
 // ---------------------------------------------------------------------------------------
 constexpr int64_t kPairBlockBytes = int64_t(32) << 20;   // working set of one pair block
 constexpr int64_t kTileBytes = int64_t(256) << 10;        // step + diag of one row tile
-
-void check_kron(const char* op, const at::Tensor& a, const at::Tensor& d, const at::Tensor& cov) {
-  check_cpu(a, op, "inputs");
-  check_cpu(d, op, "grad_outputs");
-  check_cpu(cov, op, "cov");
-  TORCH_CHECK(a.dim() == 2 && d.dim() == 3, op, ": inputs must be (B, d_in) and grad_outputs "
-              "(B, K, d_out), got ", a.sizes(), " and ", d.sizes());
-  TORCH_CHECK(a.size(0) == d.size(0), op, ": inputs has ", a.size(0), " rows (samples), "
-              "grad_outputs ", d.size(0));
-  TORCH_CHECK(cov.dim() == 2 && cov.size(0) == d.size(2) && cov.size(1) == a.size(1), op,
-              ": cov must be (d_out, d_in) = (", d.size(2), ", ", a.size(1), "), got ",
-              cov.sizes());
-}
 
 // Pairs (j, j') with j <= j', in row-major order, and their multiplicities (1 or 2).
 struct Pairs {
@@ -346,13 +248,9 @@ KronOperands kron_operands(const at::Tensor& inputs, const at::Tensor& grad_outp
 
 at::Tensor innovation_cov_kron(const at::Tensor& inputs, const at::Tensor& grad_outputs,
                                const at::Tensor& cov, double forgetting, double process_noise) {
-  const char* op = "innovation_cov_kron";
-  check_kron(op, inputs, grad_outputs, cov);
-  check_scalars(op, forgetting, process_noise);
-  const KKType at_ = kk_type(inputs, op, "inputs");
-  const KKType dt = kk_type(grad_outputs, op, "grad_outputs");
-  const KKType ct = cov_type(cov, op, "cov");
-  const bool acc64 = at_ == KKType::F64 || dt == KKType::F64 || ct == KKType::F64;
+  const bool acc64 = checks::innovation_cov_kron(site("innovation_cov_kron"), inputs,
+                                                 grad_outputs, cov, forgetting, process_noise)
+                         .acc64;
   const KronOperands x = kron_operands(inputs, grad_outputs, acc64);
   const int64_t m = x.b * x.k;
   at::Tensor p = cov.to(x.acc).contiguous();           // a view unless the dtype differs
@@ -431,23 +329,15 @@ void fused_update_kron_(const at::Tensor& weight, const at::Tensor& cov, const a
                         const at::Tensor& whitening, const at::Tensor& ok, double forgetting,
                         double process_noise, double cov_floor, double cov_ceiling,
                         bool information) {
-  const char* op = "fused_update_kron_";
-  check_inplace(weight, op, "weight");
-  check_inplace(cov, op, "cov");
-  check_kron(op, inputs, grad_outputs, cov);
-  TORCH_CHECK(weight.sizes() == cov.sizes(), op, ": weight and cov must have the same shape, got ",
-              weight.sizes(), " and ", cov.sizes());
-  const int64_t m = grad_outputs.size(0) * grad_outputs.size(1);
-  check_whitening(op, m, coef, whitening);
-  const KKType wt = kk_type(weight, op, "weight");
-  const KKType ct = cov_type(cov, op, "cov");
-  const KKType at_ = kk_type(inputs, op, "inputs");
-  const KKType dt = kk_type(grad_outputs, op, "grad_outputs");
-  const bool acc64 = wt == KKType::F64 || ct == KKType::F64 || at_ == KKType::F64 ||
-                     dt == KKType::F64;
+  const checks::Update checked =
+      checks::fused_update_kron_(site("fused_update_kron_"), weight, cov, inputs, grad_outputs,
+                                 coef, whitening, ok, forgetting, process_noise, cov_floor,
+                                 cov_ceiling);
+  const KKType wt = checked.param, ct = checked.cov;
+  const bool acc64 = checked.acc64;
   const UpdateScalars s =
-      update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling, information, acc64);
-  if (!ok_value(ok, op)) return;
+      update_scalars(forgetting, process_noise, cov_floor, cov_ceiling, information, acc64);
+  if (!ok_value(ok)) return;
   const KronOperands x = kron_operands(inputs, grad_outputs, acc64);
   const Pairs pairs = make_pairs(x.b, x.acc);
   at::Tensor dct, gt;
@@ -488,16 +378,9 @@ std::tuple<at::Tensor, at::Tensor> step_terms_kron(const at::Tensor& inputs,
                                                    const at::Tensor& grad_outputs,
                                                    const at::Tensor& coef,
                                                    const at::Tensor& whitening) {
-  const char* op = "step_terms_kron";
-  check_cpu(inputs, op, "inputs");
-  check_cpu(grad_outputs, op, "grad_outputs");
-  TORCH_CHECK(inputs.dim() == 2 && grad_outputs.dim() == 3 &&
-                  inputs.size(0) == grad_outputs.size(0), op,
-              ": inputs must be (B, d_in) and grad_outputs (B, K, d_out), got ", inputs.sizes(),
-              " and ", grad_outputs.sizes());
-  check_whitening(op, grad_outputs.size(0) * grad_outputs.size(1), coef, whitening);
-  const bool acc64 = kk_type(inputs, op, "inputs") == KKType::F64 ||
-                     kk_type(grad_outputs, op, "grad_outputs") == KKType::F64;
+  const bool acc64 =
+      checks::step_terms_kron(site("step_terms_kron"), inputs, grad_outputs, coef, whitening)
+          .acc64;
   const KronOperands x = kron_operands(inputs, grad_outputs, acc64);
   const Pairs pairs = make_pairs(x.b, x.acc);
   at::Tensor dct, gt;
@@ -510,88 +393,56 @@ std::tuple<at::Tensor, at::Tensor> step_terms_kron(const at::Tensor& inputs,
 // ---------------------------------------------------------------------------------------
 at::Tensor loss_quad_form(at::TensorList grads, at::TensorList covs, double forgetting,
                           double process_noise) {
-  const char* op = "loss_quad_form";
-  check_scalars(op, forgetting, process_noise);
-  TORCH_CHECK(grads.size() == covs.size(), op, ": got ", grads.size(), " grads and ", covs.size(),
-              " covs");
+  const checks::Lists x =
+      checks::loss_quad_form(site("loss_quad_form"), grads, covs, forgetting, process_noise);
   const size_t count = grads.size();
   std::vector<at::Tensor> g(count), c(count);
   std::vector<const void*> gp(count), cp(count);
-  std::vector<KKType> gt(count), ct(count);
   std::vector<int64_t> numel(count);
   for (size_t i = 0; i < count; ++i) {
-    const std::string gi = "grads[" + std::to_string(i) + "]";
-    const std::string ci = "covs[" + std::to_string(i) + "]";
-    check_cpu(grads[i], op, gi.c_str());
-    check_cpu(covs[i], op, ci.c_str());
-    TORCH_CHECK(grads[i].numel() == covs[i].numel(), op, ": ", gi, " has ", grads[i].numel(),
-                " elements, ", ci, " ", covs[i].numel());
     g[i] = grads[i].contiguous();
     c[i] = covs[i].contiguous();
     gp[i] = g[i].const_data_ptr();
     cp[i] = c[i].const_data_ptr();
-    gt[i] = kk_type(g[i], op, gi.c_str());
-    ct[i] = cov_type(c[i], op, ci.c_str());
     numel[i] = g[i].numel();
   }
-  const double total = table()->quad_form(static_cast<int64_t>(count), gp.data(), gt.data(),
-                                          cp.data(), ct.data(), numel.data(), inv(forgetting),
+  const double total = table()->quad_form(static_cast<int64_t>(count), gp.data(), x.grad.data(),
+                                          cp.data(), x.cov.data(), numel.data(), inv(forgetting),
                                           process_noise);
   at::TensorOptions opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
   return at::scalar_tensor(total, opts);
-}
-
-double scalar_arg(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ",
-              t.sizes());
-  return t.item<double>();
 }
 
 void loss_step_(at::TensorList params, at::TensorList grads, at::TensorList covs,
                 const at::Tensor& coef, const at::Tensor& weight, const at::Tensor& ok,
                 double forgetting, double process_noise, double cov_floor, double cov_ceiling,
                 bool information) {
-  const char* op = "loss_step_";
-  TORCH_CHECK(params.size() == grads.size() && params.size() == covs.size(), op, ": got ",
-              params.size(), " params, ", grads.size(), " grads and ", covs.size(), " covs");
+  const checks::Lists x =
+      checks::loss_step_(site("loss_step_"), params, grads, covs, coef, weight, ok, forgetting,
+                         process_noise, cov_floor, cov_ceiling);
+  const UpdateScalars s =
+      update_scalars(forgetting, process_noise, cov_floor, cov_ceiling, information, x.any64);
+  if (!ok_value(ok)) return;
   const size_t count = params.size();
   std::vector<at::Tensor> g(count);
   std::vector<void*> pp(count), cp(count);
   std::vector<const void*> gp(count);
-  std::vector<KKType> pt(count), gt(count), ct(count);
   std::vector<int64_t> numel(count);
-  bool any64 = false;
   for (size_t i = 0; i < count; ++i) {
-    const std::string pi = "params[" + std::to_string(i) + "]";
-    const std::string gi = "grads[" + std::to_string(i) + "]";
-    const std::string ci = "covs[" + std::to_string(i) + "]";
-    check_inplace(params[i], op, pi);
-    check_inplace(covs[i], op, ci);
-    check_cpu(grads[i], op, gi.c_str());
-    TORCH_CHECK(grads[i].numel() == params[i].numel() && covs[i].numel() == params[i].numel(), op,
-                ": ", pi, ", ", gi, " and ", ci, " must have the same number of elements, got ",
-                params[i].numel(), ", ", grads[i].numel(), " and ", covs[i].numel());
     g[i] = grads[i].contiguous();
     pp[i] = params[i].mutable_data_ptr();
     cp[i] = covs[i].mutable_data_ptr();
     gp[i] = g[i].const_data_ptr();
-    pt[i] = kk_type(params[i], op, pi.c_str());
-    gt[i] = kk_type(g[i], op, gi.c_str());
-    ct[i] = cov_type(covs[i], op, ci.c_str());
     numel[i] = params[i].numel();
-    any64 = any64 || pt[i] == KKType::F64 || ct[i] == KKType::F64;
   }
-  const UpdateScalars s = update_scalars(op, forgetting, process_noise, cov_floor, cov_ceiling,
-                                         information, any64);
-  if (!ok_value(ok, op)) return;
-  const double c = scalar_arg(coef, op, "coef"), w = scalar_arg(weight, op, "weight");
-  table()->loss_step(static_cast<int64_t>(count), pp.data(), pt.data(), gp.data(), gt.data(),
-                     cp.data(), ct.data(), numel.data(), c, w, s);
+  const double c = coef.item<double>(), w = weight.item<double>();
+  table()->loss_step(static_cast<int64_t>(count), pp.data(), x.param.data(), gp.data(),
+                     x.grad.data(), cp.data(), x.cov.data(), numel.data(), c, w, s);
 }
 
 }  // namespace
 
-// The ops' schemas (and fakes) are defined in kalman_kernels/backends/schema.py; this library
+// The ops' schemas (and fakes) are defined in kalman_kernels/backends/library.py; this library
 // adds only its two instruction-set ops to the namespace and the CPU kernels of the others.
 TORCH_LIBRARY_FRAGMENT(kalman_kernels, m) {
   m.def("_isa() -> str", &isa_op);

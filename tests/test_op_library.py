@@ -248,3 +248,58 @@ def test_wrapper_conversions_give_the_canonical_bits(kb):
         empty = be.loss_quad_form([], [], 0.9, 0.01)
         assert empty.dtype == F64 and empty.dim() == 0 and float(empty) == 0.0
         be.loss_step_([], [], [], -0.3, 0.7, True, 0.9, 0.01, 1e-4, 0.8, False)
+
+
+# ------------------------------------------------------------------ one set of checks
+def _bad_calls():
+    """(what, call(entry points)) that every kernel must refuse with the same message."""
+    f64, ok = torch.float64, true_()
+    jac, cov = randn((3, 10), torch.float32), rand_cov(10, torch.float32)
+    coef, white = torch.randn(3, dtype=f64), torch.eye(3, dtype=f64)
+    hyper = (0.9, 0.0, 0.0, 1.0, False)
+    a, d, wcov = randn((3, 4), torch.float32), randn((3, 2, 5), torch.float32), rand_cov(
+        (5, 4), torch.float32)
+    p = randn(10, torch.float32)
+    yield "dense shape", lambda be: be.innovation_cov_dense(jac, cov[:9].clone())
+    yield "cov dtype", lambda be: be.innovation_cov_dense(jac, cov.half())
+    yield "forgetting", lambda be: be.innovation_cov_dense(jac, cov, 0.0)
+    yield "cov shape", lambda be: be.innovation_cov_kron(a, d, wcov.T.contiguous())
+    yield "ok", lambda be: be.fused_update_dense_(p.clone(), cov.clone(), jac, coef, white,
+                                                  torch.ones(2, dtype=torch.bool), *hyper)
+    yield "in place", lambda be: be.fused_update_dense_(randn(20, torch.float32)[::2], cov.clone(),
+                                                        jac, coef, white, ok, *hyper)
+    yield "whitening", lambda be: be.fused_update_kron_(randn((5, 4), torch.float32),
+                                                        wcov.clone(), a, d,
+                                                        torch.randn(6, dtype=f64),
+                                                        torch.eye(5, dtype=f64), ok, *hyper)
+    yield "lengths", lambda be: be.loss_quad_form([p, p], [cov])
+    yield "numel", lambda be: be.loss_step_([p[:4].clone()], [p[:4].clone()], [cov[:8].clone()],
+                                            0.1, 0.2, ok, *hyper)
+    yield "terms numel", lambda be: be.apply_terms_(p.clone(), cov.clone(), p[:5].clone(),
+                                                    cov.clone(), ok, *hyper)
+    yield "kron rank", lambda be: be.step_terms_kron(d, d, torch.randn(6, dtype=f64),
+                                                     torch.eye(6, dtype=f64))
+
+
+def _message(call, be) -> str:
+    with pytest.raises(RuntimeError) as caught:
+        call(be)
+    text = str(caught.value).splitlines()[0]
+    # the values' spelling differs between C++ and Python ("[3, 10]" / "(3, 10)", "Half" /
+    # "torch.float16"); the words up to them are the same
+    return text.split(", got")[0].split(" (shape")[0]
+
+
+def test_every_kernel_refuses_bad_arguments_with_the_same_words(kb):
+    """csrc/kk_checks.h (cpp, cuda) and library.py's checks (fakes, default kernel, Triton)
+    are one rule set: the same refusal, word for word, on every variant."""
+    if kb.name == "reference":
+        pytest.skip("the reference functions, called directly, check nothing")
+    if kb.device != "cpu":
+        pytest.skip("CPU tensors")
+    python = library.Kernels("reference", DEFAULT_ONLY)
+    with kb.active() as be:
+        for what, call in _bad_calls():
+            want = _message(call, python)
+            assert want.startswith("kalman_kernels::"), (what, want)
+            assert _message(call, be) == want, what

@@ -1,7 +1,7 @@
 // Test tooling, not part of the package: the cuda backend's kernels (kernels.cuh) and
 // operator layer (ops_impl.h) compiled with a host compiler against the CPU emulator of
 // emulate.h, registered for the CPU dispatch key of a separate namespace,
-// kalman_kernels_cuda_emulated::* (schemas from kalman_kernels/backends/schema.py, defined
+// kalman_kernels_cuda_emulated::* (schemas from kalman_kernels/backends/library.py, defined
 // by tests/cuda_emulation.py before it loads this library). Lets the per-op tests run the
 // CUDA kernels' code on machines without a GPU.
 #ifndef KK_CUDA_EMULATE

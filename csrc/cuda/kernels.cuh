@@ -72,20 +72,20 @@ KK_DEVICE ACC ld(const T* p) { return to_acc<ACC>(*p); }
 // Loads / stores of an array whose dtype is known only at run time (epilogues: one switch
 // per element, uniform across the grid).
 template <typename ACC>
-KK_DEVICE ACC ld_dyn(const void* p, Dt t, int64_t i) {
+KK_DEVICE ACC ld_dyn(const void* p, KKType t, int64_t i) {
   switch (t) {
-    case Dt::F32: return ld<ACC>(static_cast<const float*>(p) + i);
-    case Dt::F64: return ld<ACC>(static_cast<const double*>(p) + i);
-    case Dt::F16: return ld<ACC>(static_cast<const kk_half*>(p) + i);
+    case KKType::F32: return ld<ACC>(static_cast<const float*>(p) + i);
+    case KKType::F64: return ld<ACC>(static_cast<const double*>(p) + i);
+    case KKType::F16: return ld<ACC>(static_cast<const kk_half*>(p) + i);
     default: return ld<ACC>(static_cast<const kk_bf16*>(p) + i);
   }
 }
 template <typename ACC>
-KK_DEVICE void st_dyn(void* p, Dt t, int64_t i, ACC v) {
+KK_DEVICE void st_dyn(void* p, KKType t, int64_t i, ACC v) {
   switch (t) {
-    case Dt::F32: static_cast<float*>(p)[i] = from_acc<float>(v); break;
-    case Dt::F64: static_cast<double*>(p)[i] = from_acc<double>(v); break;
-    case Dt::F16: static_cast<kk_half*>(p)[i] = from_acc<kk_half>(v); break;
+    case KKType::F32: static_cast<float*>(p)[i] = from_acc<float>(v); break;
+    case KKType::F64: static_cast<double*>(p)[i] = from_acc<double>(v); break;
+    case KKType::F16: static_cast<kk_half*>(p)[i] = from_acc<kk_half>(v); break;
     default: static_cast<kk_bf16*>(p)[i] = from_acc<kk_bf16>(v); break;
   }
 }
@@ -828,34 +828,34 @@ struct Tag {
 // Calls f(Tag<T>{}, Tag<ACC>{}) for the input dtype: float64 inputs accumulate in float64,
 // the others in float32 (acc64 requires float64 inputs: the operator layer converts).
 template <typename F>
-void dispatch_in(Dt t, bool acc64, F&& f) {
-  if (acc64 != (t == Dt::F64)) {
+void dispatch_in(KKType t, bool acc64, F&& f) {
+  if (acc64 != (t == KKType::F64)) {
     throw std::runtime_error("kalman_kernels cuda: internal error: float64 accumulation needs "
                              "float64 inputs");
   }
   switch (t) {
-    case Dt::F32: f(Tag<float>{}, Tag<float>{}); break;
-    case Dt::F64: f(Tag<double>{}, Tag<double>{}); break;
-    case Dt::F16: f(Tag<kk_half>{}, Tag<float>{}); break;
-    case Dt::BF16: f(Tag<kk_bf16>{}, Tag<float>{}); break;
+    case KKType::F32: f(Tag<float>{}, Tag<float>{}); break;
+    case KKType::F64: f(Tag<double>{}, Tag<double>{}); break;
+    case KKType::F16: f(Tag<kk_half>{}, Tag<float>{}); break;
+    case KKType::BF16: f(Tag<kk_bf16>{}, Tag<float>{}); break;
   }
 }
 
 template <typename F>
-void dispatch_any(Dt t, F&& f) {
+void dispatch_any(KKType t, F&& f) {
   switch (t) {
-    case Dt::F32: f(Tag<float>{}); break;
-    case Dt::F64: f(Tag<double>{}); break;
-    case Dt::F16: f(Tag<kk_half>{}); break;
-    case Dt::BF16: f(Tag<kk_bf16>{}); break;
+    case KKType::F32: f(Tag<float>{}); break;
+    case KKType::F64: f(Tag<double>{}); break;
+    case KKType::F16: f(Tag<kk_half>{}); break;
+    case KKType::BF16: f(Tag<kk_bf16>{}); break;
   }
 }
 
 template <typename F>
-void dispatch_cov(Dt t, F&& f) {  // covariances and step terms: float32 or float64
+void dispatch_cov(KKType t, F&& f) {  // covariances and step terms: float32 or float64
   switch (t) {
-    case Dt::F32: f(Tag<float>{}); break;
-    case Dt::F64: f(Tag<double>{}); break;
+    case KKType::F32: f(Tag<float>{}); break;
+    case KKType::F64: f(Tag<double>{}); break;
     default: throw std::runtime_error("kalman_kernels cuda: covariances must be float32 or float64");
   }
 }
@@ -892,7 +892,7 @@ T* ws_get(Workspace& ws, int64_t count) {
 // ---------------------------------------------------------------------------------------
 // The launchers of launch.h
 // ---------------------------------------------------------------------------------------
-void innovation_dense(Dt jt, const void* jac, int64_t ld, int64_t m, int64_t n, const void* cov,
+void innovation_dense(KKType jt, const void* jac, int64_t ld, int64_t m, int64_t n, const void* cov,
                       bool acc64, double inv_lam, double q, double* out, Workspace& ws,
                       const Launch& l) {
   if (m == 0) return;
@@ -927,7 +927,7 @@ void innovation_dense(Dt jt, const void* jac, int64_t ld, int64_t m, int64_t n, 
   });
 }
 
-void innovation_kron(Dt t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
+void innovation_kron(KKType t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
                      int64_t b, int64_t k, int64_t d_out, int64_t d_in, const void* cov,
                      bool acc64, double inv_lam, double q, double* out, Workspace& ws,
                      const Launch& l) {
@@ -960,7 +960,7 @@ void innovation_kron(Dt t, const void* a, int64_t lda, const void* d, int64_t sd
   });
 }
 
-void dense_update(Dt jt, const void* jac, int64_t ld, int64_t m, int64_t n, const double* coef,
+void dense_update(KKType jt, const void* jac, int64_t ld, int64_t m, int64_t n, const double* coef,
                   int64_t cs, const double* whitening, int64_t ws0, int64_t ws1, bool acc64,
                   const Target& target, Workspace& /*ws*/, const Launch& l) {
   if (n == 0) return;
@@ -979,7 +979,7 @@ void dense_update(Dt jt, const void* jac, int64_t ld, int64_t m, int64_t n, cons
   });
 }
 
-void kron_update(Dt t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
+void kron_update(KKType t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
                  int64_t b, int64_t k, int64_t d_out, int64_t d_in, const double* coef,
                  const double* gram, bool acc64, const Target& target, Workspace& ws,
                  const Launch& l) {
@@ -1001,8 +1001,8 @@ void kron_update(Dt t, const void* a, int64_t lda, const void* d, int64_t sd0, i
   });
 }
 
-void apply_terms(void* param, Dt pt, void* cov, Dt ct, const void* direction, const void* diag,
-                 Dt tt, int64_t n, const bool* ok, const Update& u, const Launch& l) {
+void apply_terms(void* param, KKType pt, void* cov, KKType ct, const void* direction, const void* diag,
+                 KKType tt, int64_t n, const bool* ok, const Update& u, const Launch& l) {
   if (n == 0) return;
   dispatch_any(pt, [&](auto ptag) {
     dispatch_cov(ct, [&](auto ctag) {

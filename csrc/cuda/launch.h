@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../kk_dtype.h"  // KKType, the storage dtype of an array (shared with the CPU kernels)
+
 namespace kalman_kernels {
 namespace cuda {
 // The emulated build (tests) gets its own symbol names, so it never interposes on, or is
@@ -16,9 +18,6 @@ namespace cuda {
 #if defined(KK_CUDA_EMULATE)
 inline namespace emulated {
 #endif
-
-// Storage dtype of an array, decided at run time.
-enum class Dt : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
 // Scratch memory for one op call (the caching allocator behind it is stream-ordered, so a
 // workspace may be released as soon as the launches that use it are queued).
@@ -45,14 +44,14 @@ struct Launch {
 // out (m x m, float64, row-major) = H diag(P-) H^T. H: m rows of n elements, row stride
 // ld, unit column stride, dtype jt; cov: n contiguous elements of the accumulation type
 // (float64 when acc64, else float32; jt is then F64 when acc64).
-void innovation_dense(Dt jt, const void* jac, int64_t ld, int64_t m, int64_t n, const void* cov,
+void innovation_dense(KKType jt, const void* jac, int64_t ld, int64_t m, int64_t n, const void* cov,
                       bool acc64, double inv_lam, double q, double* out, Workspace& ws,
                       const Launch& l);
 
 // out (B K x B K, float64) for A (B x d_in, row stride lda), D (B x K x d_out, strides
 // sd0, sd1, unit last stride), cov (d_out x d_in contiguous, accumulation type); A and D
 // have dtype t (F64 when acc64).
-void innovation_kron(Dt t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
+void innovation_kron(KKType t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
                      int64_t b, int64_t k, int64_t d_out, int64_t d_in, const void* cov,
                      bool acc64, double inv_lam, double q, double* out, Workspace& ws,
                      const Launch& l);
@@ -62,9 +61,9 @@ void innovation_kron(Dt t, const void* a, int64_t lda, const void* d, int64_t sd
 // `param` is null, the step-terms outputs u, d (n elements of the accumulation type).
 struct Target {
   void* param = nullptr;
-  Dt param_t = Dt::F32;
+  KKType param_t = KKType::F32;
   void* cov = nullptr;
-  Dt cov_t = Dt::F32;
+  KKType cov_t = KKType::F32;
   const bool* ok = nullptr;
   Update hyper{1.0, 0.0, 0.0, 0.0, false};
   void* u = nullptr;
@@ -73,21 +72,21 @@ struct Target {
 
 // Dense block: jac as in innovation_dense; coef (m,) with stride cs, whitening F (m x m)
 // with strides ws0, ws1, both float64.
-void dense_update(Dt jt, const void* jac, int64_t ld, int64_t m, int64_t n, const double* coef,
+void dense_update(KKType jt, const void* jac, int64_t ld, int64_t m, int64_t n, const double* coef,
                   int64_t cs, const double* whitening, int64_t ws0, int64_t ws1, bool acc64,
                   const Target& target, Workspace& ws, const Launch& l);
 
 // Kronecker block: A, D as in innovation_kron; coef (B K,) contiguous; gram = F^T F
 // (B K x B K, float64, contiguous). The target is (d_out x d_in), row-major.
-void kron_update(Dt t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
+void kron_update(KKType t, const void* a, int64_t lda, const void* d, int64_t sd0, int64_t sd1,
                  int64_t b, int64_t k, int64_t d_out, int64_t d_in, const double* coef,
                  const double* gram, bool acc64, const Target& target, Workspace& ws,
                  const Launch& l);
 
 // param += P- * direction ; cov = rule(P-, diag), n contiguous elements each; direction and
 // diag have dtype tt (F32 or F64).
-void apply_terms(void* param, Dt pt, void* cov, Dt ct, const void* direction,
-                 const void* diag, Dt tt, int64_t n, const bool* ok, const Update& u,
+void apply_terms(void* param, KKType pt, void* cov, KKType ct, const void* direction,
+                 const void* diag, KKType tt, int64_t n, const bool* ok, const Update& u,
                  const Launch& l);
 
 // ---- loss-observation mode: multi-tensor launches -------------------------------------
@@ -105,9 +104,9 @@ constexpr int64_t kLossChunk = 16384;
 // out[0] (float64) = sum over every tensor of g^T P- g. Tensors are grouped by the caller
 // into runs of one (grad, cov) dtype pair; `groups` lists them in order.
 struct LossGroup {
-  Dt param_t;
-  Dt grad_t;
-  Dt cov_t;
+  KKType param_t;
+  KKType grad_t;
+  KKType cov_t;
   std::vector<LossTensor> tensors;
 };
 void loss_quad_form(const std::vector<LossGroup>& groups, double inv_lam, double q, double* out,

@@ -1,7 +1,7 @@
 // The cuda backend's extension module kalman_kernels._cuda: registers the kernels of
 // ops_impl.h for the CUDA dispatch key of the kalman_kernels::* ops. The ops themselves
-// (schemas and fake implementations) are defined from Python by
-// kalman_kernels/backends/schema.py, which kalman_kernels/backends/cuda_backend.py calls
+// (schemas, fakes, the default kernel and the one wrapper) are defined from Python by
+// kalman_kernels/backends/library.py, which kalman_kernels/backends/cuda_backend.py calls
 // before importing this module.
 #include <Python.h>
 

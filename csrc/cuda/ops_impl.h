@@ -1,7 +1,8 @@
 // Operator layer of the cuda backend: the kernels of the ops of
-// kalman_kernels/backends/schema.py (defined there, from Python; semantics in
-// kalman_kernels/backends/README.md). Argument checks with messages that name the
-// argument, dtype and layout decisions, workspaces; the kernels are behind launch.h.
+// kalman_kernels/backends/library.py (defined there, from Python; semantics in
+// kalman_kernels/backends/README.md). Argument checks (csrc/kk_checks.h, shared with the
+// CPU operator layer), dtype and layout decisions, workspaces; the kernels are behind
+// launch.h.
 //
 // Included by ops.cpp (the CUDA build: the kernels registered for the CUDA dispatch key of
 // kalman_kernels::*) and by emulated.cpp (tests: the same code on CPU tensors through the
@@ -31,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "../kk_checks.h"
 #include "launch.h"
 
 namespace kalman_kernels {
@@ -57,53 +59,11 @@ kc::Launch launch_for(const at::Device& device) {
   return kc::Launch{kk_ops_env::sms(device), kk_ops_env::stream(device)};
 }
 
-void check_device(const at::Tensor& t, const at::Device& device, const char* op,
-                  const char* name) {
-  TORCH_CHECK(t.device().type() == KK_OPS_DEVICE_TYPE, "kalman_kernels::", op, " (", KK_OPS_LABEL,
-              " backend): ", name, " is a ", t.device().type(), " tensor; every tensor must be on a ",
-              c10::DeviceType(KK_OPS_DEVICE_TYPE), " device");
-  TORCH_CHECK(t.device() == device, "kalman_kernels::", op, ": all tensors must be on one device; ",
-              name, " is on ", t.device(), ", the first tensor on ", device);
-}
-
-kc::Dt dt_of(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kc::Dt::F32;
-    case at::kDouble: return kc::Dt::F64;
-    case at::kHalf: return kc::Dt::F16;
-    case at::kBFloat16: return kc::Dt::BF16;
-    default:
-      TORCH_CHECK(false, "kalman_kernels::", op, ": ", name,
-                  " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
-
-kc::Dt cov_dt(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "kalman_kernels::", op, ": ", name, " must be float32 or float64, got ",
-              t.scalar_type());
-  return t.scalar_type() == at::kDouble ? kc::Dt::F64 : kc::Dt::F32;
-}
-
-void check_inplace(const at::Tensor& t, const char* op, const std::string& name) {
-  TORCH_CHECK(t.is_contiguous(), "kalman_kernels::", op, " (", KK_OPS_LABEL, " backend): ", name,
-              " is updated in place and must be contiguous (shape ", t.sizes(), ", strides ",
-              t.strides(), "); keep the state in contiguous storage");
-}
-
-void check_ok(const at::Tensor& ok, const at::Device& device, const char* op) {
-  check_device(ok, device, op, "ok");
-  TORCH_CHECK(ok.dim() == 0 && ok.scalar_type() == at::kBool, "kalman_kernels::", op,
-              ": ok must be a 0-d bool tensor, got ", ok.scalar_type(), " of shape ", ok.sizes());
-}
-
-void check_hyper(double forgetting, const char* op) {
-  TORCH_CHECK(forgetting > 0.0, "kalman_kernels::", op, ": forgetting must be > 0, got ",
-              forgetting);
-}
+checks::Site site(const char* op) { return checks::Site{op, KK_OPS_LABEL, KK_OPS_DEVICE_TYPE}; }
 
 bool is64(const at::Tensor& t) { return t.scalar_type() == at::kDouble; }
 at::ScalarType acc_type(bool acc64) { return acc64 ? at::kDouble : at::kFloat; }
+KKType kk(const at::Tensor& t, const char* op) { return checks::dtype_of(site(op), t, "input"); }
 
 // A 2-D read-only input with unit stride in its last dimension, in the dtype the kernels
 // read: float64 when accumulating in float64.
@@ -125,32 +85,6 @@ std::pair<at::Tensor, at::Tensor> kron_inputs(at::Tensor a, at::Tensor d, bool a
   return {rows_input(a, false), rows_input(d, false)};
 }
 
-void check_kron(const at::Tensor& inputs, const at::Tensor& grad_outputs, int64_t d_out,
-                int64_t d_in, const char* op) {
-  TORCH_CHECK(inputs.dim() == 2, "kalman_kernels::", op, ": inputs must be (B, d_in), got ",
-              inputs.sizes());
-  TORCH_CHECK(grad_outputs.dim() == 3, "kalman_kernels::", op,
-              ": grad_outputs must be (B, K, d_out), got ", grad_outputs.sizes());
-  TORCH_CHECK(inputs.size(0) == grad_outputs.size(0), "kalman_kernels::", op, ": inputs has ",
-              inputs.size(0), " rows, grad_outputs ", grad_outputs.size(0));
-  TORCH_CHECK(inputs.size(1) == d_in && grad_outputs.size(2) == d_out, "kalman_kernels::", op,
-              ": inputs (B, ", inputs.size(1), ") and grad_outputs (B, K, ", grad_outputs.size(2),
-              ") do not match a (", d_out, ", ", d_in, ") weight");
-}
-
-void check_coef(const at::Tensor& coef, const at::Tensor& whitening, int64_t m,
-                const at::Device& device, const char* op) {
-  check_device(coef, device, op, "coef");
-  check_device(whitening, device, op, "whitening");
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == m, "kalman_kernels::", op,
-              ": coef must be (m,) = (", m, ",), got ", coef.sizes());
-  TORCH_CHECK(whitening.dim() == 2 && whitening.size(0) == m && whitening.size(1) == m,
-              "kalman_kernels::", op, ": whitening must be (m, m) = (", m, ", ", m, "), got ",
-              whitening.sizes());
-  dt_of(coef, op, "coef");
-  dt_of(whitening, op, "whitening");
-}
-
 kc::Update update_of(double forgetting, double process_noise, double cov_floor,
                      double cov_ceiling, bool information) {
   return kc::Update{1.0 / forgetting, process_noise, cov_floor, cov_ceiling, information};
@@ -160,60 +94,42 @@ kc::Update update_of(double forgetting, double process_noise, double cov_floor,
 at::Tensor innovation_cov_dense(const at::Tensor& jac, const at::Tensor& cov, double forgetting,
                                 double process_noise) {
   const char* op = "innovation_cov_dense";
-  const at::Device device = jac.device();
-  check_device(jac, device, op, "jac");
-  check_device(cov, device, op, "cov");
-  check_hyper(forgetting, op);
-  TORCH_CHECK(jac.dim() == 2, "kalman_kernels::", op, ": jac must be (m, n), got ", jac.sizes());
+  const checks::Innovation x =
+      checks::innovation_cov_dense(site(op), jac, cov, forgetting, process_noise);
   const int64_t m = jac.size(0), n = jac.size(1);
-  TORCH_CHECK(cov.numel() == n, "kalman_kernels::", op, ": jac has ", n, " columns, cov ",
-              cov.numel(), " elements");
-  dt_of(jac, op, "jac");
-  cov_dt(cov, op, "cov");
-  const bool acc64 = is64(jac) || is64(cov);
-  const at::Tensor h = rows_input(jac, acc64);
-  const at::Tensor c = cov.reshape({-1}).to(acc_type(acc64)).contiguous();
-  c10::OptionalDeviceGuard guard(device);
+  const at::Tensor h = rows_input(jac, x.acc64);
+  const at::Tensor c = cov.reshape({-1}).to(acc_type(x.acc64)).contiguous();
+  c10::OptionalDeviceGuard guard(x.device);
   at::Tensor out = at::empty({m, m}, jac.options().dtype(at::kDouble));
   if (m == 0) return out;
   if (n == 0) return out.zero_();
   TensorWorkspace ws(jac.options());
-  kc::innovation_dense(dt_of(h, op, "jac"), h.const_data_ptr(), h.stride(0), m, n,
-                       c.const_data_ptr(), acc64, 1.0 / forgetting, process_noise,
-                       out.mutable_data_ptr<double>(), ws, launch_for(device));
+  kc::innovation_dense(kk(h, op), h.const_data_ptr(), h.stride(0), m, n, c.const_data_ptr(),
+                       x.acc64, 1.0 / forgetting, process_noise, out.mutable_data_ptr<double>(),
+                       ws, launch_for(x.device));
   return out;
 }
 
 at::Tensor innovation_cov_kron(const at::Tensor& inputs, const at::Tensor& grad_outputs,
                                const at::Tensor& cov, double forgetting, double process_noise) {
   const char* op = "innovation_cov_kron";
-  const at::Device device = inputs.device();
-  check_device(inputs, device, op, "inputs");
-  check_device(grad_outputs, device, op, "grad_outputs");
-  check_device(cov, device, op, "cov");
-  check_hyper(forgetting, op);
-  TORCH_CHECK(cov.dim() == 2, "kalman_kernels::", op, ": cov must be (d_out, d_in), got ",
-              cov.sizes());
+  const checks::Innovation x =
+      checks::innovation_cov_kron(site(op), inputs, grad_outputs, cov, forgetting, process_noise);
   const int64_t d_out = cov.size(0), d_in = cov.size(1);
-  check_kron(inputs, grad_outputs, d_out, d_in, op);
-  dt_of(inputs, op, "inputs");
-  dt_of(grad_outputs, op, "grad_outputs");
-  cov_dt(cov, op, "cov");
-  const bool acc64 = is64(inputs) || is64(grad_outputs) || is64(cov);
-  const auto ad = kron_inputs(inputs, grad_outputs, acc64);
+  const auto ad = kron_inputs(inputs, grad_outputs, x.acc64);
   const at::Tensor& a = ad.first;
   const at::Tensor& d = ad.second;
-  const at::Tensor c = cov.to(acc_type(acc64)).contiguous();
+  const at::Tensor c = cov.to(acc_type(x.acc64)).contiguous();
   const int64_t b = d.size(0), k = d.size(1), m = b * k;
-  c10::OptionalDeviceGuard guard(device);
+  c10::OptionalDeviceGuard guard(x.device);
   at::Tensor out = at::empty({m, m}, inputs.options().dtype(at::kDouble));
   if (m == 0) return out;
   if (d_out == 0 || d_in == 0) return out.zero_();
   TensorWorkspace ws(inputs.options());
-  kc::innovation_kron(dt_of(a, op, "inputs"), a.const_data_ptr(), a.stride(0), d.const_data_ptr(),
-                      d.stride(0), d.stride(1), b, k, d_out, d_in, c.const_data_ptr(), acc64,
+  kc::innovation_kron(kk(a, op), a.const_data_ptr(), a.stride(0), d.const_data_ptr(),
+                      d.stride(0), d.stride(1), b, k, d_out, d_in, c.const_data_ptr(), x.acc64,
                       1.0 / forgetting, process_noise, out.mutable_data_ptr<double>(), ws,
-                      launch_for(device));
+                      launch_for(x.device));
   return out;
 }
 
@@ -224,7 +140,7 @@ void dense_pass(const at::Tensor& jac, const at::Tensor& coef, const at::Tensor&
   const at::Tensor cf = coef.to(at::kDouble);
   const at::Tensor w = whitening.to(at::kDouble);
   TensorWorkspace ws(jac.options());
-  kc::dense_update(dt_of(h, op, "jac"), h.const_data_ptr(), h.stride(0), h.size(0), h.size(1),
+  kc::dense_update(kk(h, op), h.const_data_ptr(), h.stride(0), h.size(0), h.size(1),
                    cf.const_data_ptr<double>(), cf.stride(0), w.const_data_ptr<double>(),
                    w.stride(0), w.stride(1), acc64, target, ws, launch_for(device));
 }
@@ -234,49 +150,32 @@ void fused_update_dense_(const at::Tensor& param, const at::Tensor& cov, const a
                          double forgetting, double process_noise, double cov_floor,
                          double cov_ceiling, bool information) {
   const char* op = "fused_update_dense_";
-  const at::Device device = param.device();
-  check_device(param, device, op, "param");
-  check_device(cov, device, op, "cov");
-  check_device(jac, device, op, "jac");
-  check_inplace(param, op, "param");
-  check_inplace(cov, op, "cov");
-  check_hyper(forgetting, op);
-  const int64_t n = param.numel();
-  TORCH_CHECK(cov.numel() == n, "kalman_kernels::", op, ": cov has ", cov.numel(),
-              " elements, param ", n);
-  TORCH_CHECK(jac.dim() == 2 && jac.size(1) == n, "kalman_kernels::", op,
-              ": jac must be (m, ", n, ") for a parameter of ", n, " elements, got ", jac.sizes());
-  check_coef(coef, whitening, jac.size(0), device, op);
-  check_ok(ok, device, op);
-  dt_of(jac, op, "jac");
+  const checks::Update x =
+      checks::fused_update_dense_(site(op), param, cov, jac, coef, whitening, ok, forgetting,
+                                  process_noise, cov_floor, cov_ceiling);
   kc::Target t;
   t.param = param.mutable_data_ptr();
-  t.param_t = dt_of(param, op, "param");
+  t.param_t = x.param;
   t.cov = cov.mutable_data_ptr();
-  t.cov_t = cov_dt(cov, op, "cov");
+  t.cov_t = x.cov;
   t.ok = ok.const_data_ptr<bool>();
   t.hyper = update_of(forgetting, process_noise, cov_floor, cov_ceiling, information);
-  c10::OptionalDeviceGuard guard(device);
-  dense_pass(jac, coef, whitening, is64(param) || is64(cov) || is64(jac), t, device, op);
+  c10::OptionalDeviceGuard guard(x.device);
+  dense_pass(jac, coef, whitening, x.acc64, t, x.device, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> step_terms_dense(const at::Tensor& jac, const at::Tensor& coef,
                                                     const at::Tensor& whitening) {
   const char* op = "step_terms_dense";
-  const at::Device device = jac.device();
-  check_device(jac, device, op, "jac");
-  TORCH_CHECK(jac.dim() == 2, "kalman_kernels::", op, ": jac must be (m, n), got ", jac.sizes());
-  check_coef(coef, whitening, jac.size(0), device, op);
-  dt_of(jac, op, "jac");
-  const bool acc64 = is64(jac);
+  const checks::Terms x = checks::step_terms_dense(site(op), jac, coef, whitening);
   const int64_t n = jac.size(1);
-  c10::OptionalDeviceGuard guard(device);
-  at::Tensor u = at::empty({n}, jac.options().dtype(acc_type(acc64)));
-  at::Tensor d = at::empty({n}, jac.options().dtype(acc_type(acc64)));
+  c10::OptionalDeviceGuard guard(x.device);
+  at::Tensor u = at::empty({n}, jac.options().dtype(acc_type(x.acc64)));
+  at::Tensor d = at::empty({n}, jac.options().dtype(acc_type(x.acc64)));
   kc::Target t;
   t.u = u.mutable_data_ptr();
   t.d = d.mutable_data_ptr();
-  dense_pass(jac, coef, whitening, acc64, t, device, op);
+  dense_pass(jac, coef, whitening, x.acc64, t, x.device, op);
   return {u, d};
 }
 
@@ -291,8 +190,8 @@ void kron_pass(const at::Tensor& inputs, const at::Tensor& grad_outputs, const a
   const at::Tensor w = whitening.to(at::kDouble);
   const at::Tensor gram = at::mm(w.t(), w).contiguous();  // W = F^T F (m x m, float64)
   TensorWorkspace ws(inputs.options());
-  kc::kron_update(dt_of(a, op, "inputs"), a.const_data_ptr(), a.stride(0), d.const_data_ptr(),
-                  d.stride(0), d.stride(1), d.size(0), d.size(1), d.size(2), a.size(1),
+  kc::kron_update(kk(a, op), a.const_data_ptr(), a.stride(0), d.const_data_ptr(), d.stride(0),
+                  d.stride(1), d.size(0), d.size(1), d.size(2), a.size(1),
                   cf.const_data_ptr<double>(), gram.const_data_ptr<double>(), acc64, target, ws,
                   launch_for(device));
 }
@@ -303,33 +202,18 @@ void fused_update_kron_(const at::Tensor& weight, const at::Tensor& cov, const a
                         double process_noise, double cov_floor, double cov_ceiling,
                         bool information) {
   const char* op = "fused_update_kron_";
-  const at::Device device = weight.device();
-  check_device(weight, device, op, "weight");
-  check_device(cov, device, op, "cov");
-  check_device(inputs, device, op, "inputs");
-  check_device(grad_outputs, device, op, "grad_outputs");
-  check_inplace(weight, op, "weight");
-  check_inplace(cov, op, "cov");
-  check_hyper(forgetting, op);
-  TORCH_CHECK(weight.dim() == 2, "kalman_kernels::", op, ": weight must be 2-D, got ",
-              weight.sizes());
-  TORCH_CHECK(cov.sizes() == weight.sizes(), "kalman_kernels::", op, ": cov ", cov.sizes(),
-              " and weight ", weight.sizes(), " differ in shape");
-  check_kron(inputs, grad_outputs, weight.size(0), weight.size(1), op);
-  check_coef(coef, whitening, grad_outputs.size(0) * grad_outputs.size(1), device, op);
-  check_ok(ok, device, op);
-  dt_of(inputs, op, "inputs");
-  dt_of(grad_outputs, op, "grad_outputs");
+  const checks::Update x =
+      checks::fused_update_kron_(site(op), weight, cov, inputs, grad_outputs, coef, whitening, ok,
+                                 forgetting, process_noise, cov_floor, cov_ceiling);
   kc::Target t;
   t.param = weight.mutable_data_ptr();
-  t.param_t = dt_of(weight, op, "weight");
+  t.param_t = x.param;
   t.cov = cov.mutable_data_ptr();
-  t.cov_t = cov_dt(cov, op, "cov");
+  t.cov_t = x.cov;
   t.ok = ok.const_data_ptr<bool>();
   t.hyper = update_of(forgetting, process_noise, cov_floor, cov_ceiling, information);
-  const bool acc64 = is64(weight) || is64(cov) || is64(inputs) || is64(grad_outputs);
-  c10::OptionalDeviceGuard guard(device);
-  kron_pass(inputs, grad_outputs, coef, whitening, acc64, t, device, op);
+  c10::OptionalDeviceGuard guard(x.device);
+  kron_pass(inputs, grad_outputs, coef, whitening, x.acc64, t, x.device, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> step_terms_kron(const at::Tensor& inputs,
@@ -337,57 +221,32 @@ std::tuple<at::Tensor, at::Tensor> step_terms_kron(const at::Tensor& inputs,
                                                    const at::Tensor& coef,
                                                    const at::Tensor& whitening) {
   const char* op = "step_terms_kron";
-  const at::Device device = inputs.device();
-  check_device(inputs, device, op, "inputs");
-  check_device(grad_outputs, device, op, "grad_outputs");
-  TORCH_CHECK(grad_outputs.dim() == 3, "kalman_kernels::", op,
-              ": grad_outputs must be (B, K, d_out), got ", grad_outputs.sizes());
-  TORCH_CHECK(inputs.dim() == 2, "kalman_kernels::", op, ": inputs must be (B, d_in), got ",
-              inputs.sizes());
+  const checks::Terms x = checks::step_terms_kron(site(op), inputs, grad_outputs, coef, whitening);
   const int64_t d_out = grad_outputs.size(2), d_in = inputs.size(1);
-  check_kron(inputs, grad_outputs, d_out, d_in, op);
-  check_coef(coef, whitening, grad_outputs.size(0) * grad_outputs.size(1), device, op);
-  dt_of(inputs, op, "inputs");
-  dt_of(grad_outputs, op, "grad_outputs");
-  const bool acc64 = is64(inputs) || is64(grad_outputs);
-  c10::OptionalDeviceGuard guard(device);
-  at::Tensor u = at::empty({d_out, d_in}, inputs.options().dtype(acc_type(acc64)));
-  at::Tensor d = at::empty({d_out, d_in}, inputs.options().dtype(acc_type(acc64)));
+  c10::OptionalDeviceGuard guard(x.device);
+  at::Tensor u = at::empty({d_out, d_in}, inputs.options().dtype(acc_type(x.acc64)));
+  at::Tensor d = at::empty({d_out, d_in}, inputs.options().dtype(acc_type(x.acc64)));
   kc::Target t;
   t.u = u.mutable_data_ptr();
   t.d = d.mutable_data_ptr();
-  kron_pass(inputs, grad_outputs, coef, whitening, acc64, t, device, op);
+  kron_pass(inputs, grad_outputs, coef, whitening, x.acc64, t, x.device, op);
   return {u, d};
 }
 
 void apply_terms_(const at::Tensor& param, const at::Tensor& cov, const at::Tensor& direction,
                   const at::Tensor& diag_term, const at::Tensor& ok, double forgetting,
                   double process_noise, double cov_floor, double cov_ceiling, bool information) {
-  const char* op = "apply_terms_";
-  const at::Device device = param.device();
-  check_device(param, device, op, "param");
-  check_device(cov, device, op, "cov");
-  check_device(direction, device, op, "direction");
-  check_device(diag_term, device, op, "diag_term");
-  check_inplace(param, op, "param");
-  check_inplace(cov, op, "cov");
-  check_ok(ok, device, op);
-  check_hyper(forgetting, op);
-  const int64_t n = param.numel();
-  TORCH_CHECK(cov.numel() == n && direction.numel() == n && diag_term.numel() == n,
-              "kalman_kernels::", op, ": cov, direction and diag_term must have the parameter's ",
-              n, " elements, got ", cov.numel(), ", ", direction.numel(), ", ", diag_term.numel());
-  dt_of(direction, op, "direction");
-  dt_of(diag_term, op, "diag_term");
-  const bool terms64 = is64(direction) || is64(diag_term);
-  const at::Tensor dir = direction.reshape({-1}).to(acc_type(terms64)).contiguous();
-  const at::Tensor diag = diag_term.reshape({-1}).to(acc_type(terms64)).contiguous();
-  c10::OptionalDeviceGuard guard(device);
-  kc::apply_terms(param.mutable_data_ptr(), dt_of(param, op, "param"), cov.mutable_data_ptr(),
-                  cov_dt(cov, op, "cov"), dir.const_data_ptr(), diag.const_data_ptr(),
-                  terms64 ? kc::Dt::F64 : kc::Dt::F32, n, ok.const_data_ptr<bool>(),
+  const checks::Apply x =
+      checks::apply_terms_(site("apply_terms_"), param, cov, direction, diag_term, ok, forgetting,
+                           process_noise, cov_floor, cov_ceiling);
+  const at::Tensor dir = direction.reshape({-1}).to(acc_type(x.terms64)).contiguous();
+  const at::Tensor diag = diag_term.reshape({-1}).to(acc_type(x.terms64)).contiguous();
+  c10::OptionalDeviceGuard guard(x.device);
+  kc::apply_terms(param.mutable_data_ptr(), x.param, cov.mutable_data_ptr(), x.cov,
+                  dir.const_data_ptr(), diag.const_data_ptr(),
+                  x.terms64 ? KKType::F64 : KKType::F32, param.numel(), ok.const_data_ptr<bool>(),
                   update_of(forgetting, process_noise, cov_floor, cov_ceiling, information),
-                  launch_for(device));
+                  launch_for(x.device));
 }
 
 // Tensors of a multi-tensor call grouped by dtypes, in order of first appearance; `keep`
@@ -410,36 +269,25 @@ std::vector<kc::LossGroup> group_tensors(const std::vector<kc::LossGroup>& singl
 
 at::Tensor loss_quad_form(at::TensorList grads, at::TensorList covs, double forgetting,
                           double process_noise) {
-  const char* op = "loss_quad_form";
-  TORCH_CHECK(grads.size() == covs.size(), "kalman_kernels::", op, ": ", grads.size(),
-              " grads but ", covs.size(), " covs");
-  TORCH_CHECK(!grads.empty(), "kalman_kernels::", op, ": empty tensor lists");
-  check_hyper(forgetting, op);
-  const at::Device device = grads[0].device();
+  const checks::Lists x =
+      checks::loss_quad_form(site("loss_quad_form"), grads, covs, forgetting, process_noise);
   std::vector<at::Tensor> keep;
   std::vector<kc::LossGroup> singles;
   for (size_t i = 0; i < grads.size(); ++i) {
-    const std::string gi = "grads[" + std::to_string(i) + "]";
-    const std::string ci = "covs[" + std::to_string(i) + "]";
-    check_device(grads[i], device, op, gi.c_str());
-    check_device(covs[i], device, op, ci.c_str());
-    TORCH_CHECK(grads[i].numel() == covs[i].numel(), "kalman_kernels::", op, ": ", gi, " has ",
-                grads[i].numel(), " elements, ", ci, " ", covs[i].numel());
     keep.push_back(grads[i].contiguous());
     keep.push_back(covs[i].contiguous());
     const at::Tensor& g = keep[keep.size() - 2];
     const at::Tensor& c = keep.back();
-    const kc::Dt gt = dt_of(g, op, gi.c_str());
-    singles.push_back(kc::LossGroup{gt, gt, cov_dt(c, op, ci.c_str()),
+    singles.push_back(kc::LossGroup{x.grad[i], x.grad[i], x.cov[i],
                                     {kc::LossTensor{nullptr, g.const_data_ptr(),
                                                     const_cast<void*>(c.const_data_ptr()),
                                                     g.numel()}}});
   }
-  c10::OptionalDeviceGuard guard(device);
+  c10::OptionalDeviceGuard guard(x.device);
   at::Tensor out = at::empty({}, grads[0].options().dtype(at::kDouble));
   TensorWorkspace ws(grads[0].options());
   kc::loss_quad_form(group_tensors(singles), 1.0 / forgetting, process_noise,
-                     out.mutable_data_ptr<double>(), ws, launch_for(device));
+                     out.mutable_data_ptr<double>(), ws, launch_for(x.device));
   return out;
 }
 
@@ -447,48 +295,28 @@ void loss_step_(at::TensorList params, at::TensorList grads, at::TensorList covs
                 const at::Tensor& coef, const at::Tensor& weight, const at::Tensor& ok,
                 double forgetting, double process_noise, double cov_floor, double cov_ceiling,
                 bool information) {
-  const char* op = "loss_step_";
-  TORCH_CHECK(params.size() == grads.size() && params.size() == covs.size(), "kalman_kernels::",
-              op, ": params, grads and covs differ in length (", params.size(), ", ", grads.size(),
-              ", ", covs.size(), ")");
+  const checks::Lists x =
+      checks::loss_step_(site("loss_step_"), params, grads, covs, coef, weight, ok, forgetting,
+                         process_noise, cov_floor, cov_ceiling);
   if (params.empty()) return;
-  check_hyper(forgetting, op);
-  const at::Device device = params[0].device();
-  check_device(coef, device, op, "coef");
-  check_device(weight, device, op, "weight");
-  check_ok(ok, device, op);
-  TORCH_CHECK(coef.numel() == 1 && weight.numel() == 1, "kalman_kernels::", op,
-              ": coef and weight must be scalars, got ", coef.sizes(), " and ", weight.sizes());
   const at::Tensor cf = coef.to(at::kDouble).contiguous();
   const at::Tensor wt = weight.to(at::kDouble).contiguous();
   std::vector<at::Tensor> keep;
   std::vector<kc::LossGroup> singles;
   for (size_t i = 0; i < params.size(); ++i) {
-    const std::string pi = "params[" + std::to_string(i) + "]";
-    const std::string gi = "grads[" + std::to_string(i) + "]";
-    const std::string ci = "covs[" + std::to_string(i) + "]";
-    check_device(params[i], device, op, pi.c_str());
-    check_device(grads[i], device, op, gi.c_str());
-    check_device(covs[i], device, op, ci.c_str());
-    check_inplace(params[i], op, pi);
-    check_inplace(covs[i], op, ci);
-    const int64_t n = params[i].numel();
-    TORCH_CHECK(grads[i].numel() == n && covs[i].numel() == n, "kalman_kernels::", op, ": ", pi,
-                " has ", n, " elements, ", gi, " ", grads[i].numel(), ", ", ci, " ",
-                covs[i].numel());
-    const kc::Dt pt = dt_of(params[i], op, pi.c_str());
-    dt_of(grads[i], op, gi.c_str());
+    // a gradient whose dtype differs from its parameter's is read in the parameter's
     keep.push_back(grads[i].to(params[i].scalar_type()).contiguous());
-    singles.push_back(kc::LossGroup{pt, pt, cov_dt(covs[i], op, ci.c_str()),
+    singles.push_back(kc::LossGroup{x.param[i], x.param[i], x.cov[i],
                                     {kc::LossTensor{params[i].mutable_data_ptr(),
                                                     keep.back().const_data_ptr(),
-                                                    covs[i].mutable_data_ptr(), n}}});
+                                                    covs[i].mutable_data_ptr(),
+                                                    params[i].numel()}}});
   }
-  c10::OptionalDeviceGuard guard(device);
+  c10::OptionalDeviceGuard guard(x.device);
   kc::loss_step(group_tensors(singles), cf.const_data_ptr<double>(), wt.const_data_ptr<double>(),
                 ok.const_data_ptr<bool>(),
                 update_of(forgetting, process_noise, cov_floor, cov_ceiling, information),
-                launch_for(device));
+                launch_for(x.device));
 }
 
 void register_kernels(torch::Library& m) {

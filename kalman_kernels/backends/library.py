@@ -135,18 +135,22 @@ def _dense(op: str, jac: torch.Tensor, n, n_from: str) -> None:
     _dtype(op, "jac", jac)
 
 
-def _kron(op: str, inputs: torch.Tensor, grad_outputs: torch.Tensor, d_out=None,
-          d_in=None) -> None:
+def _kron(op: str, inputs: torch.Tensor, grad_outputs: torch.Tensor, what=None,
+          what_name: str = "") -> None:
+    """inputs (B, d_in), grad_outputs (B, K, d_out); ``what`` (the covariance or the weight),
+    when given, (d_out, d_in)."""
     _fail_unless(inputs.dim() == 2 and grad_outputs.dim() == 3, op,
                  lambda: f"inputs must be (B, d_in) and grad_outputs (B, K, d_out), got "
                          f"{tuple(inputs.shape)} and {tuple(grad_outputs.shape)}")
     _fail_unless(inputs.shape[0] == grad_outputs.shape[0], op,
                  lambda: f"inputs has {inputs.shape[0]} rows, grad_outputs "
                          f"{grad_outputs.shape[0]}")
-    if d_out is not None:
-        _fail_unless(inputs.shape[1] == d_in and grad_outputs.shape[2] == d_out, op,
-                     lambda: f"inputs (B, {inputs.shape[1]}) and grad_outputs (B, K, "
-                             f"{grad_outputs.shape[2]}) do not match a ({d_out}, {d_in}) weight")
+    if what is not None:
+        _fail_unless(what.dim() == 2 and what.shape[0] == grad_outputs.shape[2]
+                     and what.shape[1] == inputs.shape[1], op,
+                     lambda: f"{what_name} must be (d_out, d_in) = ({grad_outputs.shape[2]}, "
+                             f"{inputs.shape[1]}) for inputs (B, d_in) and grad_outputs "
+                             f"(B, K, d_out), got {tuple(what.shape)}")
     _dtype(op, "inputs", inputs)
     _dtype(op, "grad_outputs", grad_outputs)
 
@@ -188,8 +192,7 @@ def _check_innovation_cov_dense(jac, cov, forgetting, process_noise):
 
 def _check_innovation_cov_kron(inputs, grad_outputs, cov, forgetting, process_noise):
     op = "innovation_cov_kron"
-    _fail_unless(cov.dim() == 2, op, lambda: f"cov must be (d_out, d_in), got {tuple(cov.shape)}")
-    _kron(op, inputs, grad_outputs, cov.shape[0], cov.shape[1])
+    _kron(op, inputs, grad_outputs, cov, "cov")
     _dtype(op, "cov", cov, _COV_DTYPES)
     _hyper(op, forgetting, process_noise)
 
@@ -216,7 +219,7 @@ def _check_fused_update_kron_(weight, cov, inputs, grad_outputs, coef, whitening
                          f"and {tuple(cov.shape)}")
     _inplace(op, "weight", weight)
     _inplace(op, "cov", cov)
-    _kron(op, inputs, grad_outputs, weight.shape[0], weight.shape[1])
+    _kron(op, inputs, grad_outputs, weight, "weight")
     _terms(op, coef, whitening, grad_outputs.shape[0] * grad_outputs.shape[1])
     _ok(op, ok)
     _dtype(op, "weight", weight)
