@@ -137,3 +137,45 @@ _INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat1
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits of a float tensor (so that equality is bit-for-bit, NaN and -0 included)."""
     return t.contiguous().view(_INT_OF[t.dtype])
+
+
+def op_cases(device="cpu", dtype=torch.float32):
+    """(op name -> args) for every op of the schema (kalman_kernels/backends/library.py):
+    small fresh inputs on ``device`` for ``torch.library.opcheck`` and the surface tests.
+    Parameters, Jacobians and Kronecker factors in ``dtype``, covariances in float32 (float64
+    for float64), filter terms float64. A new op adds its case here, and only here."""
+    from kalman_kernels.backends import library
+
+    cdt = cov_dtype_for(dtype)
+    m, n, b, k, d_out, d_in = 3, 37, 3, 2, 4, 5
+    t = lambda x: x.to(device)
+    ok = true_(device)
+    coef = t(torch.randn(m, dtype=F64))
+    whitening = t(torch.linalg.cholesky(torch.eye(m, dtype=F64) * 2.0))
+    coef_k = t(torch.randn(b * k, dtype=F64))
+    whitening_k = t(torch.linalg.cholesky(torch.eye(b * k, dtype=F64) * 2.0))
+    jac = t(randn((m, n), dtype))
+    a, d = t(randn((b, d_in), dtype)), t(randn((b, k, d_out), dtype))
+    w, wc = t(randn((d_out, d_in), dtype)), t(rand_cov((d_out, d_in), cdt))
+    shapes = [(7,), (3, 4)]
+    grads = [t(randn(s, dtype)) for s in shapes]
+    params = [t(randn(s, dtype)) for s in shapes]
+    covs = [t(rand_cov(s, cdt)) for s in shapes]
+    scalars = t(torch.tensor([0.3, 0.7], dtype=F64))
+    p, c = t(randn(n, dtype)), t(rand_cov(n, cdt))
+    u, dd = t(randn(n, cdt)), t(rand_cov(n, cdt))
+    cases = {
+        "innovation_cov_dense": (jac, c, 0.9, 0.01),
+        "innovation_cov_kron": (a, d, wc, 0.9, 0.01),
+        "fused_update_dense_": (p, c, jac, coef, whitening, ok, 0.9, 0.01, 1e-4, 10.0, False),
+        "fused_update_kron_": (w, wc, a, d, coef_k, whitening_k, ok, 0.9, 0.01, 1e-4, 10.0, True),
+        "loss_quad_form": (grads, covs, 0.9, 0.01),
+        "loss_step_": (params, grads, covs, scalars[0], scalars[1], ok, 0.9, 0.01, 1e-4, 10.0,
+                       False),
+        "step_terms_dense": (jac, coef, whitening),
+        "step_terms_kron": (a, d, coef_k, whitening_k),
+        "apply_terms_": (p, c, u, dd, ok, 0.9, 0.01, 1e-4, 10.0, False),
+    }
+    assert set(cases) == set(library.SCHEMAS), \
+        f"tests/op_checks.py: op_cases has no case for {set(library.SCHEMAS) - set(cases)}"
+    return cases

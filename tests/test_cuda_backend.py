@@ -38,8 +38,7 @@ from op_checks import (
     F64,
     assert_close_scaled,
     bits,
-    filter_terms,
-    kron_jacobian,
+    op_cases,
     rand_cov,
     randn,
     true_,
@@ -51,9 +50,7 @@ REQUIRE_CUDA_BUILD = os.environ.get("KALMAN_KERNELS_REQUIRE_CUDA_BUILD", "").str
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (torch.cuda.is_available() "
                                                "is False on this machine)")
-ENTRY_POINTS = ("innovation_cov_dense", "innovation_cov_kron", "fused_update_dense_",
-                "fused_update_kron_", "loss_quad_form", "loss_step_", "step_terms_dense",
-                "step_terms_kron", "apply_terms_")
+ENTRY_POINTS = library.ENTRY_POINTS
 
 
 def _require_extension():
@@ -147,45 +144,14 @@ def test_public_entry_points_refuse_backend_cuda_on_cpu():
         kk.KalmanNGD([torch.nn.Parameter(torch.randn(3))], backend="cuda")
 
 
-def _op_cases():
-    """(op name, args) for every op, small CPU tensors (for the emulated kernels)."""
-    m, n = 3, 37
-    jac = randn((m, n), torch.float32)
-    cov = rand_cov(n, torch.float32)
-    coef, whitening = filter_terms(ref.innovation_cov_dense(jac, cov), False)
-    b, k, d_out, d_in = 2, 3, 5, 7
-    a, d = randn((b, d_in), torch.float32), randn((b, k, d_out), torch.float32)
-    wcov = rand_cov((d_out, d_in), torch.float32)
-    kcoef, kwhite = filter_terms(ref.innovation_cov_dense(kron_jacobian(a, d), wcov), False)
-    ok = true_()
-    hyper = (0.9, 0.01, 0.0, float("inf"), False)
-    yield "innovation_cov_dense", (jac, cov, 0.9, 0.01)
-    yield "innovation_cov_kron", (a, d, wcov, 0.9, 0.01)
-    yield "fused_update_dense_", (randn(n, torch.float32), cov.clone(), jac, coef, whitening, ok,
-                                  *hyper)
-    yield "fused_update_kron_", (randn((d_out, d_in), torch.float32), wcov.clone(), a, d, kcoef,
-                                 kwhite, ok, *hyper)
-    grads = [randn(s, torch.float32) for s in (5, 300)]
-    covs = [rand_cov(s, torch.float32) for s in (5, 300)]
-    yield "loss_quad_form", (grads, covs, 0.9, 0.01)
-    yield "loss_step_", ([randn(s, torch.float32) for s in (5, 300)], grads,
-                         [c.clone() for c in covs], torch.tensor(-0.3, dtype=F64),
-                         torch.tensor(0.7, dtype=F64), ok, *hyper)
-    yield "step_terms_dense", (jac, coef, whitening)
-    yield "step_terms_kron", (a, d, kcoef, kwhite)
-    yield "apply_terms_", (randn(n, torch.float32), cov.clone(), randn(n, torch.float32),
-                           rand_cov(n, torch.float32), ok, *hyper)
-
-
-@pytest.mark.parametrize("name,args", list(_op_cases()),
-                         ids=lambda v: v if isinstance(v, str) else "")
-def test_fakes_agree_with_the_kernels_opcheck(emulated, name, args):
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_fakes_agree_with_the_kernels_opcheck(emulated, name):
     """torch.library.opcheck on the emulated CUDA kernels: the schema's mutation annotations,
     the fake implementations' shapes / dtypes / strides and the AOT-dispatch path all agree
     with what the kernels do."""
     import cuda_emulation
     op = getattr(getattr(torch.ops, cuda_emulation.NAMESPACE), name)
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, op_cases()[name])
 
 
 def test_entry_points_compile_fullgraph(emulated):

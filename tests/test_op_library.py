@@ -24,45 +24,11 @@ import torch
 import kalman_kernels as kk
 import kalman_kernels.reference as ref
 from kalman_kernels.backends import NAMES, _load, library, resolve
-from op_checks import F64, bits, filter_terms, kron_jacobian, rand_cov, randn, true_
+from op_checks import F64, bits, op_cases, rand_cov, randn, true_
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a namespace with the ops and nothing but their default kernels
 DEFAULT_ONLY = "kalman_kernels_default_probe"
-
-
-def _cases(device="cpu"):
-    """(op name, args) for every op: small float32 inputs, float64 filter terms."""
-    m, n = 3, 37
-    jac = randn((m, n), torch.float32)
-    cov = rand_cov(n, torch.float32)
-    coef, white = filter_terms(ref.innovation_cov_dense(jac, cov), False)
-    b, k, d_out, d_in = 2, 3, 5, 7
-    a, d = randn((b, d_in), torch.float32), randn((b, k, d_out), torch.float32)
-    wcov = rand_cov((d_out, d_in), torch.float32)
-    kcoef, kwhite = filter_terms(ref.innovation_cov_dense(kron_jacobian(a, d), wcov), False)
-    hyper = (0.9, 0.01, 1e-4, 0.8, False)
-    shapes = [(5,), (3, 4)]
-    grads = [randn(s, torch.float32) for s in shapes]
-    covs = [rand_cov(s, torch.float32) for s in shapes]
-    cases = {
-        "innovation_cov_dense": (jac, cov, 0.9, 0.01),
-        "innovation_cov_kron": (a, d, wcov, 0.9, 0.01),
-        "fused_update_dense_": (randn(n, torch.float32), cov.clone(), jac, coef, white, true_())
-        + hyper,
-        "fused_update_kron_": (randn((d_out, d_in), torch.float32), wcov.clone(), a, d, kcoef,
-                               kwhite, true_()) + hyper,
-        "loss_quad_form": (grads, covs, 0.9, 0.01),
-        "loss_step_": ([randn(s, torch.float32) for s in shapes], grads,
-                       [c.clone() for c in covs], torch.tensor(-0.3, dtype=F64),
-                       torch.tensor(0.7, dtype=F64), true_()) + hyper,
-        "step_terms_dense": (jac, coef, white),
-        "step_terms_kron": (a, d, kcoef, kwhite),
-        "apply_terms_": (randn(n, torch.float32), cov.clone(), randn(n, torch.float32),
-                         rand_cov(n, torch.float32), true_()) + hyper,
-    }
-    assert set(cases) == set(library.SCHEMAS)
-    return {name: _to(args, device) for name, args in cases.items()}
 
 
 def _to(x, device):
@@ -112,7 +78,7 @@ def test_default_kernel_runs_where_no_kernel_is_compiled():
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified,
                                                               "CompositeExplicitAutograd")
-    for name, args in _cases().items():
+    for name, args in op_cases().items():
         ours, theirs = _copy(args), _copy(args)
         got = _results(name, ours, getattr(surface, name)(*ours))
         want = _results(name, theirs, getattr(ref, name)(*theirs))
@@ -124,7 +90,7 @@ def test_default_kernel_runs_where_no_kernel_is_compiled():
 
 def test_default_kernel_answers_meta_tensors_with_the_fakes():
     surface = library.Kernels("reference", DEFAULT_ONLY)
-    for name, args in _cases("meta").items():
+    for name, args in op_cases("meta").items():
         out = getattr(surface, name)(*args)
         if name == "innovation_cov_dense":
             assert out.device.type == "meta" and out.shape == (3, 3) and out.dtype == F64
@@ -134,7 +100,7 @@ def test_checks_name_the_argument_on_every_path():
     """The default kernel and the fake run the same checks (as the C++ kernels, from
     csrc/kk_checks.h, and the Triton launchers)."""
     surface = library.Kernels("reference", DEFAULT_ONLY)
-    args = _cases()["fused_update_dense_"]
+    args = op_cases()["fused_update_dense_"]
     bad_ok = args[:5] + (torch.ones(2, dtype=torch.bool),) + args[6:]
     for device in ("cpu", "meta"):
         with pytest.raises(RuntimeError, match="kalman_kernels::fused_update_dense_: ok must "
@@ -143,7 +109,7 @@ def test_checks_name_the_argument_on_every_path():
     strided = (torch.zeros(74)[::2],) + args[1:]
     with pytest.raises(RuntimeError, match="param is updated in place and must be contiguous"):
         surface.fused_update_dense_(*strided)
-    jac, cov = _cases()["innovation_cov_dense"][:2]
+    jac, cov = op_cases()["innovation_cov_dense"][:2]
     with pytest.raises(RuntimeError, match="cov must be float32 or float64"):
         surface.innovation_cov_dense(jac, cov.half())
     with pytest.raises(RuntimeError, match="forgetting must be finite and > 0"):
@@ -220,7 +186,7 @@ def test_wrapper_conversions_give_the_canonical_bits(kb):
         pytest.skip("interpreter sizes")
     dev = kb.device
     with kb.active() as be:
-        cases = _cases(dev)
+        cases = op_cases(dev)
         # (m, *shape) Jacobian and a 2-D cov, against (m, n) and a flat cov
         jac, cov = cases["innovation_cov_dense"][:2]
         s1 = be.innovation_cov_dense(jac.reshape(3, 37, 1), cov.reshape(37, 1), 0.9, 0.01)
@@ -240,7 +206,7 @@ def test_wrapper_conversions_give_the_canonical_bits(kb):
         # Python numbers for coef / weight / ok of the loss step
         args = cases["loss_step_"]
         x, y = _copy(args), _copy(args)
-        be.loss_step_(*x[:3], -0.3, 0.7, True, *x[6:])
+        be.loss_step_(*x[:3], float(x[3]), float(x[4]), True, *x[6:])
         be.loss_step_(*y)
         for got, want in zip(x[0] + x[2], y[0] + y[2]):
             assert torch.equal(bits(got), bits(want))

@@ -25,7 +25,7 @@ import torch
 
 import kalman_kernels as kk
 import kalman_kernels.reference as ref
-from kalman_kernels.backends import _load, resolve
+from kalman_kernels.backends import _load, library, resolve
 from op_checks import (
     F64,
     assert_close_scaled,
@@ -34,6 +34,7 @@ from op_checks import (
     false_,
     filter_terms,
     kron_jacobian,
+    op_cases,
     rand_cov,
     randn,
     true_,
@@ -174,49 +175,10 @@ def test_ops_reject_bad_inputs_by_name():
 
 
 # ------------------------------------------------------------------ torch.library
-def _sample_args(device):
-    """(op name, args) for every op of the schema: small, fresh random inputs."""
-    m, n = 3, 37
-    jac = randn((m, n), torch.float32).to(device)
-    cov = rand_cov(n, torch.float32).to(device)
-    coef, white = filter_terms(ref.innovation_cov_dense(jac.cpu(), cov.cpu()), False)
-    coef, white = coef.to(device), white.to(device)
-    b, k, d_out, d_in = 2, 3, 5, 7
-    a = randn((b, d_in), torch.float32).to(device)
-    d = randn((b, k, d_out), torch.float32).to(device)
-    kcov = rand_cov((d_out, d_in), torch.float32).to(device)
-    kcoef, kwhite = filter_terms(ref.innovation_cov_dense(kron_jacobian(a, d), kcov.cpu()), True)
-    kcoef, kwhite = kcoef.to(device), kwhite.to(device)
-    ok = true_(device)
-    hyper = (0.9, 0.01, 1e-4, 0.8, False)
-    one = torch.tensor(0.5, dtype=F64, device=device)
-    shapes = [(5,), (3, 4)]
-    return [
-        ("innovation_cov_dense", (jac, cov, 0.9, 0.01)),
-        ("innovation_cov_kron", (a, d, kcov, 0.9, 0.01)),
-        ("fused_update_dense_", (randn(n, torch.float32).to(device), cov.clone(), jac, coef,
-                                 white, ok) + hyper),
-        ("fused_update_kron_", (randn((d_out, d_in), torch.float32).to(device), kcov.clone(),
-                                a, d, kcoef, kwhite, ok) + hyper),
-        ("loss_quad_form", ([randn(s, torch.float32).to(device) for s in shapes],
-                            [rand_cov(s, torch.float32).to(device) for s in shapes], 0.9, 0.01)),
-        ("loss_step_", ([randn(s, torch.float32).to(device) for s in shapes],
-                        [randn(s, torch.float32).to(device) for s in shapes],
-                        [rand_cov(s, torch.float32).to(device) for s in shapes], one, one, ok)
-         + hyper),
-        ("step_terms_dense", (jac, coef, white)),
-        ("step_terms_kron", (a, d, kcoef, kwhite)),
-        ("apply_terms_", (randn(n, torch.float32).to(device), cov.clone(),
-                          randn(n, torch.float32).to(device), rand_cov(n, torch.float32)
-                          .to(device), ok) + hyper),
-    ]
-
-
 @needs_backend
-@pytest.mark.parametrize("name", [name for name, _ in _sample_args("cpu")] if HAVE_TRITON else [])
+@pytest.mark.parametrize("name", library.ENTRY_POINTS)
 def test_opcheck(name):
-    args = dict(_sample_args(DEVICE))[name]
-    torch.library.opcheck(getattr(_ops(), name).default, args)
+    torch.library.opcheck(getattr(_ops(), name).default, op_cases(DEVICE)[name])
 
 
 def _functional_step(be, param, cov, jac, residual, r, forgetting, process_noise):

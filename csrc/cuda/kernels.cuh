@@ -1001,8 +1001,9 @@ void kron_update(KKType t, const void* a, int64_t lda, const void* d, int64_t sd
   });
 }
 
-void apply_terms(void* param, KKType pt, void* cov, KKType ct, const void* direction, const void* diag,
-                 KKType tt, int64_t n, const bool* ok, const Update& u, const Launch& l) {
+void apply_terms(void* param, KKType pt, void* cov, KKType ct, const void* direction,
+                 const void* diag, KKType tt, int64_t n, const bool* ok, const Update& u,
+                 const Launch& l) {
   if (n == 0) return;
   dispatch_any(pt, [&](auto ptag) {
     dispatch_cov(ct, [&](auto ctag) {

@@ -6,18 +6,12 @@ calls these functions directly; the same functions are the default kernel of the
 ``kalman_kernels`` ops (:mod:`.library`), which ``backend="auto"`` runs on a device without
 a compiled kernel.
 """
-from ..reference import (  # noqa: F401  (re-exported as the backend contract)
-    apply_terms_,
-    fused_update_dense_,
-    fused_update_kron_,
-    innovation_cov_dense,
-    innovation_cov_kron,
-    loss_quad_form,
-    loss_step_,
-    step_terms_dense,
-    step_terms_kron,
-)
+from .. import reference
+from . import library
 
 NAME = "reference"
 #: device types served ("*": any device)
 DEVICES = ("*",)
+
+# The entry points of the contract are the reference functions of the same names.
+globals().update({name: getattr(reference, name) for name in library.ENTRY_POINTS})

@@ -2,8 +2,9 @@
 
 The ops are those of :mod:`.library` (schemas, checks, fakes and the one wrapper, from that
 module only), defined under the ``kalman_kernels_triton`` namespace: Triton serves the same
-device as the ``cuda`` backend, so it needs its own names. This module holds the kernels'
-launchers and registers them for the CUDA and CPU dispatch keys with ``torch.library``, so
+device as the ``cuda`` backend, so it needs its own names. This module registers the
+launchers of ``kalman_kernels/triton/`` (one per op, named as the op) for the CUDA and CPU
+dispatch keys with ``torch.library``, so
 ``torch.compile(fullgraph=True)`` traces through them as opaque custom ops (and
 ``torch.library.opcheck`` checks them); :data:`KERNELS` binds the wrapper to them.
 
@@ -54,16 +55,28 @@ NAMESPACE = library.define(library.TRITON_NAMESPACE)
 
 
 # --------------------------------------------------------------------------------------
-# Launchers: the contract's checks (library.CHECKS), the device, then the Triton kernels
+# Registration: per op, the contract's checks (library.CHECKS), the device, the launcher of
+# the same name in kalman_kernels/triton/ (a new op adds its launcher there, nothing here)
 # --------------------------------------------------------------------------------------
 def _fail(op: str, message: str):
     raise RuntimeError(f"triton backend ({op}): {message}")
 
 
+def _tensors(args):
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            yield arg
+        elif isinstance(arg, (list, tuple)):
+            yield from (t for t in arg if isinstance(t, torch.Tensor))
+
+
 @contextlib.contextmanager
-def _launch(op: str, *tensors: torch.Tensor):
+def _on_device(op: str, tensors):
     """Every tensor on one device that Triton can run on; launch on it (Triton launches on
-    the current device)."""
+    the current device). No tensors (empty lists): the launcher answers without a kernel."""
+    if not tensors:
+        yield
+        return
     device = tensors[0].device
     for t in tensors[1:]:
         if t.device != device:
@@ -82,73 +95,29 @@ def _launch(op: str, *tensors: torch.Tensor):
     yield
 
 
-def _innovation_cov_dense(jac, cov, forgetting, process_noise):
-    with _launch("innovation_cov_dense", jac, cov):
-        return dense.innovation_cov_dense(jac, cov, forgetting, process_noise)
-
-
-def _innovation_cov_kron(inputs, grad_outputs, cov, forgetting, process_noise):
-    with _launch("innovation_cov_kron", inputs, grad_outputs, cov):
-        return kron.innovation_cov_kron(inputs, grad_outputs, cov, forgetting, process_noise)
-
-
-def _fused_update_dense_(param, cov, jac, coef, whitening, ok, *hyper):
-    with _launch("fused_update_dense_", param, cov, jac, coef, whitening, ok):
-        dense.fused_update_dense_(param.view(-1), cov.view(-1), jac, coef, whitening, ok,
-                                  *hyper)
-
-
-def _fused_update_kron_(weight, cov, inputs, grad_outputs, coef, whitening, ok, *hyper):
-    with _launch("fused_update_kron_", weight, cov, inputs, grad_outputs, coef, whitening, ok):
-        kron.fused_update_kron_(weight, cov, inputs, grad_outputs, coef, whitening, ok, *hyper)
-
-
-def _loss_quad_form(grads, covs, forgetting, process_noise):
-    if len(grads) == 0:
-        return torch.zeros((), dtype=torch.float64)
-    with _launch("loss_quad_form", *grads, *covs):
-        return multi_tensor.loss_quad_form(grads, covs, forgetting, process_noise)
-
-
-def _loss_step_(params, grads, covs, coef, weight, ok, *hyper):
-    if len(params) == 0:
-        return
-    with _launch("loss_step_", *params, *grads, *covs, coef, weight, ok):
-        multi_tensor.loss_step_(params, grads, covs, coef, weight, ok, *hyper)
-
-
-def _step_terms_dense(jac, coef, whitening):
-    with _launch("step_terms_dense", jac, coef, whitening):
-        return dense.step_terms_dense(jac, coef, whitening)
-
-
-def _step_terms_kron(inputs, grad_outputs, coef, whitening):
-    with _launch("step_terms_kron", inputs, grad_outputs, coef, whitening):
-        return kron.step_terms_kron(inputs, grad_outputs, coef, whitening)
-
-
-def _apply_terms_(param, cov, direction, diag_term, ok, *hyper):
-    with _launch("apply_terms_", param, cov, direction, diag_term, ok):
-        multi_tensor.apply_terms_(param.view(-1), cov.view(-1), direction, diag_term, ok, *hyper)
-
-
-def _checked(name: str, launcher):
-    """The launcher behind the contract's checks of op ``name`` (library.CHECKS)."""
-    check = library.CHECKS[name]
+def _kernel(name: str):
+    """The kernel registered for op ``name``: its checks, then its launcher on the device."""
+    launchers = [getattr(m, name) for m in (dense, kron, multi_tensor) if hasattr(m, name)]
+    if len(launchers) != 1:
+        raise ImportError(f"kalman_kernels/triton/ must define exactly one launcher named "
+                          f"{name!r} (the op of kalman_kernels/backends/library.py), found "
+                          f"{len(launchers)}")
+    check, launch = library.CHECKS[name], launchers[0]
 
     def kernel(*args):
         check(*args)
-        return launcher(*args)
+        with _on_device(name, list(_tensors(args))):
+            return launch(*args)
 
     kernel.__name__ = f"triton_{name}"
     return kernel
 
 
 _impl = torch.library.Library(NAMESPACE, "IMPL")
-for _name in library.SCHEMAS:  # every op of the schema needs a Triton kernel
-    _kernel = _checked(_name, globals()[f"_{_name}"])
+for _name in library.SCHEMAS:
+    _kernel_of_op = _kernel(_name)
     for _key in ("CUDA", "CPU"):   # CPU: the interpreter (or a clear error without it)
-        _impl.impl(_name, _kernel, _key)
+        _impl.impl(_name, _kernel_of_op, _key)
 
 KERNELS = library.Kernels(NAME, NAMESPACE, DEVICES, hint=None if INTERPRET else (
     "CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported "

@@ -253,10 +253,11 @@ def fused_update_dense_(param: torch.Tensor, cov: torch.Tensor, jac: torch.Tenso
                         coef: torch.Tensor, whitening: torch.Tensor, ok: torch.Tensor,
                         forgetting: float, process_noise: float, cov_floor: float,
                         cov_ceiling: float, information: bool) -> None:
-    """param, cov: contiguous flat (n,); jac (m, n) any strides; coef (m,); whitening (m, m)."""
+    """param, cov: contiguous, n elements; jac (m, n) any strides; coef (m,); whitening (m, m)."""
     m, n = jac.shape
     if n == 0 or m == 0:
         return
+    param, cov = param.view(-1), cov.view(-1)
     acc = C.acc_dtype(param, cov, jac)
     block_l, small = _block_l(m)
     _dense_update_kernel[_grid(n)](

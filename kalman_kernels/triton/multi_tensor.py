@@ -248,10 +248,11 @@ def apply_terms_(param: torch.Tensor, cov: torch.Tensor, direction: torch.Tensor
                  diag_term: torch.Tensor, ok: torch.Tensor, forgetting: float,
                  process_noise: float, cov_floor: float, cov_ceiling: float,
                  information: bool) -> None:
-    """param, cov contiguous flat (n,); direction, diag_term n elements (any strides)."""
+    """param, cov contiguous, n elements; direction, diag_term n elements (any strides)."""
     n = param.numel()
     if n == 0:
         return
+    param, cov = param.view(-1), cov.view(-1)
     direction = direction.reshape(-1).contiguous()
     diag_term = diag_term.reshape(-1).contiguous()
     acc = C.acc_dtype(param, cov, direction, diag_term)
