@@ -77,8 +77,10 @@ def _serves(module: ModuleType, device_type: str) -> bool:
 
 
 def _kernels(module: ModuleType):
-    """A backend's entry points: its bound wrapper, or the module (the reference)."""
-    return getattr(module, "KERNELS", module)
+    """A backend's entry points for a resolved device: its bound wrapper without the per-call
+    device check (the device is checked here, once), or the module (the reference)."""
+    kernels = getattr(module, "KERNELS", module)
+    return kernels.resolved() if isinstance(kernels, library.Kernels) else kernels
 
 
 def auto(device_type: str):

@@ -36,6 +36,7 @@ Nothing here reads a tensor's value on the host: the wrappers run under
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -454,6 +455,18 @@ class Kernels:
         # .default: the overload itself, one Python frame fewer per call (the loss step's
         # host code runs with cold caches; see ops/loss_update.py)
         self._op = {name: getattr(self.ops, name).default for name in SCHEMAS}
+        self._resolved: Optional[Kernels] = None if self._devices else self
+
+    def resolved(self) -> "Kernels":
+        """These entry points without the device check, for a caller that chose them for its
+        tensors' device (``kalman_kernels.backends.resolve`` checks the device once): the
+        check reads ``tensor.device``, which costs about 10 us per call when the step's
+        host code runs with cold caches (``benchmarks/host_overhead.py``)."""
+        if self._resolved is None:
+            twin = copy.copy(self)
+            twin._devices, twin._resolved = None, twin
+            self._resolved = twin
+        return self._resolved
 
     def entry_points(self) -> Dict[str, object]:
         """name -> bound entry point, for a backend module to expose as its attributes."""
