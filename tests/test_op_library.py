@@ -168,8 +168,44 @@ def test_auto_is_the_kalman_kernels_ops_on_every_device():
     meta = resolve("auto", torch.device("meta"))
     assert meta.NAME == "reference" and meta.namespace == library.NAMESPACE
     gpu = resolve("auto", torch.device("cuda"))
-    assert gpu.NAME == ("cuda" if kk.backends()["cuda"] else "reference")
+    # the cuda kernels where they are available; Triton's where the cuda extension is not
+    # built (they then hold the CUDA key, next test); else the default kernel
+    registry = sys.modules["kalman_kernels.backends"]    # the name is kk.backends(), a function
+    assert gpu.NAME == ("cuda" if kk.backends()["cuda"] else
+                        "triton" if registry._TRITON_ON_CUDA is not None else "reference")
     assert gpu.namespace == library.NAMESPACE
+
+
+def test_auto_without_the_cuda_build_runs_triton_through_the_dispatcher():
+    """A process where kalman_kernels._cuda cannot load but triton imports: Triton's kernels
+    are registered for the CUDA key of the kalman_kernels ops, so backend="auto" on CUDA
+    tensors runs Triton (not the default kernel), through the same dispatcher and wrapper;
+    where the cuda extension loads, its kernels keep the key."""
+    code = """
+import sys
+sys.modules["kalman_kernels._cuda"] = None        # importing the CUDA extension now fails
+import torch, kalman_kernels as kk
+from kalman_kernels.backends import library, resolve
+assert not kk.backends()["cuda"] and "kalman_kernels._cuda" in kk.backend_errors()["cuda"]
+names = [f"{library.NAMESPACE}::{op}" for op in library.SCHEMAS]
+has = [torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA") for n in names]
+if kk.backends()["triton"]:
+    assert all(has), has
+    gpu = resolve("auto", torch.device("cuda"))
+    assert gpu.NAME == "triton" and gpu.namespace == library.NAMESPACE
+    print("TRITON ON THE CUDA KEY")
+else:
+    assert not any(has), has
+    assert resolve("auto", torch.device("cuda")).NAME == "reference"
+    print("NO TRITON: DEFAULT KERNEL")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "KALMAN_KERNELS_REQUIRE_CUDA_BUILD"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=str(ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr
+    want = "TRITON ON THE CUDA KEY" if kk.backends()["triton"] else "NO TRITON: DEFAULT KERNEL"
+    assert want in out.stdout, out.stdout
 
 
 def test_a_named_backend_refuses_other_device_types():

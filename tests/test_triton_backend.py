@@ -84,11 +84,14 @@ def test_available_wherever_triton_runs():
 
 
 @needs_backend
-def test_auto_never_picks_triton():
+def test_auto_picks_triton_only_for_cuda_without_the_cuda_build():
     """backend="auto" is the kalman_kernels ops on every device (docs/design.md, 4.4):
-    Triton, under its own namespace, runs only when named."""
-    for device in ("cpu", "cuda", "meta"):
+    Triton runs there only on CUDA tensors and only where the cuda extension is not built
+    (its kernels then hold the ops' CUDA key); otherwise only when named."""
+    cuda_ext = sys.modules.get("kalman_kernels._cuda") is not None
+    for device in ("cpu", "meta"):
         assert resolve("auto", torch.device(device)).NAME != "triton"
+    assert (resolve("auto", torch.device("cuda")).NAME == "triton") == (not cuda_ext)
     if INTERPRET:
         # named, it serves CPU tensors (the interpreter is a test tool)
         assert "cpu" in _be().DEVICES

@@ -86,10 +86,11 @@ def _kernels(module: ModuleType):
 def auto(device_type: str):
     """What ``backend="auto"`` runs on ``device_type`` tensors: the ``kalman_kernels`` ops.
 
-    The one rule (docs/design.md, 4.4): PyTorch's dispatcher runs the kernel compiled for the
-    tensors' device (``cpp`` on CPU, ``cuda`` on CUDA GPUs) and, on a device without one,
-    the ops' default kernel, the reference. Triton runs only when named. The entry points
-    returned carry the name of the backend whose kernel will run.
+    The one rule (docs/design.md, 4.4): PyTorch's dispatcher runs the kernel registered for
+    the tensors' device (``cpp`` on CPU, ``cuda`` on CUDA GPUs; Triton's on CUDA where the
+    cuda extension is not built, see :func:`_triton_for_the_cuda_key`) and, on a device
+    without one, the ops' default kernel, the reference. The entry points returned carry the
+    name of the backend whose kernel will run.
     """
     for name in NAMES:
         module, _ = _load(name)
@@ -97,6 +98,8 @@ def auto(device_type: str):
         if (getattr(kernels, "namespace", None) == library.NAMESPACE
                 and _serves(module, device_type)):
             return kernels
+    if device_type == "cuda" and _TRITON_ON_CUDA is not None:
+        return _TRITON_ON_CUDA
     return _DEFAULT
 
 
@@ -153,7 +156,29 @@ def _require_cpp_if_asked() -> None:
                               f"{_how_to_get.get('cpp', _DEFAULT_HOW_TO_GET)}")
 
 
+def _triton_for_the_cuda_key():
+    """Where no compiled kernel is registered for the CUDA key of the kalman_kernels ops (the
+    cuda extension did not build, e.g. no CUDA toolkit at install) and triton imports, Triton's
+    kernels become those ops' CUDA kernels: the dispatcher then runs Triton on CUDA tensors
+    rather than the slow default kernel, and the one rule of ``auto`` is unchanged (the
+    dispatcher picks by device). Returns the entry points ``auto`` names for CUDA tensors, or
+    None where this does not apply."""
+    triton_module, _ = _load("triton")
+    if triton_module is None:
+        return None
+    if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"{library.NAMESPACE}::{op}", "CUDA")
+           for op in library.SCHEMAS):
+        return None
+    registration = torch.library.Library(library.NAMESPACE, "IMPL")
+    for op, kernel in triton_module.KERNEL_FUNCTIONS.items():
+        registration.impl(op, kernel, "CUDA")
+    _registrations.append(registration)    # a Library deregisters when collected
+    return library.Kernels("triton", library.NAMESPACE, ("cuda",)).resolved()
+
+
+_registrations: list = []
 _require_cpp_if_asked()
 # Load every backend now (cheap: nothing is compiled at import), so that resolve() under
 # torch.compile only reads the cache: Dynamo cannot trace an import.
 backends()
+_TRITON_ON_CUDA = _triton_for_the_cuda_key()

@@ -8,7 +8,8 @@ dispatch keys with ``torch.library``, so
 ``torch.compile(fullgraph=True)`` traces through them as opaque custom ops (and
 ``torch.library.opcheck`` checks them); :data:`KERNELS` binds the wrapper to them.
 
-Where it runs (only when named: ``backend="auto"`` never picks it, docs/design.md, 4.4):
+Where it runs (when named; ``backend="auto"`` runs it on CUDA tensors only where the cuda
+extension is not built, through the CUDA key of the ``kalman_kernels`` ops, docs/design.md 4.4):
 
 * CUDA tensors on a machine with a GPU;
 * CPU tensors only under ``TRITON_INTERPRET=1`` (set before ``triton`` is imported):
@@ -113,9 +114,13 @@ def _kernel(name: str):
     return kernel
 
 
+#: op name -> the kernel registered for it (its checks, then its launcher): also what the
+#: registry registers for the CUDA key of the kalman_kernels ops when the cuda extension is
+#: not built (backends.__init__, docs/design.md 4.4)
+KERNEL_FUNCTIONS = {_name: _kernel(_name) for _name in library.SCHEMAS}
+
 _impl = torch.library.Library(NAMESPACE, "IMPL")
-for _name in library.SCHEMAS:
-    _kernel_of_op = _kernel(_name)
+for _name, _kernel_of_op in KERNEL_FUNCTIONS.items():
     for _key in ("CUDA", "CPU"):   # CPU: the interpreter (or a clear error without it)
         _impl.impl(_name, _kernel_of_op, _key)
 
