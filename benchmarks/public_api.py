@@ -284,15 +284,15 @@ def bench_kron_public(table, threads: int, rounds: int, summary: Dict, d: int = 
 def _raw_block_ops(kernels, blocks, hypers):
     """The raw kernel calls of one step over ``blocks`` (innovation of each, one
     factorisation's worth of precomputed terms, update of each)."""
-    from kalman_kernels.ops.kalman_update import _innovation_cov
-    hph = sum(_innovation_cov(kernels, b, hp) for b, hp in zip(blocks, hypers))
+    from kalman_kernels.ops._terms import innovation_cov
+    hph = sum(innovation_cov(kernels, b, hp) for b, hp in zip(blocks, hypers))
     coef, wh = _filter_terms(hph)
     ok = _true()
 
     @torch.no_grad()
     def run():
         for b, hp in zip(blocks, hypers):
-            _innovation_cov(kernels, b, hp)
+            innovation_cov(kernels, b, hp)
         for b in blocks:
             if isinstance(b, ops.DenseBlock):
                 kernels.fused_update_dense_(b.param, b.cov, b.jac_2d(), coef, wh, ok, 1.0, 0.0,

@@ -38,7 +38,7 @@ from kalman_kernels.backends import resolve
 from kalman_kernels.observations import LinearCapture, batch_observation
 from kalman_kernels.ops import DenseBlock, StepHyper
 from kalman_kernels.ops._common import reference_kron_bytes, workspace_bytes
-from kalman_kernels.ops.kalman_update import _factor_terms
+from kalman_kernels.ops._terms import factor_terms
 
 
 def digits():
@@ -88,8 +88,8 @@ def emulate_ranks(world: int, init_cov: float, rule: str, r: float = 0.05, batch
             target = nn.functional.one_hot(y, 10).double()
             obs = batch_observation(pred, target, [(p, {}) for p in params], captures,
                                     lambda p, g: covs[id(p)], lambda g: hp, lambda *a: None)
-            t = _factor_terms(kernels, obs.blocks, obs.hypers, obs.residual,
-                              torch.tensor(r, dtype=torch.float64), None, 0.0)
+            t = factor_terms(kernels, obs.blocks, obs.hypers, obs.residual,
+                             torch.tensor(r, dtype=torch.float64), None, 0.0)
             whitening = t.whiten_info if hp.information else t.whiten_kalman
             for b in obs.blocks:
                 if isinstance(b, DenseBlock):

@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from ._deferred import PendingFlags, compiling, readable_now
 from .backends import resolve
 from .observations import LIKELIHOODS, LinearCapture, batch_observation, categorical_observation
@@ -174,8 +174,7 @@ class KalmanNGD(torch.optim.Optimizer):
         self.last_info: Optional[KalmanInfo] = None
         self._cov_checks = CovValueCheck()
         self._grad_seen: set = set()
-        self._rank_checked = False
-        self._rank_key_cache = None
+        self._ranks = distributed.RankAgreement(process_group)
         self._captures: Dict[nn.Linear, LinearCapture] = {}
         self._warned: set = set()
         self._pending = PendingFlags()
@@ -623,61 +622,25 @@ class KalmanNGD(torch.optim.Optimizer):
             self._cov_checks(named)
 
     # ------------------------------------------------------------------ process groups
-    def _rank_config(self, mode: str) -> tuple:
-        """What every rank must agree on: mode, shapes, dtypes, hyper-parameters."""
+    def _rank_key(self, mode: str) -> Optional[int]:
+        """The hash of what every rank must agree on (kalman_kernels.distributed): the mode,
+        the observation's settings, the param groups' hyper-parameters and the parameters'
+        shapes; None without a process group and while torch.compile traces."""
+        if self.process_group is None or compiling():
+            return None
         r = self.obs_noise
         noise = (("tensor", tuple(r.shape)) if isinstance(r, torch.Tensor) else float(r))
         kernels = resolve(self.backend, self._device())
         tracked = tuple(sorted(i for i, (p, _) in enumerate(self._params())
                                if any(layer.weight is p for layer in self._captures)))
-        items = [("mode", mode), ("obs_noise", noise),
-                 ("adaptive_obs_noise", self.adaptive_obs_noise), ("gate", self.gate),
-                 ("backend", getattr(kernels, "NAME", str(self.backend))),
-                 ("max_obs_per_update", self.max_obs_per_update), ("tracked", tracked)]
+        settings = [("obs_noise", noise), ("adaptive_obs_noise", self.adaptive_obs_noise),
+                    ("gate", self.gate),
+                    ("backend", getattr(kernels, "NAME", str(self.backend))),
+                    ("max_obs_per_update", self.max_obs_per_update), ("tracked", tracked)]
         if self._tempering is not None:
-            items.append(("likelihood", self.likelihood, self._tempering))
-        for gi, group in enumerate(self.param_groups):
-            items.append((f"group {gi}", tuple((k, group[k]) for k in _GROUP_KEYS)))
-            for p in group["params"]:
-                items.append((f"group {gi} parameter", tuple(p.shape), str(p.dtype),
-                              bool(p.requires_grad)))
-        return tuple(items)
-
-    def _rank_key(self, mode: str) -> Optional[int]:
-        """A 48-bit hash of :meth:`_rank_config`; on the first step under a process group,
-        the configurations themselves are compared across ranks (a clear error on every
-        rank instead of a hang in a mismatched all-reduce)."""
-        if self.process_group is None or compiling():
-            return None
-        config = self._rank_config(mode)
-        if self._rank_key_cache is not None and self._rank_key_cache[0] == config:
-            key = self._rank_key_cache[1]
-        else:
-            import hashlib
-            digest = hashlib.sha256(repr(config).encode()).digest()
-            key = int.from_bytes(digest[:6], "little")
-            self._rank_key_cache = (config, key)
-        if not self._rank_checked and self._device().type != "meta":
-            self._check_ranks_agree(config)
-            self._rank_checked = True
-        return key
-
-    def _check_ranks_agree(self, config: tuple) -> None:
-        import torch.distributed as dist
-        group = self.process_group
-        gathered = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, config, group=group)
-        first = gathered[0]
-        for rank, other in enumerate(gathered[1:], start=1):
-            if other == first:
-                continue
-            diff = next((f"{a} on rank 0, {b} on rank {rank}" for a, b in zip(first, other)
-                         if a != b),
-                        f"{len(first)} entries on rank 0, {len(other)} on rank {rank}")
-            raise ValueError(f"KalmanNGD(process_group=...): the ranks disagree on parameter "
-                             f"shapes or hyper-parameters ({diff}); every rank must build the "
-                             f"same model and optimizer, and return the same kind of closure "
-                             f"result (raised on every rank at the first step)")
+            settings.append(("likelihood", self.likelihood, self._tempering))
+        config = distributed.rank_config(mode, settings, self.param_groups, _GROUP_KEYS)
+        return self._ranks.key(config, self._device())
 
     def _record(self, info: KalmanInfo):
         """Counters and adaptive noise on the device; the skip warning once the flag has
@@ -837,7 +800,7 @@ class KalmanNGD(torch.optim.Optimizer):
                                 "or gradient accumulation); g^T P g is recomputed after "
                                 "backward instead")
         if self.process_group is not None:
-            self._check_ddp_grads_once(loss, [grad for _, _, grad in used])
+            self._ranks.check_ddp_grads_once(loss, [grad for _, _, grad in used])
         loss_value = loss.detach()
         covs = [self._cov(p, g) for p, g, _ in used]
         untouched = [(p, g) for (p, g), grad in zip(pairs, grads) if grad is None]
@@ -853,34 +816,6 @@ class KalmanNGD(torch.optim.Optimizer):
         if untouched:
             self._predict_only_(untouched, ~info.skipped_tensor)
         return loss_value
-
-    def _check_ddp_grads_once(self, loss: torch.Tensor, grads) -> None:
-        """Loss mode under process_group, first step: gradients that are bitwise equal on
-        every rank while the losses differ were already averaged across ranks (a
-        DistributedDataParallel backward); the cross-rank all-reduce would then count
-        them W times. One small all-reduce, once."""
-        if getattr(self, "_ddp_checked", False) or compiling() or loss.device.type == "meta":
-            return
-        self._ddp_checked = True
-        import torch.distributed as dist
-        with torch.no_grad():
-            checksum = sum((g.detach().to(torch.float64) * (1.0 + 1e-3 * i)).sum()
-                           for i, g in enumerate(grads))
-            values = torch.stack([checksum, -checksum, loss.detach().to(torch.float64).reshape(()),
-                                  -loss.detach().to(torch.float64).reshape(())]).reshape(-1)
-            from .ops.kalman_update import _collective_
-            _collective_("ddp-check", values, dist.ReduceOp.MAX, self.process_group)
-            grads_equal = bool(values[0] == -values[1])
-            losses_differ = bool(values[2] != -values[3])
-        if grads_equal and losses_differ:
-            raise ValueError(
-                "KalmanNGD(process_group=...) in loss mode: the gradients are identical on every "
-                "rank while the losses differ, so they were already averaged across ranks (a "
-                "DistributedDataParallel backward). With process_group every rank must observe "
-                "its own gradient: run the closure's backward under ddp_model.no_sync(), or "
-                "call the wrapped module (ddp_model.module). Or keep DDP's gradient averaging, "
-                "drop process_group, and average the loss across ranks in the closure "
-                "(docs/robustness.md, 'DistributedDataParallel').")
 
     def _batch_step(self, pred, target):
         if self._tempering is not None:

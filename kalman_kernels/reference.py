@@ -266,9 +266,18 @@ def chi2_quantile(prob: float, dof: int) -> float:
 chi2_quantile._dynamo_marked_constant = True
 
 
-def gate_scale(d2: torch.Tensor, tau: Optional[float]) -> torch.Tensor:
-    """s = 1 without gating, else min(1, sqrt(tau / d2)) (a 0-d float64 tensor)."""
-    d2 = torch.as_tensor(d2, dtype=F64)
+def gate_threshold(gate: Optional[float], dof: int) -> Optional[float]:
+    """tau, the chi-square quantile of the gate probability at ``dof`` degrees of freedom
+    (the number of observations); None when there is no gate. A host constant."""
+    return None if gate is None else chi2_quantile(float(gate), dof)
+
+
+def gate_scale(d2: Scalar, tau: Optional[float]) -> Scalar:
+    """s = 1 without gating, else min(1, sqrt(tau / d2)): a 0-d float64 tensor for a tensor
+    ``d2``, a Python float for a float (the same operations: host arithmetic is float64)."""
+    if not isinstance(d2, torch.Tensor):
+        return math.sqrt(tau / d2) if (tau is not None and d2 > tau) else 1.0
+    d2 = d2.to(F64)
     one = torch.ones((), dtype=F64, device=d2.device)
     if tau is None:
         return one
@@ -447,11 +456,15 @@ def adapt_obs_noise(obs_noise: Scalar, rate: float, residual: torch.Tensor,
                     predicted_spread: Scalar, floor: float = ADAPTIVE_NOISE_FLOOR):
     """r <- (1 - beta) r + beta * max(r_min, mean(e^2) - mean(diag(H P- H^T))).
 
-    Tensors in, a 0-d float64 tensor out (Python floats in, a float out)."""
+    Tensors in, a 0-d float64 tensor out; Python floats in (a float ``residual`` is one
+    observation), a float out, with no tensor made."""
     if rate == 0.0:
         return obs_noise
-    e = torch.as_tensor(residual).to(F64)
-    excess = (e * e).mean() - predicted_spread
+    if isinstance(residual, (int, float)):
+        excess = residual * residual - predicted_spread
+    else:
+        e = torch.as_tensor(residual).to(F64)
+        excess = (e * e).mean() - predicted_spread
     if not isinstance(obs_noise, torch.Tensor) and not isinstance(predicted_spread, torch.Tensor):
         return (1.0 - rate) * obs_noise + rate * max(floor, float(excess))
     return (1.0 - rate) * obs_noise + rate * torch.clamp(excess, min=floor)

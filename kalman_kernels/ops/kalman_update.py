@@ -28,13 +28,12 @@ Robustness (``docs/robustness.md``):
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .. import reference as ref
+from .. import distributed
 from .._deferred import PendingFlags, compiling
 from ..backends import resolve
 from ._common import (
@@ -45,146 +44,11 @@ from ._common import (
     check_gate,
     check_workspace,
     hyper_from,
-    noise_whitening,
     obs_noise_matrix,
     reference_kron_bytes,
-    representable_step,
 )
+from ._terms import chunk_bounds, factor_terms, slice_block
 from .blocks import Block, DenseBlock, KronBlock, validate_blocks
-
-
-def _innovation_cov(kernels, block: Block, hp: StepHyper) -> torch.Tensor:
-    if isinstance(block, DenseBlock):
-        return kernels.innovation_cov_dense(block.jac_2d(), block.cov, hp.forgetting,
-                                            hp.process_noise)
-    return kernels.innovation_cov_kron(block.inputs, block.grouped_grad_outputs, block.cov,
-                                       hp.forgetting, hp.process_noise)
-
-
-# ---------------------------------------------------------------------- distributed flags
-#: Bits of the configuration hash carried by the per-step all-reduce, in pieces of 16 bits
-#: (sums of squares of W pieces stay exact in float64 for W <= 1448 ranks).
-_KEY_PIECES = 3
-_KEY_MAX_WORLD = 1448
-
-
-def _collective_(name: str, tensor: torch.Tensor, op, process_group) -> None:
-    """``dist.all_reduce`` of ``tensor`` (one place for the package's collectives)."""
-    import torch.distributed as dist
-    dist.all_reduce(tensor, op=op, group=process_group)
-
-
-def _key_pieces(key: Optional[int]) -> List[float]:
-    key = 0 if key is None else int(key)
-    return [float((key >> (16 * i)) & 0xFFFF) for i in range(_KEY_PIECES)]
-
-
-def all_ranks_ok(ok: torch.Tensor, process_group, key: Optional[int] = None,
-                 obs_noise: Optional[torch.Tensor] = None):
-    """One SUM all-reduce of device values (no host read): returns ``(ok on every rank and
-    configuration hashes equal, hashes differ, mean of obs_noise over the ranks or None)``.
-
-    ``key`` is an integer hash of this rank's shapes and hyper-parameters: the pieces and
-    their squares are summed, and W * sum(h^2) == (sum h)^2 exactly when every rank holds
-    the same h.
-    """
-    import torch.distributed as dist
-    world = dist.get_world_size(process_group)
-    pieces = _key_pieces(key) if world <= _KEY_MAX_WORLD else [0.0] * _KEY_PIECES
-    device = ok.device
-    bad = (~ok).to(F64).reshape(1)
-    key_t = torch.tensor([v for p in pieces for v in (p, p * p)], dtype=F64, device=device)
-    r = (obs_noise.detach().to(F64).reshape(1) if obs_noise is not None
-         else torch.zeros(1, dtype=F64, device=device))
-    flat = torch.cat([bad, key_t, r])
-    _collective_("flags", flat, dist.ReduceOp.SUM, process_group)
-    sums = flat[1:1 + 2 * _KEY_PIECES].reshape(_KEY_PIECES, 2)
-    mismatch = (world * sums[:, 1] != sums[:, 0] * sums[:, 0]).any()
-    everyone = (flat[0] == 0) & ~mismatch
-    mean_r = flat[-1] / world if obs_noise is not None else None
-    return everyone, mismatch, mean_r
-
-
-# ---------------------------------------------------------------------- the m x m work
-class _Terms:
-    """The m x m results of one observation (a plain class: torch.compile traces it)."""
-
-    def __init__(self, r, s_mat, jitter, finite, factored, d2, s, solved, whiten_kalman,
-                 whiten_info, guard):
-        self.r = r
-        self.s_mat = s_mat
-        self.jitter = jitter
-        self.finite = finite
-        self.factored = factored
-        self.d2 = d2
-        self.s = s
-        self.solved = solved
-        self.whiten_kalman = whiten_kalman
-        self.whiten_info = whiten_info
-        self.guard = guard
-
-
-def _factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate, world=1):
-    """S, its factor, the whitened residual, gate and the overflow guard of one observation
-    (or sub-batch). Returns a :class:`_Terms` of device tensors."""
-    m = e.shape[0]
-    hph = None
-    for b, hp in zip(blocks, hypers):
-        part = _innovation_cov(kernels, b, hp)
-        hph = part if hph is None else hph + part
-    finite = torch.isfinite(hph).all() & torch.isfinite(e).all()
-    if adaptive_rate > 0.0:
-        adapted = ref.adapt_obs_noise(r, adaptive_rate, e, torch.diagonal(hph).mean())
-        r = torch.where(finite, adapted, r)
-    s_mat = ref.add_obs_noise(hph, r)
-    factor, jitter, factored = ref.cholesky_with_jitter(s_mat)
-    z = ref.whiten(factor, e)
-    d2 = ref.mahalanobis(z)
-    tau = ref.chi2_quantile(float(gate), m) if gate is not None else None
-    s = ref.gate_scale(d2, tau)
-    solved = ref.solve_from_whitened(factor, z)              # S^-1 e (float64)
-    whiten_kalman = ref.whitening_matrix(factor)             # L^-1
-    whiten_info = noise_whitening(r, m) if any(hp.information for hp in hypers) else None
-    # Overflow guard (docs/robustness.md): scalars representable, step within the dtype's range.
-    w_max = {False: whiten_kalman.abs().amax()}
-    if whiten_info is not None:
-        w_max[True] = whiten_info.abs().amax()
-    guard = representable_step([b.param for b in blocks], [b.cov for b in blocks], hypers,
-                               s * torch.sqrt(d2), s * solved.abs().amax(), w_max, world)
-    return _Terms(r, s_mat, jitter, finite, factored, d2, s, solved, whiten_kalman,
-                  whiten_info, guard & finite)
-
-
-# ---------------------------------------------------------------------- sub-batches
-def _sample_lcm(blocks) -> int:
-    lcm = 1
-    for b in blocks:
-        if isinstance(b, KronBlock):
-            k = b.grouped_grad_outputs.shape[1]
-            lcm = lcm * k // math.gcd(lcm, k)
-    return lcm
-
-
-def chunk_bounds(blocks, m: int, max_obs: Optional[int]) -> List[Tuple[int, int]]:
-    """Row ranges of the sub-batches: at most ``max_obs`` observations each, cut on sample
-    boundaries of every Kronecker block (a multiple of each block's K)."""
-    if max_obs is None or m <= max_obs:
-        return [(0, m)]
-    unit = _sample_lcm(blocks)
-    if unit > max_obs:
-        raise ValueError(f"max_obs_per_update = {max_obs} is smaller than one sample's "
-                         f"{unit} observations (the K scores of a Kronecker block's sample "
-                         f"must stay in one sub-batch)")
-    size = (max_obs // unit) * unit
-    return [(lo, min(m, lo + size)) for lo in range(0, m, size)]
-
-
-def _slice_block(b: Block, lo: int, hi: int) -> Block:
-    if isinstance(b, DenseBlock):
-        return DenseBlock(b.param, b.cov, b.jac[lo:hi])
-    g = b.grouped_grad_outputs
-    k = g.shape[1]
-    return KronBlock(b.weight, b.cov, b.inputs[lo // k:hi // k], g[lo // k:hi // k])
 
 
 def _predicted_change(b: Block, delta: torch.Tensor) -> torch.Tensor:
@@ -273,11 +137,11 @@ def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual:
     with torch.no_grad():
         e = residual.detach().to(F64)
         if process_group is not None:
-            return _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate,
-                                      process_group, bounds, untouched, param_order,
-                                      rank_key)
+            return distributed.batch_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate,
+                                           process_group, bounds, untouched, param_order,
+                                           rank_key)
         if len(bounds) == 1:
-            t = _factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate)
+            t = factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate)
             ok = t.finite & t.factored & t.guard
             _apply_fused_(kernels, blocks, hypers, t, ok)
             nan = torch.full((), float("nan"), dtype=F64, device=device)
@@ -291,8 +155,7 @@ def kalman_step_(blocks: Sequence[Block], hypers: Sequence[StepHyper], residual:
 
 def _apply_fused_(kernels, blocks, hypers, t, ok) -> None:
     for b, hp in zip(blocks, hypers):
-        coef = (hp.lr * t.s) * t.solved
-        whitening = t.whiten_info if hp.information else t.whiten_kalman
+        coef, whitening = t.kernel_args(hp)
         args = (coef, whitening, ok, hp.forgetting, hp.process_noise, hp.cov_floor,
                 hp.cov_ceiling, hp.information)
         if isinstance(b, DenseBlock):
@@ -315,7 +178,7 @@ def _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds
     jitter = torch.zeros((), dtype=F64, device=device)
     overflow = torch.zeros((), dtype=torch.bool, device=device)
     for k, (lo, hi) in enumerate(bounds):
-        sub = [_slice_block(b, lo, hi) for b in blocks]
+        sub = [slice_block(b, lo, hi) for b in blocks]
         e_k = e[lo:hi]
         if k > 0:
             for b, mu0 in zip(sub, start):
@@ -323,8 +186,8 @@ def _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds
                     b.param.shape))
         r_k = r[lo:hi] if r.dim() == 1 else r
         # each sub-batch's step within max / (2 K): their sum stays within max / 2
-        t = _factor_terms(kernels, sub, hypers if k == 0 else no_predict, e_k, r_k, gate,
-                          adaptive_rate, world=len(bounds))
+        t = factor_terms(kernels, sub, hypers if k == 0 else no_predict, e_k, r_k, gate,
+                         adaptive_rate, world=len(bounds))
         ok_k = finite & t.finite & t.factored & t.guard
         _apply_fused_(kernels, sub, hypers if k == 0 else no_predict, t, ok_k)
         applied = applied + ok_k.to(torch.int64)
@@ -344,115 +207,6 @@ def _sequential_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, bounds
     info.extras["sub_batches"] = len(bounds)
     info.extras["sub_batches_applied_tensor"] = applied
     return info
-
-
-def _distributed_step_(kernels, blocks, hypers, e, r, gate, adaptive_rate, process_group,
-                       bounds, untouched, param_order, rank_key):
-    """Scale-out (docs/design.md, 2.5): all-reduce u = sum_r H_r^T c_r and
-    d = sum_r diag(H_r^T W_r H_r), then every rank applies the same update. Local
-    sub-batches are independent blocks too."""
-    import torch.distributed as dist
-    world = dist.get_world_size(process_group)
-    device = e.device
-    m = e.shape[0]
-    acc_u: List[Optional[torch.Tensor]] = [None] * len(blocks)
-    acc_d: List[Optional[torch.Tensor]] = [None] * len(blocks)
-    local_ok = torch.ones((), dtype=torch.bool, device=device)
-    finite_all = torch.ones((), dtype=torch.bool, device=device)
-    guard_all = torch.ones((), dtype=torch.bool, device=device)
-    d2_sum = torch.zeros((), dtype=F64, device=device)
-    s_min = torch.ones((), dtype=F64, device=device)
-    jitter = torch.zeros((), dtype=F64, device=device)
-    s_mat = None
-    for lo, hi in bounds:
-        sub = blocks if len(bounds) == 1 else [_slice_block(b, lo, hi) for b in blocks]
-        r_k = r[lo:hi] if (r.dim() == 1 and len(bounds) > 1) else r
-        t = _factor_terms(kernels, sub, hypers, e[lo:hi], r_k, gate, adaptive_rate,
-                          world=world * len(bounds))
-        if adaptive_rate > 0.0:
-            r = t.r
-        s_mat = t.s_mat if len(bounds) == 1 else None
-        local_ok = local_ok & t.finite & t.factored & t.guard
-        finite_all = finite_all & t.finite
-        guard_all = guard_all & t.guard
-        d2_sum = d2_sum + t.d2
-        s_min = torch.minimum(s_min, t.s)
-        jitter = torch.maximum(jitter, t.jitter)
-        for i, (b, hp) in enumerate(zip(sub, hypers)):
-            whitening = t.whiten_info if hp.information else t.whiten_kalman
-            c = (hp.lr * t.s) * t.solved
-            if isinstance(b, DenseBlock):
-                u, d = kernels.step_terms_dense(b.jac_2d(), c, whitening)
-            else:
-                u, d = kernels.step_terms_kron(b.inputs, b.grouped_grad_outputs, c, whitening)
-            acc_u[i] = u if acc_u[i] is None else acc_u[i] + u
-            acc_d[i] = d if acc_d[i] is None else acc_d[i] + d
-    adaptive = adaptive_rate > 0.0 and r.dim() == 0
-    ok, mismatch, mean_r = all_ranks_ok(local_ok, process_group, rank_key,
-                                        r if adaptive else None)
-    entries = [(b.param, b.cov, hp, u, d) for b, hp, u, d in zip(blocks, hypers, acc_u, acc_d)]
-    entries += [(p, c, hp, None, None) for p, c, hp in untouched]
-    clamps, shrink = apply_reduced_terms_(kernels, entries, ok, process_group, param_order)
-    nan = torch.full((), float("nan"), dtype=F64, device=device)
-    info = KalmanInfo(mahalanobis=torch.where(ok, d2_sum, nan),
-                      gate_scale=torch.where(ok, s_min, torch.zeros_like(s_min)),
-                      skipped=~ok, innovation_cov=s_mat, jitter=jitter,
-                      obs_noise=(mean_r if adaptive else (r if r.dim() == 0 else None)),
-                      num_obs=m, nonfinite=~finite_all, overflow=finite_all & ~guard_all,
-                      mismatch=mismatch, remote=local_ok & ~ok & ~mismatch, cov_clamps=clamps)
-    if len(bounds) > 1:
-        info.extras["sub_batches"] = len(bounds)
-    info.extras["max_shrink_tensor"] = shrink
-    return info
-
-
-def _zero_terms(param: torch.Tensor, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    z = torch.zeros(param.numel(), dtype=dtype, device=param.device)
-    return z, z
-
-
-def apply_reduced_terms_(kernels, entries, ok, process_group,
-                         param_order: Optional[Dict[int, int]] = None):
-    """Sum the terms of ``entries`` ((param, cov, hyper, u, d); u = d = None for zero terms)
-    over the ranks in one all-reduce and apply them. The layout is sorted by
-    ``param_order[id(param)]`` when given, so ranks whose observations reach different
-    parameters still all-reduce the same layout. Returns ``(clamps, shrink)``: the number
-    of covariance elements the ``"kalman"`` rule pushed below zero (clamped to the floor), a
-    0-d int64 tensor, and the largest P- d summed over the ranks (Kalman-rule tensors only;
-    None without any), a 0-d tensor."""
-    import torch.distributed as dist
-    entries = list(entries)
-    if param_order is not None:
-        entries.sort(key=lambda t: param_order[id(t[0])])
-    dtype = F64 if any(p.dtype == F64 for p, *_ in entries) else torch.float32
-    flat_terms = []
-    for param, _cov, _hp, u, d in entries:
-        if u is None:
-            u, d = _zero_terms(param, dtype)
-        flat_terms += [u.reshape(-1).to(dtype), d.reshape(-1).to(dtype)]
-    flat = torch.cat(flat_terms)
-    _collective_("terms", flat, dist.ReduceOp.SUM, process_group)
-    offset = 0
-    clamps = torch.zeros((), dtype=torch.int64, device=flat.device)
-    shrink = None
-    for param, cov, hp, _, _ in entries:
-        n = param.numel()
-        u, d = flat[offset:offset + n], flat[offset + n:offset + 2 * n]
-        offset += 2 * n
-        if not hp.information:
-            # P- - P-^2 d < 0 <=> P- d > 1: the floor catches it (the caution of
-            # docs/design.md, 2.5).
-            # P- d summed over the ranks is the fraction of the prior variance the step
-            # removes; near 1 the block-diagonal update is a poor approximation.
-            p_pred = cov.reshape(-1).to(d.dtype) / hp.forgetting + hp.process_noise
-            fraction = p_pred * d
-            clamps = clamps + (fraction > 1).sum()
-            if fraction.numel():
-                top = fraction.amax()
-                shrink = top if shrink is None else torch.maximum(shrink, top)
-        kernels.apply_terms_(param, cov, u, d, ok, hp.forgetting, hp.process_noise,
-                             hp.cov_floor, hp.cov_ceiling, hp.information)
-    return torch.where(ok, clamps, torch.zeros_like(clamps)), shrink
 
 
 _pending = PendingFlags()   # skip warnings of kalman_update_ on devices that cannot be read now

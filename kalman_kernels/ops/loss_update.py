@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .. import reference as ref
+from .. import distributed
 from .._deferred import compiling
 from ..backends import resolve
 from ._common import (
@@ -29,9 +29,9 @@ from ._common import (
     check_no_overlap,
     hyper_from,
     numpy_view,
-    representable_step,
 )
-from .kalman_update import _pending, all_ranks_ok, apply_reduced_terms_, warn_if_skipped
+from ._terms import loss_terms
+from .kalman_update import _pending, warn_if_skipped
 
 
 def runs_by_hyper(hypers: Sequence[StepHyper]):
@@ -84,10 +84,7 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                                       adaptive_rate, on_decided)
     device = params[0].device if params else _CPU
     kernels = resolve(backend, device)
-    world = 1
-    if process_group is not None:
-        import torch.distributed as dist
-        world = dist.get_world_size(process_group)
+    world = 1 if process_group is None else distributed.world_size(process_group)
     with torch.no_grad():
         r = _as_tensor(obs_noise, device)
         e = _as_tensor(target, device) - _as_tensor(loss, device)
@@ -98,50 +95,26 @@ def loss_observation_step_(params: List[torch.Tensor], grads: List[torch.Tensor]
                 quad_form = part if quad_form is None else quad_form + part
             if quad_form is None:
                 quad_form = torch.zeros((), dtype=F64, device=device)
-        quad_form = _as_tensor(quad_form, device)
-        finite = torch.isfinite(e) & torch.isfinite(quad_form)
-        if adaptive_rate > 0.0:
-            r = torch.where(finite,
-                            ref.adapt_obs_noise(r, adaptive_rate, e.reshape(1), quad_form), r)
-        s_val = ref.loss_innovation(quad_form, r)
-        d2 = e * e / s_val
-        tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
-        s = ref.gate_scale(d2, tau)
-        guard = finite & representable_step(params, covs, hypers, s * torch.sqrt(d2),
-                                            (s * e / s_val).abs(),
-                                            {False: 1.0 / s_val, True: 1.0 / r}, world)
-        ok = finite & (s_val > 0) & guard
-        local_ok = ok
-        mismatch = None
-        if process_group is not None:
-            ok, mismatch, mean_r = all_ranks_ok(ok, process_group, rank_key,
-                                                r if adaptive_rate > 0.0 else None)
-        clamps = shrink = None
+        t = loss_terms(e, r, _as_tensor(quad_form, device), adaptive_rate, gate, params, covs,
+                       hypers, world)
+        ok, noise, mismatch, remote, clamps, shrink = t.ok, t.r, None, None, None, None
         if process_group is None:
             for hp, idx in runs:
-                coef = (hp.lr * s) * e / s_val
-                weight = 1.0 / r if hp.information else 1.0 / s_val
                 kernels.loss_step_([params[i] for i in idx], [grads[i] for i in idx],
-                                   [covs[i] for i in idx], coef, weight, ok, hp.forgetting,
-                                   hp.process_noise, hp.cov_floor, hp.cov_ceiling,
-                                   hp.information)
+                                   [covs[i] for i in idx], t.coef(hp), t.weight(hp), ok,
+                                   hp.forgetting, hp.process_noise, hp.cov_floor,
+                                   hp.cov_ceiling, hp.information)
         else:
-            entries = []
-            for p, g, c, hp in zip(params, grads, covs, hypers):
-                coef = ((hp.lr * s) * e / s_val).reshape(1)
-                weight = 1.0 / r if hp.information else 1.0 / s_val
-                u, d = kernels.step_terms_dense(g.reshape(1, -1), coef,
-                                                weight.sqrt().reshape(1, 1))
-                entries.append((p, c, hp, u, d))
-            clamps, shrink = apply_reduced_terms_(kernels, entries, ok, process_group)
+            ok, mismatch, noise, clamps, shrink = distributed.loss_step_(
+                kernels, params, grads, covs, hypers, t, process_group, rank_key,
+                adaptive_rate > 0.0)
+            remote = t.ok & ~ok & ~mismatch
     nan = torch.full((), float("nan"), dtype=F64, device=device)
-    info = KalmanInfo(mahalanobis=torch.where(ok, d2, nan),
-                      gate_scale=torch.where(ok, s, torch.zeros_like(s)), skipped=~ok,
-                      innovation_cov=s_val.reshape(1, 1), jitter=torch.zeros_like(s),
-                      obs_noise=(mean_r if (process_group is not None and adaptive_rate > 0.0)
-                                 else r), num_obs=1, nonfinite=~finite,
-                      overflow=finite & ~guard, mismatch=mismatch,
-                      remote=None if process_group is None else (local_ok & ~ok & ~mismatch),
+    info = KalmanInfo(mahalanobis=torch.where(ok, t.d2, nan),
+                      gate_scale=torch.where(ok, t.s, torch.zeros_like(t.s)), skipped=~ok,
+                      innovation_cov=t.s_val.reshape(1, 1), jitter=torch.zeros_like(t.s),
+                      obs_noise=noise, num_obs=1, nonfinite=~t.finite,
+                      overflow=t.finite & ~t.guard, mismatch=mismatch, remote=remote,
                       cov_clamps=clamps)
     if process_group is not None:
         info.extras["max_shrink_tensor"] = shrink
@@ -168,18 +141,19 @@ def _on_host(params: List[torch.Tensor], *scalars) -> bool:
 
 def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss, target, obs_noise,
                        quad_form, gate, adaptive_rate, on_decided=None) -> KalmanInfo:
-    """The scalar algebra of :func:`loss_observation_step_` in Python floats, for eager CPU
-    tensors: the same formulas, in the same order of float64 operations (S, d2, the gate,
-    adaptive noise, the overflow guard), as the device path, without its ~40 small tensor
-    ops. Those cost far more than their warm-cache microseconds here: they run right after
-    backward and the quadratic form have streamed the parameters through every cache, and
-    each cold dispatcher call is tens of microseconds (about 1 ms per step at 10M
-    parameters; ``benchmarks/public_api.py``). For the same reason everything the host does
-    for this step (the info, ``on_decided``) happens before the elementwise pass, so that
-    nothing but the return follows it. The report is a :class:`HostKalmanInfo` (tensors
-    made only when read) and the kernels' scalars travel in reused 0-d tensors written
-    through numpy (:class:`_HostScalarSlots`): the step creates no tensor.
-    ``tests/test_loss_update.py`` compares both paths bit for bit."""
+    """:func:`loss_observation_step_` with its scalar algebra in Python floats, for eager CPU
+    tensors: the same code as the device path (:func:`~._terms.loss_terms`: S, d2, the
+    gate, adaptive noise, the overflow guard, the same float64 operations in the same
+    order), on floats instead of its ~40 small tensor ops. Those cost far more than their
+    warm-cache microseconds here: they run right after backward and the quadratic form have
+    streamed the parameters through every cache, and each cold dispatcher call is tens of
+    microseconds (about 1 ms per step at 10M parameters; ``benchmarks/public_api.py``). For
+    the same reason everything the host does for this step (the info, ``on_decided``)
+    happens before the elementwise pass, so that nothing but the return follows it. The
+    report is a :class:`HostKalmanInfo` (tensors made only when read) and the kernels'
+    scalars travel in reused 0-d tensors written through numpy (:class:`_HostScalarSlots`):
+    the step creates no tensor. ``tests/test_loss_update.py`` compares both paths bit for
+    bit."""
     if quad_form is None:
         quad = 0.0
         for hp, idx in runs:      # float64 sums in the device path's order
@@ -188,38 +162,24 @@ def _loss_step_on_host(kernels, params, grads, covs, hypers, runs, loss, target,
                                                        hp.forgetting, hp.process_noise))
     else:
         quad = float(quad_form)
-    e, r = float(target) - _float(loss), _float(obs_noise)
-    finite = math.isfinite(e) and math.isfinite(quad)
-    if adaptive_rate > 0.0 and finite:
-        r = (1.0 - adaptive_rate) * r + adaptive_rate * max(ref.ADAPTIVE_NOISE_FLOOR,
-                                                            e * e - quad)
-    s_val = quad + r
-    d2 = e * e / s_val if finite else math.nan
-    tau = ref.chi2_quantile(float(gate), 1) if gate is not None else None
-    s = math.sqrt(tau / d2) if (tau is not None and d2 > tau) else 1.0
-    guard = finite and representable_step(params, covs, hypers, s * math.sqrt(d2),
-                                          abs(s * e / s_val),
-                                          {False: 1.0 / s_val, True: 1.0 / r}, 1)
-    ok = bool(finite and s_val > 0 and guard)
-    info = HostKalmanInfo(mahalanobis=d2 if ok else math.nan, gate_scale=s if ok else 0.0,
-                          skipped=not ok, innovation_cov=s_val, obs_noise=r,
-                          nonfinite=not finite, overflow=finite and not guard)
+    t = loss_terms(float(target) - _float(loss), _float(obs_noise), quad, adaptive_rate, gate,
+                   params, covs, hypers)
+    ok, s = t.ok, t.s
+    info = HostKalmanInfo(mahalanobis=t.d2 if ok else math.nan, gate_scale=s if ok else 0.0,
+                          skipped=not ok, innovation_cov=t.s_val, obs_noise=t.r,
+                          nonfinite=not t.finite, overflow=t.finite and not t.guard)
     info.extras["host_flags"] = (not ok, ok and s < 1.0)     # (skipped, gated), read for free
     undo = on_decided(info) if on_decided is not None else None
     try:
-        if ok:    # a skipped step still goes through the kernels (their argument checks)
-            coefs = [hp.lr * s * e / s_val for hp, _ in runs]
-            weights = (1.0 / r, 1.0 / s_val)
-        else:
-            coefs, weights = [0.0] * len(runs), (0.0, 0.0)
-        scalars = _host_scalars(coefs + list(weights))
-        n_runs = len(runs)
+        # a skipped step still goes through the kernels (their argument checks), with zeros
+        values = ([v for hp, _ in runs for v in (t.coef(hp), t.weight(hp))] if ok
+                  else [0.0] * (2 * len(runs)))
+        scalars = _host_scalars(values)
         for i, (hp, idx) in enumerate(runs):
-            weight = scalars[n_runs] if hp.information else scalars[n_runs + 1]
             kernels.loss_step_([params[j] for j in idx], [grads[j] for j in idx],
-                               [covs[j] for j in idx], scalars[i], weight, HOST_FLAGS[ok],
-                               hp.forgetting, hp.process_noise, hp.cov_floor, hp.cov_ceiling,
-                               hp.information)
+                               [covs[j] for j in idx], scalars[2 * i], scalars[2 * i + 1],
+                               HOST_FLAGS[ok], hp.forgetting, hp.process_noise, hp.cov_floor,
+                               hp.cov_ceiling, hp.information)
     except BaseException:
         if undo is not None:
             undo()
