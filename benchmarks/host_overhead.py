@@ -27,7 +27,6 @@ import time
 import torch
 
 import kalman_kernels as kk
-from kalman_kernels import optimizer as optimizer_module
 from kalman_kernels.backends import resolve
 from kalman_kernels.ops import loss_update
 
@@ -109,7 +108,7 @@ def step_segments(n: int, steps: int = 25):
     marks.wrap(kernels, "loss_quad_form", "kernel loss_quad_form")
     marks.wrap(kernels, "loss_step_", "kernel loss_step_")
     marks.wrap(loss_update, "_loss_step_on_host", "host step")
-    marks.wrap(optimizer_module.KalmanNGD, "_record", "bookkeeping")
+    marks.wrap(case.opt._filter, "record", "bookkeeping")
     marks.wrap(case, "_closure", "closure")
     marks.wrap(case.opt, "_check_groups", "check groups")
     marks.wrap(case.opt._cov_checks, "record", "cov record")

@@ -17,10 +17,13 @@ observation of the model:
   (zero the gradients, call ``loss.backward()``, return the loss: the gradients backward
   left are used) or return the loss with its graph (the optimizer differentiates it).
 
-Like ``torch.optim.AdamW`` this class gathers state and calls a functional step
-(:mod:`kalman_kernels.ops`); the step reads no device value on the host, so its
-counters (``steps``, ``skipped_steps``) and the adaptive noise live in device tensors and
-``last_info`` converts to Python numbers only when read.
+Like ``torch.optim.AdamW`` this class validates its arguments, runs the closure and
+gathers what a step needs (gradients or observation blocks, covariances, hyper-parameters);
+one functional step per mode does the step (:mod:`kalman_kernels.functional`, on top of
+:mod:`kalman_kernels.ops`; docs/design.md, 1). The step reads no device value on the host,
+so its counters (``steps``, ``skipped_steps``) and the adaptive noise live in device tensors
+(:class:`~kalman_kernels.functional.FilterState`) and ``last_info`` converts to Python
+numbers only when read. Scale-out (``process_group``) is :mod:`kalman_kernels.distributed`.
 
 Hyper-parameters that belong to a parameter (``lr``, ``init_cov``, ``process_noise``,
 ``forgetting``, ``cov_floor``, ``cov_ceiling``, ``cov_update``) may differ between param
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from typing import Callable, Dict, Optional
 
@@ -40,11 +42,12 @@ import torch
 from torch import nn
 
 from . import distributed, ops
-from ._deferred import PendingFlags, compiling, readable_now
+from ._deferred import compiling
 from .backends import resolve
+from .functional import COUNTERS, FilterState, kalman_ngd_batch_step, kalman_ngd_loss_step
 from .observations import LIKELIHOODS, LinearCapture, batch_observation, categorical_observation
 from .ops import KalmanInfo, StepHyper
-from .ops._common import CovValueCheck, check_workspace, numpy_view
+from .ops._common import CovValueCheck, check_workspace
 
 _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "cov_ceiling",
                "cov_update")
@@ -171,28 +174,19 @@ class KalmanNGD(torch.optim.Optimizer):
         self.process_group = process_group
         self.backend = backend
         self.max_obs_per_update = max_obs_per_update
-        self.last_info: Optional[KalmanInfo] = None
+        self._filter = FilterState()     # counters, adapted noise, last_info, deferred flags
         self._cov_checks = CovValueCheck()
         self._grad_seen: set = set()
         self._ranks = distributed.RankAgreement(process_group)
         self._captures: Dict[nn.Linear, LinearCapture] = {}
-        self._warned: set = set()
-        self._pending = PendingFlags()
         self._quad = None            # QuadFormAccumulator when reduce_in_backward() is on
         self._hooked: Dict[int, object] = {}
         self._checked_groups: Dict[int, tuple] = {}   # id(group) -> (values, StepHyper)
-        self._counter_views: Dict[str, tuple] = {}    # key -> (counter tensor, numpy view)
         self._in_closure = False
         self._backward_calls = 0
         super().__init__(params, defaults)
         device = self._device()
-        self.state[_FILTER] = {
-            "steps": torch.zeros((), dtype=torch.int64, device=device),
-            "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
-            "gated_steps": torch.zeros((), dtype=torch.int64, device=device),
-            "cov_clamps": torch.zeros((), dtype=torch.int64, device=device),
-            "obs_noise": (torch.tensor(obs_noise, dtype=torch.float64, device=device)
-                          if isinstance(obs_noise, float) else None)}
+        self.state[_FILTER] = self._filter.reset(device, obs_noise)
         if tempering is not None:
             # saved with the state, so that a resumed optimizer observes alike
             self.state[_FILTER]["likelihood"] = likelihood
@@ -247,10 +241,11 @@ class KalmanNGD(torch.optim.Optimizer):
         if p.dtype == torch.float64 and cov.dtype != torch.float64:
             # model.double() after the first step: both modes promote, losslessly, and say so.
             state["cov"] = cov = cov.to(torch.float64)
-            self._warn_once("promote", "KalmanNGD: a parameter became float64 after its float32 "
-                            "covariance was created (model.double() after the optimizer was "
-                            "built?); the covariance was promoted to float64 (lossless). "
-                            "Create the optimizer after setting the model's dtype to avoid this.")
+            self._filter.warn_once(
+                "promote", "KalmanNGD: a parameter became float64 after its float32 covariance "
+                "was created (model.double() after the optimizer was built?); the covariance "
+                "was promoted to float64 (lossless). Create the optimizer after setting the "
+                "model's dtype to avoid this.")
         return cov
 
     def _group_of(self, p: torch.Tensor) -> dict:
@@ -263,24 +258,22 @@ class KalmanNGD(torch.optim.Optimizer):
         """The diagonal covariance P of parameter ``p`` (same shape; the prior before step 1)."""
         return self._cov(p, self._group_of(p))
 
-    def _counter(self, key: str) -> int:
-        value = self.state[_FILTER][key]
-        if value.device.type == "meta":
-            raise RuntimeError(f"KalmanNGD.{key}: the optimizer state is on the meta device, "
-                               f"which holds no values (shapes only)")
-        return int(value)
+    @property
+    def last_info(self) -> Optional[KalmanInfo]:
+        """The :class:`~kalman_kernels.ops.KalmanInfo` of the last step (None before one)."""
+        return self._filter.last_info
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped so far (a non-finite observation, an overflow or a failed
         factorisation)."""
-        self._pending.poll(wait=True)
-        return self._counter("skipped_steps")
+        self._filter.pending.poll(wait=True)
+        return self._filter.counter("skipped_steps")
 
     @property
     def steps_taken(self) -> int:
         """Steps applied so far."""
-        return self._counter("steps")
+        return self._filter.counter("steps")
 
     def diagnostics(self) -> dict:
         """What the filter is doing, as Python numbers (reads device values: call it between
@@ -305,10 +298,8 @@ class KalmanNGD(torch.optim.Optimizer):
         * ``groups``: per param group, ``cov_min`` / ``cov_mean`` / ``cov_max`` of P,
           ``numel`` and ``floor_clamped``.
         """
-        self._pending.poll(wait=True)
-        out = {"steps": self._counter("steps"), "skipped_steps": self._counter("skipped_steps"),
-               "gated_steps": self._counter("gated_steps"),
-               "cov_clamps": self._counter("cov_clamps")}
+        self._filter.pending.poll(wait=True)
+        out = {key: self._filter.counter(key) for key in COUNTERS}
         info = self.last_info
         out.update(mahalanobis=None, p_value=None, num_obs=None, gate_scale=None, skipped=None,
                    reason=None, jitter=None, max_shrink=None)
@@ -319,7 +310,8 @@ class KalmanNGD(torch.optim.Optimizer):
             shrink = info.extras.get("max_shrink_tensor")
             if shrink is not None:
                 out["max_shrink"] = float(shrink)
-        r = self._current_obs_noise() if self._tempering is None else self._tempering
+        r = (self._filter.obs_noise(self.obs_noise) if self._tempering is None
+             else self._tempering)
         out["obs_noise"] = (float(r) if not isinstance(r, torch.Tensor) or r.dim() == 0
                             else None)
         groups = []
@@ -343,10 +335,6 @@ class KalmanNGD(torch.optim.Optimizer):
         out["floor_clamped"] = total_clamped
         out["groups"] = groups
         return out
-
-    def _current_obs_noise(self):
-        r = self.state[_FILTER].get("obs_noise")
-        return r if (r is not None and self.adaptive_obs_noise > 0) else self.obs_noise
 
     @staticmethod
     def _hyper(group: dict) -> StepHyper:
@@ -437,13 +425,7 @@ class KalmanNGD(torch.optim.Optimizer):
             self.state[p]["cov"] = cov.detach().to(
                 device=p.device, dtype=torch.promote_types(cov.dtype, _cov_dtype(p)), copy=True)
         device = self._device()
-        saved = dict(state_dict["state"].get(_FILTER, {}))
-        filt = {}
-        for key in ("steps", "skipped_steps", "gated_steps", "cov_clamps"):
-            filt[key] = torch.as_tensor(saved.get(key, 0), dtype=torch.int64).to(device).clone()
-        r = saved.get("obs_noise")
-        filt["obs_noise"] = (None if r is None else
-                             torch.as_tensor(r, dtype=torch.float64).to(device).clone())
+        filt = self._filter.restore(device, dict(state_dict["state"].get(_FILTER, {})))
         if self._tempering is not None:
             if saved_tempering is not None:
                 self._tempering = saved_tempering
@@ -532,7 +514,7 @@ class KalmanNGD(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("KalmanNGD.step needs a closure: closure() -> (pred, target) for "
                              "batch observations, or closure() -> scalar loss tensor")
-        self._pending.poll()
+        self._filter.pending.poll()
         self._check_groups()
         self._check_cov_values()
         self._install_grad_hooks()
@@ -585,7 +567,7 @@ class KalmanNGD(torch.optim.Optimizer):
 
     def _warn_small_lr(self, index: int, group: dict) -> None:
         """Once per optimizer: an lr that reads like a learning rate (see SMALL_LR)."""
-        if "small-lr" in self._warned or compiling():
+        if "small-lr" in self._filter.warned or compiling():
             return
         ranks = 1
         if self.process_group is not None and torch.distributed.is_initialized():
@@ -593,14 +575,13 @@ class KalmanNGD(torch.optim.Optimizer):
         lr = float(group["lr"])
         if lr >= SMALL_LR / ranks:
             return
-        self._warned.add("small-lr")
-        warnings.warn(
-            f"KalmanNGD: lr={lr:g} (param group {index}) is a step scale, not a learning "
-            f"rate: 1.0 is the exact Kalman update, and lr={lr:g} moves the mean {lr:g} of "
-            f"the way while the covariance shrinks as if it had moved all of it, so training "
-            f"stalls near the start. Leave lr=1.0 (lr=1/W under a process group of W ranks); "
-            f"for smaller, AdamW-like steps lower init_cov or raise obs_noise (README, "
-            f"'Coming from AdamW').", UserWarning, stacklevel=_user_stacklevel())
+        self._filter.warn_once(
+            "small-lr", f"KalmanNGD: lr={lr:g} (param group {index}) is a step scale, not a "
+            f"learning rate: 1.0 is the exact Kalman update, and lr={lr:g} moves the mean "
+            f"{lr:g} of the way while the covariance shrinks as if it had moved all of it, so "
+            f"training stalls near the start. Leave lr=1.0 (lr=1/W under a process group of W "
+            f"ranks); for smaller, AdamW-like steps lower init_cov or raise obs_noise (README, "
+            f"'Coming from AdamW').", UserWarning)
 
     def _hyper_of(self, group: dict) -> StepHyper:
         """The group's StepHyper as validated at the start of this step."""
@@ -641,116 +622,6 @@ class KalmanNGD(torch.optim.Optimizer):
             settings.append(("likelihood", self.likelihood, self._tempering))
         config = distributed.rank_config(mode, settings, self.param_groups, _GROUP_KEYS)
         return self._ranks.key(config, self._device())
-
-    def _record(self, info: KalmanInfo):
-        """Counters and adaptive noise on the device; the skip warning once the flag has
-        reached the host (see :mod:`kalman_kernels._deferred`). Returns a function that
-        takes the counters, ``last_info`` and the adapted noise back (for a step whose
-        elementwise pass raises after its outcome was recorded)."""
-        previous = (self.last_info, self.state[_FILTER].get("obs_noise"))
-        self.last_info = info
-        filt = self.state[_FILTER]
-        if "gated_steps" not in filt:
-            filt["gated_steps"] = torch.zeros((), dtype=torch.int64,
-                                              device=filt["steps"].device)
-        host_skipped = None
-        flags = info.extras.get("host_flags")     # a step decided on the host (eager CPU)
-        if (flags is not None and filt["steps"].is_cpu) or (
-                readable_now(info.skipped_tensor) and readable_now(filt["steps"])):
-            # eager CPU: the flags are host values already; one increment per counter
-            if flags is None:
-                skipped = bool(info.skipped_tensor)
-                flags = (skipped, not skipped and float(info.gate_scale_tensor) < 1)
-            host_skipped, gated = flags
-            bumped = [self._host_counter("skipped_steps" if host_skipped else "steps")]
-            if gated:
-                bumped.append(self._host_counter("gated_steps"))
-            for count in bumped:
-                count[...] += 1
-
-            def undo() -> None:
-                self.last_info, filt["obs_noise"] = previous
-                for count in bumped:
-                    count[...] -= 1
-        else:
-            device = filt["steps"].device
-            skipped = info.skipped_tensor.to(device)
-            filt["skipped_steps"].add_(skipped.to(torch.int64))
-            filt["steps"].add_((~skipped).to(torch.int64))
-            gated = (~skipped) & (info.gate_scale_tensor.to(device) < 1)
-            filt["gated_steps"].add_(gated.to(torch.int64))
-
-            def undo() -> None:
-                self.last_info, filt["obs_noise"] = previous
-                filt["skipped_steps"].sub_(skipped.to(torch.int64))
-                filt["steps"].sub_((~skipped).to(torch.int64))
-                filt["gated_steps"].sub_(gated.to(torch.int64))
-        if info.cov_clamps_tensor is not None:
-            device = filt["steps"].device
-            if "cov_clamps" not in filt:
-                filt["cov_clamps"] = torch.zeros((), dtype=torch.int64, device=device)
-            filt["cov_clamps"].add_(info.cov_clamps_tensor.to(device))
-            if "clamps" not in self._warned:
-                def on_clamps(any_clamped: bool, info=info) -> None:
-                    if any_clamped and "clamps" not in self._warned:
-                        self._warned.add("clamps")
-                        warnings.warn(
-                            f"KalmanNGD: under process_group the 'kalman' covariance rule "
-                            f"pushed {info.cov_clamps} covariance elements below zero (the "
-                            f"ranks' summed diag(H^T S^-1 H) exceeded 1/P-); they were clamped "
-                            f"to cov_floor, which freezes those parameters. Use "
-                            f"cov_update='information' for multi-process training (it cannot "
-                            f"go below zero); diagnostics()['cov_clamps'] counts them. Warned "
-                            f"once.", RuntimeWarning, stacklevel=5)
-                self._pending.add(info.cov_clamps_tensor > 0, on_clamps)
-        if self.adaptive_obs_noise > 0 and info.obs_noise_tensor is not None:
-            filt["obs_noise"] = info.obs_noise_tensor.detach().to(torch.float64).reshape(())
-        if self.process_group is not None and info.mismatch_tensor is not None:
-            def on_mismatch(mismatch: bool, info=info) -> None:
-                if mismatch:
-                    raise ValueError("KalmanNGD(process_group=...): the ranks' parameter shapes "
-                                     "or hyper-parameters differ (their hash is compared at "
-                                     "every step); the step was skipped on every rank. Every "
-                                     "rank must change param_groups alike (e.g. the same LR "
-                                     "scheduler).")
-            self._pending.add(info.mismatch_tensor, on_mismatch)
-        if "skip" in self._warned or host_skipped is False:
-            return undo
-
-        def callback(was_skipped: bool, info=info) -> None:
-            if was_skipped and "skip" not in self._warned:
-                self._warned.add("skip")
-                warnings.warn(f"KalmanNGD: step skipped ({info.reason}); parameters and "
-                              f"covariances are unchanged. Further skips are counted in "
-                              f"optimizer.skipped_steps without a warning.", RuntimeWarning,
-                              stacklevel=5)
-
-        self._pending.add(info.skipped_tensor, callback)
-        return undo
-
-    def _host_counter(self, key: str):
-        """The numpy view of a CPU counter tensor: a step counts through it with no
-        dispatcher call (an ``add_`` on a 0-d tensor costs tens of microseconds in the cold
-        caches the kernels leave; see ops/loss_update.py). Re-made when the tensor is
-        replaced (load_state_dict)."""
-        tensor = self.state[_FILTER][key]
-        entry = self._counter_views.get(key)
-        if entry is None or entry[0] is not tensor:
-            view = numpy_view(tensor)
-            # no numpy in this torch build: the tensor itself (+= 1 is then an add_)
-            entry = self._counter_views[key] = (tensor, tensor if view is None else view)
-        return entry[1]
-
-    def _predict_only_(self, pairs, ok: torch.Tensor) -> None:
-        """Parameters the observation does not touch still go through the predict step
-        (when the step is applied)."""
-        for p, g in pairs:
-            hp = self._hyper_of(g)
-            cov = self._cov(p, g)
-            if hp.forgetting != 1.0 or hp.process_noise != 0.0 or hp.cov_floor > 0 or \
-                    math.isfinite(hp.cov_ceiling):
-                new = (cov / hp.forgetting + hp.process_noise).clamp_(hp.cov_floor, hp.cov_ceiling)
-                cov.copy_(torch.where(ok.to(cov.device), new, cov))
 
     def _loss_step(self, loss: torch.Tensor, backward_seen: bool):
         if loss.numel() != 1:
@@ -795,26 +666,25 @@ class KalmanNGD(torch.optim.Optimizer):
             if backward_seen and self._quad.count == len(used):
                 quad_form = self._quad.value
             else:
-                self._warn_once("quad", "KalmanNGD.reduce_in_backward: the closure did not run "
-                                "exactly one backward pass over the parameters (no backward, "
-                                "or gradient accumulation); g^T P g is recomputed after "
-                                "backward instead")
+                self._filter.warn_once(
+                    "quad", "KalmanNGD.reduce_in_backward: the closure did not run exactly one "
+                    "backward pass over the parameters (no backward, or gradient "
+                    "accumulation); g^T P g is recomputed after backward instead")
         if self.process_group is not None:
             self._ranks.check_ddp_grads_once(loss, [grad for _, _, grad in used])
         loss_value = loss.detach()
         covs = [self._cov(p, g) for p, g, _ in used]
-        untouched = [(p, g) for (p, g), grad in zip(pairs, grads) if grad is None]
-        self._written_covs = covs + [self._cov(p, g) for p, g in untouched]
-        info = ops.loss_observation_step_(
+        untouched = [(self._cov(p, g), self._hyper_of(g))
+                     for (p, g), grad in zip(pairs, grads) if grad is None]
+        self._written_covs = covs + [c for c, _ in untouched]
+        kalman_ngd_loss_step(
             [p for p, _, _ in used],
             [grad.detach() if grad.requires_grad else grad for _, _, grad in used],
-            covs, [self._hyper_of(g) for _, g, _ in used],
-            loss_value, self._current_obs_noise(), gate=self.gate,
-            backend=self.backend, adaptive_rate=self.adaptive_obs_noise,
+            covs, [self._hyper_of(g) for _, g, _ in used], loss_value, self._filter,
+            obs_noise=self.obs_noise, gate=self.gate,
+            adaptive_obs_noise=self.adaptive_obs_noise, backend=self.backend,
             quad_form=quad_form, process_group=self.process_group, rank_key=rank_key,
-            on_decided=self._record)
-        if untouched:
-            self._predict_only_(untouched, ~info.skipped_tensor)
+            untouched=untouched)
         return loss_value
 
     def _batch_step(self, pred, target):
@@ -840,7 +710,7 @@ class KalmanNGD(torch.optim.Optimizer):
         if not pred.requires_grad:
             raise ValueError("pred does not require grad: the closure must compute it from the "
                              "parameters with autograd enabled")
-        obs = self._batch_update(pred, target, self._current_obs_noise())
+        obs = self._batch_update(pred, target, self.obs_noise)
         return obs.residual.square().mean()
 
     def _categorical_step(self, logits, labels):
@@ -874,28 +744,18 @@ class KalmanNGD(torch.optim.Optimizer):
                         where="KalmanNGD.step (batch mode)",
                         chunked=self.max_obs_per_update is not None, extra_bytes=extra_bytes)
         obs = batch_observation(pred, target, pairs, self._captures, self._cov,
-                                self._hyper_of, self._warn_once, residual=residual)
+                                self._hyper_of, self._filter.warn_once, residual=residual)
         if not obs.blocks:
             raise ValueError("pred does not depend on any parameter of this optimizer")
-        untouched, order = (), None
-        if self.process_group is not None:
-            order = {id(p): i for i, (p, _) in enumerate(pairs)}
-            untouched = [(p, self._cov(p, g), self._hyper_of(g)) for p, g in obs.untouched]
-        info = ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, noise,
-                                gate=self.gate, backend=self.backend,
-                                adaptive_rate=self.adaptive_obs_noise,
-                                process_group=self.process_group,
-                                max_obs_per_update=self.max_obs_per_update,
-                                untouched=untouched, param_order=order, rank_key=rank_key)
-        if self.process_group is None:
-            self._predict_only_(obs.untouched, ~info.skipped_tensor)
-        self._record(info)
+        order = (None if self.process_group is None
+                 else {id(p): i for i, (p, _) in enumerate(pairs)})
+        kalman_ngd_batch_step(
+            obs.blocks, obs.hypers, obs.residual, noise, self._filter, gate=self.gate,
+            adaptive_obs_noise=self.adaptive_obs_noise, backend=self.backend,
+            process_group=self.process_group, max_obs_per_update=self.max_obs_per_update,
+            untouched=[(p, self._cov(p, g), self._hyper_of(g)) for p, g in obs.untouched],
+            param_order=order, rank_key=rank_key)
         return obs
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned and not compiling():
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ uncertainty
     @contextlib.contextmanager
@@ -969,19 +829,6 @@ def _check_group(group: dict, where: str) -> None:
     if not (isinstance(init_cov, (int, float)) and math.isfinite(init_cov) and init_cov > 0):
         raise ValueError(f"{where}: init_cov must be a finite number > 0 (the prior variance), "
                          f"got {init_cov!r}")
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` of the first caller outside this package and torch (the line that
-    built the optimizer or called ``step``), for a warning raised by the caller's caller."""
-    import os
-    import sys
-    inside = (os.path.dirname(os.path.abspath(__file__)),
-              os.path.dirname(os.path.abspath(torch.__file__)))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _describe(x) -> str:

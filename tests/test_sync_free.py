@@ -5,6 +5,8 @@
   ``ops.loss_update_`` compiles without a graph break (fullgraph makes any break an error)
   and matches the eager result, for the reference and cpp backends; a skipped step inside a
   compiled function leaves the state unchanged.
+* So do the optimizer's functional steps (``kalman_kernels.functional``) with their
+  ``FilterState``: counters, adapted noise and ``last_info`` as in eager mode.
 * The same steps, and ``KalmanNGD`` in both modes, run on ``meta`` tensors, where any host
   read of a tensor value raises.
 """
@@ -112,6 +114,55 @@ def test_inductor_compiles_the_step():
     backend = "cpp" if kk.backends()["cpp"] else "reference"
     torch._dynamo.reset()
     _compare(_kalman_fn(backend, False), _state(), compiler="inductor")
+
+
+def _functional_fn(backend, mode):
+    """KalmanNGD's functional step (kalman_kernels.functional) with its FilterState."""
+    from kalman_kernels.functional import kalman_ngd_batch_step, kalman_ngd_loss_step
+    hp = ops.StepHyper(0.8, 0.95, 1e-3, 1e-6, 10.0)
+
+    def fn(state, w, wc, b, bc, a, d, jac, res):
+        if mode == "batch":
+            info = kalman_ngd_batch_step([ops.KronBlock(w, wc, a, d), ops.DenseBlock(b, bc, jac)],
+                                         [hp, hp], res, 0.2, state, gate=0.95,
+                                         adaptive_obs_noise=0.3, backend=backend)
+        else:
+            info = kalman_ngd_loss_step([w, b], [0.1 * w, jac[0].contiguous()], [wc, bc],
+                                        [hp, hp], (res * res).sum(), state, obs_noise=0.5,
+                                        gate=0.9, adaptive_obs_noise=0.2, backend=backend)
+        return info.mahalanobis_tensor, info.skipped_tensor
+    return fn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["batch", "loss"])
+def test_functional_optimizer_step_compiles_fullgraph_with_its_state(backend, mode):
+    """The optimizer's functional steps compile without a graph break, state included:
+    the counters, the adapted noise and last_info come out as in eager mode."""
+    from kalman_kernels.functional import COUNTERS, FilterState
+    _need(backend)
+    torch._dynamo.reset()
+    fn = _functional_fn(backend, mode)
+    initial = _state()
+    runs = []
+    for compiled in (False, True):
+        state = FilterState()
+        state.reset("cpu", 0.2)
+        tensors = {k: v.clone() for k, v in initial.items()}
+        step = torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+        for _ in range(2):
+            out = step(state, **tensors)
+        runs.append((out, state, tensors))
+    (out_e, st_e, t_e), (out_c, st_c, t_c) = runs
+    for x, y in zip(out_e, out_c):
+        assert torch.allclose(x.double(), y.double(), rtol=1e-6, atol=1e-12)
+    for key in COUNTERS:
+        assert int(st_e.tensors[key]) == int(st_c.tensors[key]), key
+    assert int(st_c.tensors["steps"]) == 2
+    assert torch.allclose(st_e.tensors["obs_noise"], st_c.tensors["obs_noise"], rtol=1e-6)
+    assert st_c.last_info is not None and not st_c.last_info.skipped
+    for key in t_e:
+        assert torch.allclose(t_e[key], t_c[key], rtol=1e-6, atol=1e-7), key
 
 
 # ------------------------------------------------------------------ meta tensors

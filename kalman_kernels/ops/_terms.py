@@ -130,9 +130,11 @@ def loss_terms(e, r, quad, adaptive_rate: float, gate: Optional[float], params, 
     if adaptive_rate > 0.0:
         adapted = ref.adapt_obs_noise(r, adaptive_rate, e, quad)
         r = (adapted if finite else r) if host else torch.where(finite, adapted, r)
-    s_val = ref.loss_innovation(quad, r)
+    s_val = quad + r                      # S = g^T P- g + r (docs/design.md, 2.2)
     d2 = e * e / s_val
-    s = ref.gate_scale(d2, ref.gate_threshold(gate, 1))
+    # the gate's tau at m = 1; without a gate the host path skips the call (s = 1): each
+    # Python call costs microseconds in the caches the kernels leave (ops/loss_update.py)
+    s = (1.0 if (host and gate is None) else ref.gate_scale(d2, ref.gate_threshold(gate, 1)))
     if host:
         guard = finite and representable_step(params, covs, hypers, s * math.sqrt(d2),
                                               abs(s * e / s_val),
