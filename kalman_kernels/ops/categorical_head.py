@@ -576,12 +576,7 @@ def _decide(obs, cls, x, gate, lr, b, k, device):
     finite = obs.finite & torch.isfinite(cls.log_det) & _all_finite(x)
     d2 = (obs.e_t * x / obs.p_t.clamp(min=_P_TINY)).sum()
     ok = cls.ok & finite & ~obs.bad_targets
-    one = torch.ones((), dtype=F64, device=device)
-    if gate is not None:
-        tau = ref.chi2_quantile(float(gate), b * (k - 1))        # host constant, no sync
-        scale = torch.where(d2 > tau, torch.sqrt(tau / d2), one)
-    else:
-        scale = one
+    scale = ref.gate_scale(d2, ref.gate_threshold(gate, b * (k - 1)))   # tau: host constant
     return ~ok, finite, d2, scale, (lr * obs.s) * scale * x
 
 
@@ -700,20 +695,16 @@ def _diagonal_step(weight, weight_cov, bias, bias_cov, *, a, w, bias64, obs, k, 
     new_w = torch.addcmul(w, p_w, step_coef.to(cdt) @ a)
     if information:
         info_w = (obs.p_t * (1.0 - obs.p_t)) * (s2 / obs.c)     # (K, B)
-        new_pw = 1.0 / (1.0 / p_w + info_w.to(cdt) @ (a * a))
+        diag_w = info_w.to(cdt) @ (a * a)
     else:
-        # P- - P-^2 (.) s^2 diag(A^T G_kk A); s^2 and the pair weights are in g_pairs
-        new_pw = torch.addcmul(p_w, p_w.square(), g_pairs @ a_pairs, value=-1.0)
-    new_pw = new_pw.clamp_(cov_floor, cov_ceiling)
+        diag_w = g_pairs @ a_pairs     # s^2 diag(A^T G_kk A): s^2 and pair weights in g_pairs
+    new_pw = ref.cov_update(p_w, diag_w, cov_floor, cov_ceiling, information)
     weight.copy_(torch.where(keep, weight, new_w.to(weight.dtype)))
     weight_cov.copy_(torch.where(keep, weight_cov, new_pw.to(weight_cov.dtype)))
     if has_bias:
         new_b = bias64 + p_b * step_coef.sum(1)
-        if information:
-            new_pb = 1.0 / (1.0 / p_b + info_w.sum(1))
-        else:
-            new_pb = p_b - p_b * p_b * g_sum
-        new_pb = new_pb.clamp(cov_floor, cov_ceiling)
+        new_pb = ref.cov_update(p_b, info_w.sum(1) if information else g_sum, cov_floor,
+                                cov_ceiling, information)
         bias.copy_(torch.where(keep, bias, new_b.to(bias.dtype)))
         bias_cov.copy_(torch.where(keep, bias_cov, new_pb.to(bias_cov.dtype)))
     return _info(obs, cls, keep, finite, d2, scale, b, k, device)

@@ -248,12 +248,12 @@ def _factor_with_ladder(s: torch.Tensor):
 
 
 def _predicted(cov: torch.Tensor, forgetting: float, process_noise: float, dtype) -> torch.Tensor:
+    """P- (the reference's predict step) in ``dtype``; lam = 1, q = 0 is P itself, exactly,
+    and costs no pass over it."""
     p = cov.to(dtype)
-    if forgetting != 1.0:
-        p = p / forgetting
-    if process_noise != 0.0:
-        p = p + process_noise
-    return p
+    if forgetting == 1.0 and process_noise == 0.0:
+        return p
+    return ref.predict_cov(p, forgetting, process_noise)
 
 
 # --------------------------------------------------------------------------------------
@@ -329,9 +329,7 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
                     * inv_n2[:, None]
             if p_b is not None:
                 hph_diag = hph_diag + p_b[:, None]
-            excess = (e * e).mean() - hph_diag.mean()
-            r_scalar = ((1.0 - adaptive_rate) * r_scalar
-                        + adaptive_rate * torch.clamp(excess, min=ref.ADAPTIVE_NOISE_FLOOR))
+            r_scalar = ref.adapt_obs_noise(r_scalar, adaptive_rate, e, hph_diag.mean())
             r_obs = r_scalar.expand(k, b)
 
         # --- pass 1: S_k, factor, whiten, per chunk of classes ------------------------
@@ -382,12 +380,7 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
 
         d2_total = d2.sum()
         ok_all = ok_all & finite_s & torch.isfinite(d2_total)
-        if gate is not None:
-            tau = ref.chi2_quantile(float(gate), m)              # host constant, no sync
-            scale = torch.where(d2_total > tau, torch.sqrt(tau / d2_total),
-                                torch.ones((), dtype=F64, device=device))
-        else:
-            scale = torch.ones((), dtype=F64, device=device)
+        scale = ref.gate_scale(d2_total, ref.gate_threshold(gate, m))   # tau: host constant
         step_coef = (lr * scale) * coef                          # (K, B) float64
 
         # --- pass 2: the K x d terms (three GEMMs) --------------------------------------
@@ -410,8 +403,7 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
             diag_w = diag_w * (n_inv * n_inv)[:, None]
 
         new_w = w + p_w * direction
-        new_pw = (1.0 / (1.0 / p_w + diag_w) if information else p_w - p_w * p_w * diag_w)
-        new_pw = new_pw.clamp(cov_floor, cov_ceiling)
+        new_pw = ref.cov_update(p_w, diag_w, cov_floor, cov_ceiling, information)
         keep = ~ok_all
         weight.copy_(torch.where(keep, weight, new_w.to(weight.dtype)))
         weight_cov.copy_(torch.where(keep, weight_cov, new_pw.to(weight_cov.dtype)))
@@ -421,8 +413,7 @@ def class_head_update_(weight: torch.Tensor, weight_cov: torch.Tensor,
             else:
                 diag_b = bias_diag
             new_b = bias.detach().to(F64) + p_b * step_coef.sum(1)
-            new_pb = (1.0 / (1.0 / p_b + diag_b) if information else p_b - p_b * p_b * diag_b)
-            new_pb = new_pb.clamp(cov_floor, cov_ceiling)
+            new_pb = ref.cov_update(p_b, diag_b, cov_floor, cov_ceiling, information)
             bias.copy_(torch.where(keep, bias, new_b.to(bias.dtype)))
             bias_cov.copy_(torch.where(keep, bias_cov, new_pb.to(bias_cov.dtype)))
 
