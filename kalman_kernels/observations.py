@@ -137,6 +137,32 @@ def per_sample_output_grads(per_sample: torch.Tensor, outputs: List[torch.Tensor
     return result
 
 
+def check_prediction(pred, target, device) -> None:
+    """Shapes, dtypes and devices of the closure's ``(pred, target)`` (Gaussian batch
+    mode): (m,) or (m, K) tensors of one shape on the parameters' ``device``, ``pred`` with
+    its graph."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(f"closure must return (pred, target) as tensors, got "
+                        f"({describe(pred)}, {describe(target)})")
+    if pred.dim() == 0 and target.dim() == 0:
+        raise ValueError("closure returned a pair of 0-d tensors: batch-observation mode "
+                         "needs (pred, target) of shape (m,) or (m, K); for loss-"
+                         "observation mode return the loss tensor alone (`return loss`, "
+                         "not `return loss, aux`)")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape "
+                         f"{tuple(target.shape)}; they must match ((m,) or (m, K))")
+    if pred.dim() not in (1, 2) or pred.numel() == 0:
+        raise ValueError(f"pred must have shape (m,) or (m, K) with m >= 1, got "
+                         f"{tuple(pred.shape)}")
+    if pred.device != target.device or pred.device != device:
+        raise ValueError(f"pred is on {pred.device}, target on {target.device} and the "
+                         f"parameters on {device}: put them on one device")
+    if not pred.requires_grad:
+        raise ValueError("pred does not require grad: the closure must compute it from the "
+                         "parameters with autograd enabled")
+
+
 @dataclass
 class BatchObservation:
     """The blocks of one batch-mode step, their hyper-parameters, the residual (float64),
@@ -244,7 +270,7 @@ def check_categorical(logits, labels, device) -> None:
     the target non-finite and the step is skipped, see :func:`categorical_terms`)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"with likelihood='categorical' the closure must return (logits, "
-                        f"labels) as tensors, got ({_describe(logits)}, {_describe(labels)})")
+                        f"labels) as tensors, got ({describe(logits)}, {describe(labels)})")
     if logits.dim() != 2 or logits.shape[0] == 0:
         raise ValueError(f"logits must have shape (B, K) with B >= 1 (one row of K class "
                          f"scores per sample), got {tuple(logits.shape)}")
@@ -364,7 +390,10 @@ def categorical_observation(logits: torch.Tensor, labels: torch.Tensor, temperin
     return CategoricalObservation(pred, residual, noise, loss)
 
 
-def _describe(x) -> str:
+def describe(x) -> str:
+    """A closure result in words, for error messages."""
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of length {len(x)}"
     return type(x).__name__

@@ -45,7 +45,14 @@ from . import distributed, ops
 from ._deferred import compiling
 from .backends import resolve
 from .functional import COUNTERS, FilterState, kalman_ngd_batch_step, kalman_ngd_loss_step
-from .observations import LIKELIHOODS, LinearCapture, batch_observation, categorical_observation
+from .observations import (
+    LIKELIHOODS,
+    LinearCapture,
+    batch_observation,
+    categorical_observation,
+    check_prediction,
+    describe,
+)
 from .ops import KalmanInfo, StepHyper
 from .ops._common import CovValueCheck, check_workspace
 
@@ -541,7 +548,7 @@ class KalmanNGD(torch.optim.Optimizer):
                 result = self._loss_step(out, self._backward_calls > 0)
             else:
                 raise TypeError(f"closure must return (pred, target) tensors or a scalar loss "
-                                f"tensor, got {_describe(out)}")
+                                f"tensor, got {describe(out)}")
         finally:
             for capture in self._captures.values():
                 capture.calls.clear()
@@ -690,26 +697,7 @@ class KalmanNGD(torch.optim.Optimizer):
     def _batch_step(self, pred, target):
         if self._tempering is not None:
             return self._categorical_step(pred, target)
-        if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-            raise TypeError(f"closure must return (pred, target) as tensors, got "
-                            f"({_describe(pred)}, {_describe(target)})")
-        if pred.dim() == 0 and target.dim() == 0:
-            raise ValueError("closure returned a pair of 0-d tensors: batch-observation mode "
-                             "needs (pred, target) of shape (m,) or (m, K); for loss-"
-                             "observation mode return the loss tensor alone (`return loss`, "
-                             "not `return loss, aux`)")
-        if pred.shape != target.shape:
-            raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape "
-                             f"{tuple(target.shape)}; they must match ((m,) or (m, K))")
-        if pred.dim() not in (1, 2) or pred.numel() == 0:
-            raise ValueError(f"pred must have shape (m,) or (m, K) with m >= 1, got "
-                             f"{tuple(pred.shape)}")
-        if pred.device != target.device or pred.device != self._device():
-            raise ValueError(f"pred is on {pred.device}, target on {target.device} and the "
-                             f"parameters on {self._device()}: put them on one device")
-        if not pred.requires_grad:
-            raise ValueError("pred does not require grad: the closure must compute it from the "
-                             "parameters with autograd enabled")
+        check_prediction(pred, target, self._device())
         obs = self._batch_update(pred, target, self.obs_noise)
         return obs.residual.square().mean()
 
@@ -829,11 +817,3 @@ def _check_group(group: dict, where: str) -> None:
     if not (isinstance(init_cov, (int, float)) and math.isfinite(init_cov) and init_cov > 0):
         raise ValueError(f"{where}: init_cov must be a finite number > 0 (the prior variance), "
                          f"got {init_cov!r}")
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)}"
-    if isinstance(x, (tuple, list)):
-        return f"a {type(x).__name__} of length {len(x)}"
-    return type(x).__name__
