@@ -148,31 +148,9 @@ class KalmanNGD(torch.optim.Optimizer):
                         forgetting=forgetting, cov_floor=cov_floor, cov_ceiling=cov_ceiling,
                         cov_update=cov_update)
         _check_group(defaults, where="KalmanNGD")
-        obs_noise_given = obs_noise is not _OBS_NOISE_DEFAULT
-        if isinstance(obs_noise, torch.Tensor):
-            ops.obs_noise_matrix(obs_noise, obs_noise.shape[0] if obs_noise.dim() else 1,
-                                 obs_noise.device)
-            obs_noise = obs_noise.detach().clone()
-        else:
-            ops.obs_noise_matrix(obs_noise, 1, "cpu")
-            obs_noise = float(obs_noise)
-        if not (isinstance(adaptive_obs_noise, (int, float)) and 0.0 <= adaptive_obs_noise <= 1.0):
-            raise ValueError(f"adaptive_obs_noise must be an EMA rate in [0, 1] (0 = off), got "
-                             f"{adaptive_obs_noise!r}")
-        if adaptive_obs_noise > 0 and isinstance(obs_noise, torch.Tensor):
-            raise ValueError("adaptive_obs_noise needs a scalar obs_noise; it cannot adapt an "
-                             "(m,) or (m, m) tensor")
-        ops.check_gate(gate)
-        if max_obs_per_update is not None and (isinstance(max_obs_per_update, bool) or not
-                                               isinstance(max_obs_per_update, int) or
-                                               max_obs_per_update < 1):
-            raise ValueError(f"max_obs_per_update must be None or an int >= 1, got "
-                             f"{max_obs_per_update!r}")
-        if backend not in ("auto",) + _backend_names():
-            raise ValueError(f"backend must be one of {('auto',) + _backend_names()}, got "
-                             f"{backend!r}")
-        tempering = _categorical_tempering(likelihood, obs_noise, obs_noise_given,
-                                           adaptive_obs_noise, max_obs_per_update)
+        obs_noise, tempering = _check_observation(
+            obs_noise, obs_noise is not _OBS_NOISE_DEFAULT, adaptive_obs_noise, gate,
+            max_obs_per_update, backend, likelihood)
         self.obs_noise = obs_noise
         self.likelihood = likelihood
         self._tempering = tempering     # c of R = c (diag(p) - p p^T); None when Gaussian
@@ -769,6 +747,37 @@ class KalmanNGD(torch.optim.Optimizer):
 def _backend_names():
     from .backends import NAMES
     return NAMES
+
+
+def _check_observation(obs_noise, given: bool, adaptive_obs_noise, gate, max_obs_per_update,
+                       backend, likelihood):
+    """Validate the arguments of the observation shared by every param group; returns the
+    noise to keep (a float, or a detached copy of a tensor) and the categorical tempering
+    (None for the Gaussian likelihood). ``given``: obs_noise was passed."""
+    if isinstance(obs_noise, torch.Tensor):
+        ops.obs_noise_matrix(obs_noise, obs_noise.shape[0] if obs_noise.dim() else 1,
+                             obs_noise.device)
+        obs_noise = obs_noise.detach().clone()
+    else:
+        ops.obs_noise_matrix(obs_noise, 1, "cpu")
+        obs_noise = float(obs_noise)
+    if not (isinstance(adaptive_obs_noise, (int, float)) and 0.0 <= adaptive_obs_noise <= 1.0):
+        raise ValueError(f"adaptive_obs_noise must be an EMA rate in [0, 1] (0 = off), got "
+                         f"{adaptive_obs_noise!r}")
+    if adaptive_obs_noise > 0 and isinstance(obs_noise, torch.Tensor):
+        raise ValueError("adaptive_obs_noise needs a scalar obs_noise; it cannot adapt an "
+                         "(m,) or (m, m) tensor")
+    ops.check_gate(gate)
+    if max_obs_per_update is not None and (isinstance(max_obs_per_update, bool) or not
+                                           isinstance(max_obs_per_update, int) or
+                                           max_obs_per_update < 1):
+        raise ValueError(f"max_obs_per_update must be None or an int >= 1, got "
+                         f"{max_obs_per_update!r}")
+    if backend not in ("auto",) + _backend_names():
+        raise ValueError(f"backend must be one of {('auto',) + _backend_names()}, got "
+                         f"{backend!r}")
+    return obs_noise, _categorical_tempering(likelihood, obs_noise, given, adaptive_obs_noise,
+                                             max_obs_per_update)
 
 
 def _categorical_tempering(likelihood, obs_noise, given: bool, adaptive_obs_noise,
