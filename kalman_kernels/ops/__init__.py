@@ -9,7 +9,10 @@
   head observed through its categorical likelihood (same per-class structure).
 
 The passes over the parameters go to a backend (``reference``, ``cpp``, ``triton``,
-``cuda``); the small m x m work stays here, in float64, on the parameters' device. Nothing
+``cuda``); the small m x m work stays here, in float64, on the parameters' device, composed
+once from the reference's equations in :mod:`._terms` for every path (single, sequential and
+distributed batch steps; the loss step on host floats and on device tensors). Scale-out's
+collectives are :mod:`kalman_kernels.distributed`. Nothing
 is written until the inputs have been validated; no step reads a device value on the host
 (docs/design.md, 4.2), and a non-finite observation leaves the state unchanged bit for bit.
 """

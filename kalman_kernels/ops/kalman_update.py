@@ -2,8 +2,9 @@
 
 The filter of docs/design.md, section 2, end to end: every block contributes to one
 innovation covariance S (m x m, float64); S is factored once; every block is updated with
-the same factor. The passes over the parameters go to a backend; the m x m work stays here,
-in float64, on the parameters' device.
+the same factor. The passes over the parameters go to a backend; the m x m work stays in
+PyTorch, in float64, on the parameters' device (:func:`~._terms.factor_terms`, shared with
+the sequential sub-batches and with scale-out, :mod:`kalman_kernels.distributed`).
 
 The step never reads a device value on the host (docs/design.md, 4.2): non-finite inputs are
 detected from S and the residual (NaN/Inf in H, A or D always reaches S), the jitter ladder, gate,
@@ -21,9 +22,10 @@ Robustness (``docs/robustness.md``):
   ``MemoryError`` says how large it would be and what to do
   (:func:`~._common.check_workspace`); ``max_obs_per_update`` splits the observation into
   sequential sub-batches instead;
-* under ``process_group`` one small all-reduce carries the skip flags, a hash of the
-  ranks' configuration (a mismatch skips the step on every rank) and the adaptive noise,
-  and the Kalman rule's clamps of P below zero are counted (``info.cov_clamps``).
+* under ``process_group`` (:func:`kalman_kernels.distributed.batch_step_`) one small
+  all-reduce carries the skip flags, a hash of the ranks' configuration (a mismatch skips
+  the step on every rank) and the adaptive noise, and the Kalman rule's clamps of P below
+  zero are counted (``info.cov_clamps``).
 """
 from __future__ import annotations
 

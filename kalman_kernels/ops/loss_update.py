@@ -4,7 +4,10 @@ One observation yhat = L with target y (0 by default): H = g^T, S = g^T P- g + r
 multi-tensor reduction (g^T P- g), then one elementwise pass over every tensor. As in
 :mod:`.kalman_update`, nothing reads a device value on the host: the loss, the reduction,
 S, the gate and the skip predicate stay tensors (a non-finite loss or gradient always
-reaches the loss or g^T P- g, since NaN * P = NaN and Inf * P > 0 = Inf or NaN).
+reaches the loss or g^T P- g, since NaN * P = NaN and Inf * P > 0 = Inf or NaN). On eager
+CPU the same decisions are taken on Python floats (:func:`_loss_step_on_host`); both paths
+run one code for them, :func:`~._terms.loss_terms`. Under ``process_group`` the terms are
+all-reduced by :func:`kalman_kernels.distributed.loss_step_`.
 """
 from __future__ import annotations
 
