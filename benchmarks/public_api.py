@@ -341,7 +341,7 @@ class TrackedCase:
         for c in opt._captures.values():
             c.armed = False
         obs = batch_observation(pred, target, opt._params(), opt._captures, opt._cov,
-                                opt._hyper, opt._warn_once)
+                                opt._hyper, opt._filter.warn_once)
         for c in opt._captures.values():
             c.calls.clear()
         if copies:
@@ -361,9 +361,10 @@ class TrackedCase:
                               obs.hypers)
 
     def ops_step(self):
-        """The functional step the optimizer calls (ops.kalman_step_) on blocks built once."""
+        """The ops step under the optimizer's functional step (ops.kalman_step_, called by
+        functional.kalman_ngd_batch_step) on blocks built once."""
         obs = self.build(copies=True)
-        r = self.opt._current_obs_noise()
+        r = self.opt._filter.obs_noise(self.opt.obs_noise)
 
         def run():
             ops.kalman_step_(obs.blocks, obs.hypers, obs.residual, r, backend=self.backend)
