@@ -508,6 +508,42 @@ def test_a_loss_step_whose_elementwise_pass_raises_leaves_every_counter_unchange
     assert opt.steps_taken == steps0 + 1
 
 
+@pytest.mark.parametrize("branch", ["host", "device"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_filter_state_record_undo_restores_the_state_bit_for_bit(monkeypatch, branch, gated):
+    """FilterState.record counts a step on either branch (host counters through numpy
+    views on eager CPU; device tensor adds elsewhere, here forced) and its undo leaves the
+    counters, the adapted noise and last_info exactly as before."""
+    import kalman_kernels.functional as fn
+    from kalman_kernels.ops import KalmanInfo
+
+    if branch == "device":
+        monkeypatch.setattr(fn, "readable_now", lambda t: False)
+    state = fn.FilterState()
+    state.reset("cpu", 0.1)
+    state.adaptive = True
+    for key in fn.COUNTERS:
+        state.tensors[key].fill_(int(torch.randint(0, 50, ())))
+    before = {k: v.clone() for k, v in state.tensors.items()}
+    previous = state.last_info
+    f64 = torch.float64
+    info = KalmanInfo(mahalanobis=torch.tensor(3.0, dtype=f64),
+                      gate_scale=torch.tensor(0.5 if gated else 1.0, dtype=f64),
+                      skipped=torch.tensor(False), obs_noise=torch.tensor(0.3, dtype=f64),
+                      cov_clamps=torch.tensor(7))
+    with pytest.warns(RuntimeWarning, match="clamped to cov_floor"):
+        undo = state.record(info)
+    assert state.last_info is info and int(state.tensors["steps"]) == int(before["steps"]) + 1
+    assert int(state.tensors["gated_steps"]) == int(before["gated_steps"]) + gated
+    assert int(state.tensors["cov_clamps"]) == int(before["cov_clamps"]) + 7
+    assert float(state.tensors["obs_noise"]) == 0.3
+    undo()
+    assert state.last_info is previous
+    assert state.tensors.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(state.tensors[key], value), key
+
+
 def test_loss_steps_without_numpy_views_match_the_numpy_path(monkeypatch):
     """On eager CPU the loss step writes its kernel scalars and counters through numpy
     views; a torch built without numpy falls back to torch ops with the same result."""
