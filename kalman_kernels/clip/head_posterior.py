@@ -269,8 +269,16 @@ def fit_map(feats_aug: torch.Tensor, labels: torch.Tensor, theta0: torch.Tensor,
         if done:
             converged = True
             break
-    _, cov, log_det, _ = kalman_pass(theta0, cov0, feats_aug, labels, logit_scale=logit_scale,
-                                     obs_noise=obs_noise, linearize_at=ref, max_batch=max_batch)
+    last, cov, log_det, _ = kalman_pass(theta0, cov0, feats_aug, labels,
+                                        logit_scale=logit_scale, obs_noise=obs_noise,
+                                        linearize_at=ref, max_batch=max_batch)
+    if converged:
+        # The loop stops when the objective stops changing, which happens a step too early:
+        # a step of size s changes it by ~s^2, so a ~1e-8 step is invisible in float64. The
+        # final pass is one more (undamped) Gauss-Newton step from ref, which this close to
+        # the optimum lands on it to rounding; the covariance and log det from ref differ
+        # from those at the new point only to second order.
+        ref, f_ref = last, phi(last)
     return HeadPosterior(ref, cov, float(init_cov), float(logit_scale),
                          log_evidence=-f_ref - 0.5 * log_det, iterations=it,
                          converged=converged, objective=f_ref)
