@@ -241,13 +241,10 @@ def _run_setup_without_torch(tmp_path: Path, args, **env_extra):
     isolated build environment)."""
     block = tmp_path / "block"
     block.mkdir()
-    (block / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
-        "sys.meta_path.insert(0, _NoTorch())\n")
+    # None in sys.modules is what an absent module looks like to both `import torch`
+    # (ModuleNotFoundError) and importlib.util.find_spec("torch") (None), which setuptools
+    # plugins of other installed packages ask (a finder that raises would break them)
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
     src = tmp_path / "src"
     src.mkdir()
     _copy_for_build(src)
