@@ -129,8 +129,23 @@ class _Staging:
         if self.pairs:
             with torch.no_grad():
                 for p, copy in self.pairs:
-                    p.copy_(copy)
+                    # in p's memory order: a copy into a transposed destination walks it
+                    # with a large stride (at power-of-two sizes about 15x slower on CPU,
+                    # benchmarks/noncontiguous.py); into a contiguous one it does not
+                    order = _memory_order(p)
+                    if order is None:
+                        p.copy_(copy)
+                    else:
+                        p.permute(order).copy_(copy.permute(order))
             self.pairs.clear()
+
+
+def _memory_order(t: torch.Tensor):
+    """The permutation of t's dimensions that lists them by decreasing stride, when t then
+    becomes contiguous (t is dense and non-overlapping: a transpose, channels_last); else
+    None (a slice with gaps)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return order if t.permute(order).is_contiguous() else None
 
 
 class KalmanNGD(torch.optim.Optimizer):
@@ -288,8 +303,8 @@ class KalmanNGD(torch.optim.Optimizer):
         self._warn_small_lr(len(self.param_groups) - 1, group)
         for p in group["params"]:
             if not (p.is_floating_point() or p.is_complex()):
-                raise TypeError(f"KalmanNGD optimises floating-point (or complex) parameters, "
-                                f"got {p.dtype}")
+                raise TypeError(f"KalmanNGD optimises floating-point parameters (or complex "
+                                f"ones), got {p.dtype}")
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, "
