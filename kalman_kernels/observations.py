@@ -146,6 +146,10 @@ def check_prediction(pred, target, device) -> None:
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError(f"closure must return (pred, target) as tensors, got "
                         f"({describe(pred)}, {describe(target)})")
+    if pred.is_complex() or target.is_complex():
+        raise TypeError("pred and target must be real: the observation is real (complex "
+                        "parameters are fine). To observe both parts of a complex prediction, "
+                        "return torch.view_as_real(pred).flatten(-2) and the same of target")
     if pred.dim() == 0 and target.dim() == 0:
         raise ValueError("closure returned a pair of 0-d tensors: batch-observation mode "
                          "needs (pred, target) of shape (m,) or (m, K); for loss-"

@@ -276,9 +276,12 @@ class KalmanNGD(torch.optim.Optimizer):
         # torch.optim's load_state_dict calls this with state and param_groups alone
         full = "_reduce_in_backward" in state
         in_backward = state.pop("_reduce_in_backward", False)
+        marked = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
         if not full:
             return
+        if not marked:      # torch adds it for old pickles; a copy keeps the defaults as they were
+            self.defaults.pop("differentiable", None)
         self._cov_checks = CovValueCheck()
         self._grad_seen = set()
         self._ranks = distributed.RankAgreement(self.process_group)
