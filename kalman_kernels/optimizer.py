@@ -632,17 +632,19 @@ class KalmanNGD(torch.optim.Optimizer):
                     if key in kron_b:
                         note = "bias of a tracked layer: its Jacobian is the layer's D"
                     elif key in fallbacks:
-                        note = f"tracked, fell back to dense: the layer {fallbacks[key]}"
+                        note = f"tracked, fell back to dense: {fallbacks[key]}"
                     elif key in tracked:
                         note = "tracked, fell back to dense"
+                    elif key in tracked_bias:
+                        note = "bias of a tracked layer that fell back to dense"
                 elif key in tracked:
                     kind, note = "not stepped", "tracked: a Kronecker block in batch mode"
                 else:
                     kind = "not stepped"
                     if key in tracked_bias:
                         note = "bias of a tracked layer: a dense block in batch mode"
-                if key in fallbacks and kind != "dense":
-                    note = f"tracked, fell back to dense: the layer {fallbacks[key]}"
+                if key in fallbacks and kind not in ("dense", "frozen"):
+                    note = f"tracked, fell back to dense: {fallbacks[key]}"
                 rows.append(ParamReport(
                     name=name_of.get(key, f"group {gi}, param {pi}"), group=gi, index=pi,
                     shape=tuple(p.shape), dtype=p.dtype, kind=kind, cov_bytes=size,
