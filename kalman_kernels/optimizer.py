@@ -253,7 +253,8 @@ class KalmanNGD(torch.optim.Optimizer):
     # on. Rebuilt: the post-accumulate-grad hooks (tensors' hooks are not copied; the next
     # step registers them on the copy's parameters), the per-step scratch, the caches keyed
     # by id() and the covariance value check (the copy checks its covariances once). Not
-    # carried, as with torch.optim: the step and state_dict hooks. Refused: a process
+    # carried, as with torch.optim: the step and state_dict hooks, and the patches of
+    # methods on the instance (an LR scheduler's wrapper of step). Refused: a process
     # group, which belongs to this process's torch.distributed run.
     _REBUILT = ("_cov_checks", "_grad_seen", "_ranks", "_hooked", "_checked_groups",
                 "_in_closure", "_backward_calls", "_written_covs", "_quad")
@@ -267,7 +268,11 @@ class KalmanNGD(torch.optim.Optimizer):
                 "load_state_dict on the new optimizer")
         state = super().__getstate__()
         for key, value in self.__dict__.items():
-            if key not in self._REBUILT and not key.startswith("_optimizer_"):
+            # an instance attribute that is a function is a patch of a method (an LR
+            # scheduler wraps opt.step with a closure over this optimizer): a copy that
+            # kept it would step the original
+            if key not in self._REBUILT and not key.startswith("_optimizer_") and \
+                    not callable(value):
                 state.setdefault(key, value)
         state["_reduce_in_backward"] = self._quad is not None
         return state

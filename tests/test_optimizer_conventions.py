@@ -285,6 +285,25 @@ def test_copies_step_identically_and_leave_the_original_alone(config, dtype, bac
     assert clone.steps_taken == opt.steps_taken == 2
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_of_an_optimizer_with_a_scheduler_steps_itself(how):
+    """An LR scheduler wraps opt.step on the instance, with a reference to the optimizer:
+    a copy must step its own parameters, never the original's."""
+    params, data = _params(torch.float64), _data(torch.float64)
+    opt = _opt(CONFIGS[0], params)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(_closure("loss", params, data))
+    sched.step()
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    values = [p.detach().clone() for p in params]
+    cparams = [p for g in clone.param_groups for p in g["params"]]
+    clone.step(_closure("loss", cparams, data))
+    assert all(torch.equal(p.detach(), v) for p, v in zip(params, values))
+    assert clone.steps_taken == 2 and opt.steps_taken == 1
+    opt.step(_closure("loss", params, data))
+    _assert_same_state(opt, clone)
+
+
 def test_copy_of_model_and_optimizer_keeps_the_tracking(dtype):
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
     opt = kk.KalmanNGD(model.parameters(), init_cov=0.05, obs_noise=0.2).track(model)
