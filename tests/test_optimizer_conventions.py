@@ -579,3 +579,29 @@ def test_frozen_parameters_are_left_alone(config, dtype):
     assert params[2] not in opt.state
     rows = opt.describe()
     assert rows[2].kind == "frozen" and rows[2].cov_bytes == 0
+
+
+def test_reduce_in_backward_with_noncontiguous_and_complex_parameters_is_exact():
+    """The hooked reduction sees the gradients as backward leaves them (strided, complex):
+    the same bits as the two-pass step on contiguous real-layout parameters."""
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    w0, z0 = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.complex128)
+
+    def run(strided, hooked):
+        w = nn.Parameter(w0.t().contiguous().t() if strided else w0.clone())
+        z = nn.Parameter(z0.clone())
+        opt = kk.KalmanNGD([w, z], init_cov=0.1, obs_noise=0.3)
+        if hooked:
+            opt.reduce_in_backward()
+
+        def closure():
+            opt.zero_grad()
+            loss = ((x @ w.t() + torch.view_as_real(z).sum(-1) - y) ** 2).mean()
+            loss.backward()
+            return loss
+        for _ in range(3):
+            opt.step(closure)
+        return [w.detach(), z.detach(), opt.covariance(w), opt.covariance(z)]
+    expected = run(False, False)
+    for strided, hooked in ((True, False), (False, True), (True, True)):
+        assert all(torch.equal(a, b) for a, b in zip(run(strided, hooked), expected))
