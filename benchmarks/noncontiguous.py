@@ -21,6 +21,24 @@ measures, median over round-robin rounds (the machines are shared; docs/design.m
   covariance is: it is the optimizer's own, always contiguous). The difference is what a
   strided kernel pays per pass over mixed layouts; the loss step makes two such passes (the
   reduction and the update) and batch mode's update one.
+
+Measured 2026-12-07 on the 2-vCPU development machine (load average about 4: shared), 1
+thread, 40 rounds, 4 float32 tensors, medians:
+
+| tensors | public step, contiguous | transposed (staged) | staging alone | strided penalty x 2 passes |
+| --- | --- | --- | --- | --- |
+| 1000 x 1000 | 10.1 ms | 52.6 ms (5.2x) | 35.3 ms | 18.4 ms |
+| 1024 x 1024 | 10.8 ms | 66.1 ms (6.1x) | 48.5 ms | 114.1 ms |
+
+Neither wins everywhere: off powers of two a strided pass would cost about half the
+staging; at a power-of-two leading stride (1024) the strided pass's writes conflict in the
+caches and staging costs less than half of it (its write-back runs in the parameter's memory
+order, which avoids that; ``_Staging.write_back``). Staging was chosen: it needs no kernel of
+the four backends to change, keeps a failed step from touching the parameter, and contiguous
+parameters do not pay for it (``benchmarks.report --only public``, same day: the loss step's
+ratio to its raw ops 1.04 before and after). What would remove the cost for transposes and
+channels_last in loss mode is a covariance laid out like its parameter (all three arrays in
+one memory order, no copy); the covariance is kept contiguous instead (docs/design.md, 3).
 """
 from __future__ import annotations
 

@@ -102,10 +102,13 @@ def _state_shape(p: torch.Tensor) -> torch.Size:
 class _Staging:
     """Contiguous copies of the non-contiguous parameters of one step, written back after
     it. The kernels write a parameter as one flat array in its logical order, which a
-    transposed or sliced parameter does not have; the copy costs two extra passes over
-    that tensor only (``benchmarks/noncontiguous.py`` measures it against a strided
-    pass). A step that raises leaves the copies unwritten, so the parameters are as before.
-    ``stage`` returns its argument itself when it is contiguous: nothing is copied then."""
+    transposed or sliced parameter does not have; staging costs a copy in and a copy back
+    of that tensor (and in loss mode a contiguous copy of its gradient, which the kernels
+    would otherwise make once per pass). ``benchmarks/noncontiguous.py`` measures it against
+    a strided pass: neither wins at every size, and staging needs no kernel of any backend
+    to change. A step that raises leaves the copies unwritten, so the parameters are as
+    before. ``stage`` returns its argument itself when it is contiguous: nothing is copied
+    then, and contiguous parameters pay only the ``is_contiguous()`` test."""
 
     __slots__ = ("pairs",)
 
@@ -605,11 +608,12 @@ class KalmanNGD(torch.optim.Optimizer):
         tracked = {id(layer.weight): layer for layer in self._captures}
         tracked_bias = {id(layer.bias) for layer in self._captures if layer.bias is not None}
         mode, reached, unreached, batch = self._last_blocks or (None, (), (), None)
+        kron_weights, kron_biases, fallen = batch if batch is not None else ((), (), ())
         reached = {id(p) for p in reached}
         unreached = {id(p) for p in unreached}
-        kron_w, kron_b, fallbacks = ({id(p) for p in batch[0]}, {id(p) for p in batch[1]},
-                                     {id(p): why for p, why in batch[2]}) if batch else ({},
-                                                                                   {}, {})
+        kron_w = {id(p) for p in kron_weights}
+        kron_b = {id(p) for p in kron_biases}
+        fallbacks = {id(p): why for p, why in fallen}
         rows = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
