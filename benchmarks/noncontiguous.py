@@ -25,7 +25,7 @@ measures, median over round-robin rounds (the machines are shared; docs/design.m
 Measured 2026-12-07 on the 2-vCPU development machine (load average about 4: shared), 1
 thread, 40 rounds, 4 float32 tensors, medians:
 
-| tensors | public step, contiguous | transposed (staged) | staging alone | strided penalty x 2 passes |
+| tensors | step, contiguous | transposed (staged) | staging alone | strided penalty x 2 |
 | --- | --- | --- | --- | --- |
 | 1000 x 1000 | 10.1 ms | 52.6 ms (5.2x) | 35.3 ms | 18.4 ms |
 | 1024 x 1024 | 10.8 ms | 66.1 ms (6.1x) | 48.5 ms | 114.1 ms |
