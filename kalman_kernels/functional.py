@@ -55,6 +55,21 @@ class FilterState:
         self.adaptive = False          # set by each step: keep the adapted noise
         self._views: dict = {}         # counter key -> (counter tensor, its numpy view)
 
+    def __getstate__(self) -> dict:
+        # Copies (copy.deepcopy, pickle) carry the values: the counters and noise, the last
+        # step's report and the warnings given. The device flags still pending are read
+        # first (their host reactions are closures over this object), and the counters'
+        # numpy views are made again for the copy's own tensors.
+        self.pending.poll(wait=True)
+        state = dict(self.__dict__)
+        del state["pending"], state["_views"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.pending = PendingFlags()
+        self._views = {}
+
     def reset(self, device, obs_noise) -> dict:
         """Fresh counters on ``device``, and a scalar ``obs_noise`` as the noise to adapt
         (None for a tensor noise, which does not adapt); returns the new ``tensors``."""

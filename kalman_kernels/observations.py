@@ -58,6 +58,8 @@ class LinearCapture:
                     f"not (batch, d_in)")
         if not out.requires_grad:
             return "its output does not require grad"
+        if self.layer.weight.is_complex():
+            return "its weight is complex (Kronecker blocks are real)"
         return None
 
     def remove(self) -> None:
@@ -144,6 +146,10 @@ def check_prediction(pred, target, device) -> None:
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError(f"closure must return (pred, target) as tensors, got "
                         f"({describe(pred)}, {describe(target)})")
+    if pred.is_complex() or target.is_complex():
+        raise TypeError("pred and target must be real: the observation is real (complex "
+                        "parameters are fine). To observe both parts of a complex prediction, "
+                        "return torch.view_as_real(pred).flatten(-2) and the same of target")
     if pred.dim() == 0 and target.dim() == 0:
         raise ValueError("closure returned a pair of 0-d tensors: batch-observation mode "
                          "needs (pred, target) of shape (m,) or (m, K); for loss-"
@@ -172,6 +178,23 @@ class BatchObservation:
     hypers: List[StepHyper] = field(default_factory=list)
     residual: Optional[torch.Tensor] = None
     untouched: List[Tuple[torch.Tensor, dict]] = field(default_factory=list)
+    #: (weight, why) of the tracked layers that got a dense block this step
+    fallbacks: List[Tuple[torch.Tensor, str]] = field(default_factory=list)
+    #: the weights that got a Kronecker block this step, and their layers' biases (a dense
+    #: block whose Jacobian is the layer's D)
+    kron_weights: List[torch.Tensor] = field(default_factory=list)
+    kron_biases: List[torch.Tensor] = field(default_factory=list)
+    #: the parameter each block updates (a block holds its real view for a complex one)
+    origin: List[torch.Tensor] = field(default_factory=list)
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real view (..., 2) of real and imaginary parts, detached; a
+    real tensor as it is. The filter treats a complex parameter as the pair of its parts
+    (docs/design.md, 3): a Jacobian or gradient of a real observation with respect to a
+    complex parameter, in torch's convention (d/d re + i d/d im), has as its real view the
+    Jacobian with respect to that pair."""
+    return torch.view_as_real(t.detach()) if t.is_complex() else t
 
 
 def batch_observation(pred: torch.Tensor, target: torch.Tensor,
@@ -200,9 +223,11 @@ def batch_observation(pred: torch.Tensor, target: torch.Tensor,
         why = capture.usable()
         if why is None:
             kron_layers.append((layer, capture))
-        elif capture.calls or layer.weight.requires_grad:
-            warn_once(f"dense:{id(layer)}",
-                      f"KalmanNGD.track: {layer} {why}; using the dense Jacobian for it")
+        else:
+            obs.fallbacks.append((layer.weight, why))
+            if capture.calls or layer.weight.requires_grad:
+                warn_once(f"dense:{id(layer)}",
+                          f"KalmanNGD.track: {layer} {why}; using the dense Jacobian for it")
     groups_of = {id(p): g for p, g in pairs}
     kron_layers = [(layer, c) for layer, c in kron_layers if id(layer.weight) in groups_of]
     kron_ids = {id(layer.weight) for layer, _ in kron_layers}
@@ -214,8 +239,9 @@ def batch_observation(pred: torch.Tensor, target: torch.Tensor,
         if jac is None:
             obs.untouched.append((p, g))
             continue
-        obs.blocks.append(DenseBlock(p, cov_of(p, g), jac.detach()))
+        obs.blocks.append(DenseBlock(real_view(p), cov_of(p, g), real_view(jac)))
         obs.hypers.append(hyper_of(g))
+        obs.origin.append(p)
 
     per_sample = pred.reshape(-1, rows_per_sample)
     # The cross-sample check reads values: not on meta tensors, which have none (a meta
@@ -231,11 +257,15 @@ def batch_observation(pred: torch.Tensor, target: torch.Tensor,
         inputs = capture.calls[0][0].detach()
         obs.blocks.append(KronBlock(layer.weight, cov_of(layer.weight, g), inputs, grad_outputs))
         obs.hypers.append(hyper_of(g))
+        obs.origin.append(layer.weight)
+        obs.kron_weights.append(layer.weight)
         if layer.bias is not None and id(layer.bias) in groups_of:
+            obs.kron_biases.append(layer.bias)
             gb = groups_of[id(layer.bias)]
             obs.blocks.append(DenseBlock(layer.bias, cov_of(layer.bias, gb),
                                          grad_outputs.reshape(-1, grad_outputs.shape[-1])))
             obs.hypers.append(hyper_of(gb))
+            obs.origin.append(layer.bias)
     return obs
 
 

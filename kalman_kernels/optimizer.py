@@ -34,6 +34,7 @@ set on the optimizer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import weakref
 from typing import Callable, Dict, Optional
@@ -52,9 +53,11 @@ from .observations import (
     categorical_observation,
     check_prediction,
     describe,
+    real_view,
 )
-from .ops import KalmanInfo, StepHyper
+from .ops import KalmanInfo, KronBlock, StepHyper
 from .ops._common import CovValueCheck, check_workspace
+from .report import OptimizerReport, ParamReport
 
 _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "cov_ceiling",
                "cov_update")
@@ -85,7 +88,67 @@ _OBS_NOISE_DEFAULT = _DefaultObsNoise(1e-2)
 
 
 def _cov_dtype(param: torch.Tensor) -> torch.dtype:
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
+    return torch.float64 if param.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+_real = real_view      # a complex tensor as its (..., 2) real view
+
+
+def _state_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of p's covariance: p's, with a trailing 2 for a complex p."""
+    return p.shape + (2,) if p.is_complex() else p.shape
+
+
+class _Staging:
+    """Contiguous copies of the non-contiguous parameters of one step, written back after
+    it. The kernels write a parameter as one flat array in its logical order, which a
+    transposed or sliced parameter does not have; staging costs a copy in and a copy back
+    of that tensor (and in loss mode a contiguous copy of its gradient, which the kernels
+    would otherwise make once per pass). ``benchmarks/noncontiguous.py`` measures it against
+    a strided pass: neither wins at every size, and staging needs no kernel of any backend
+    to change. A step that raises leaves the copies unwritten, so the parameters are as
+    before. ``stage`` returns its argument itself when it is contiguous: nothing is copied
+    then, and contiguous parameters pay only the ``is_contiguous()`` test."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self) -> None:
+        self.pairs: list = []
+
+    def stage(self, p: torch.Tensor) -> torch.Tensor:
+        if p.is_contiguous():
+            return p
+        copy = p.detach().contiguous()
+        self.pairs.append((p, copy))
+        return copy
+
+    @staticmethod
+    def read(t: torch.Tensor) -> torch.Tensor:
+        """A read-only input (a gradient) in contiguous storage, copied once here rather than
+        by every kernel that reads it."""
+        return t if t.is_contiguous() else t.contiguous()
+
+    def write_back(self) -> None:
+        if self.pairs:
+            with torch.no_grad():
+                for p, copy in self.pairs:
+                    # in p's memory order: a copy into a transposed destination walks it
+                    # with a large stride (at power-of-two sizes about 15x slower on CPU,
+                    # benchmarks/noncontiguous.py); into a contiguous one it does not
+                    order = _memory_order(p)
+                    if order is None:
+                        p.copy_(copy)
+                    else:
+                        p.permute(order).copy_(copy.permute(order))
+            self.pairs.clear()
+
+
+def _memory_order(t: torch.Tensor):
+    """The permutation of t's dimensions that lists them by decreasing stride, when t then
+    becomes contiguous (t is dense and non-overlapping: a transpose, channels_last); else
+    None (a slice with gaps)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return order if t.permute(order).is_contiguous() else None
 
 
 class KalmanNGD(torch.optim.Optimizer):
@@ -169,6 +232,8 @@ class KalmanNGD(torch.optim.Optimizer):
         self._checked_groups: Dict[int, tuple] = {}   # id(group) -> (values, StepHyper)
         self._in_closure = False
         self._backward_calls = 0
+        self._last_blocks = None     # what the last step gave each parameter (describe())
+        self._param_names: Dict[torch.Tensor, str] = {}   # from track(module)
         super().__init__(params, defaults)
         device = self._device()
         self.state[_FILTER] = self._filter.reset(device, obs_noise)
@@ -179,6 +244,63 @@ class KalmanNGD(torch.optim.Optimizer):
                                                             device=device)
         if backend != "auto":
             resolve(backend, device)   # fail now, with the reason, not at step 1
+
+    # ------------------------------------------------------------------ copies
+    # What copy.deepcopy and pickle carry (torch.optim.Optimizer's own __getstate__ keeps
+    # only defaults, state and param_groups, which leaves a copy that cannot step), per
+    # attribute: the observation's settings, the FilterState (counters, adapted noise,
+    # last_info, warnings given; it is state["filter"] too, and stays one object), the
+    # tracked layers (their forward hooks travel with them: copy the model and the
+    # optimizer together, copy.deepcopy((model, opt)), to keep the tracking on the copied
+    # model), the names and last blocks of describe(), and whether reduce_in_backward() is
+    # on. Rebuilt: the post-accumulate-grad hooks (tensors' hooks are not copied; the next
+    # step registers them on the copy's parameters), the per-step scratch, the caches keyed
+    # by id() and the covariance value check (the copy checks its covariances once). Not
+    # carried, as with torch.optim: the step and state_dict hooks, and the patches of
+    # methods on the instance (an LR scheduler's wrapper of step). Refused: a process
+    # group, which belongs to this process's torch.distributed run.
+    _REBUILT = ("_cov_checks", "_grad_seen", "_ranks", "_hooked", "_checked_groups",
+                "_in_closure", "_backward_calls", "_written_covs", "_quad")
+
+    def __getstate__(self) -> dict:
+        if self.process_group is not None:
+            raise TypeError(
+                "a KalmanNGD with a process_group cannot be copied or pickled: the group "
+                "belongs to this process's torch.distributed run. Save and restore its state "
+                "instead: opt.state_dict(), then KalmanNGD(..., process_group=group) and "
+                "load_state_dict on the new optimizer")
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            # an instance attribute that is a function is a patch of a method (an LR
+            # scheduler wraps opt.step with a closure over this optimizer): a copy that
+            # kept it would step the original
+            if key not in self._REBUILT and not key.startswith("_optimizer_") and \
+                    not callable(value):
+                state.setdefault(key, value)
+        state["_reduce_in_backward"] = self._quad is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # torch.optim's load_state_dict calls this with state and param_groups alone
+        full = "_reduce_in_backward" in state
+        in_backward = state.pop("_reduce_in_backward", False)
+        marked = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not full:
+            return
+        if not marked:      # torch adds it for old pickles; a copy keeps the defaults as they were
+            self.defaults.pop("differentiable", None)
+        self._cov_checks = CovValueCheck()
+        self._grad_seen = set()
+        self._ranks = distributed.RankAgreement(self.process_group)
+        self._hooked = {}
+        self._checked_groups = {}
+        self._in_closure = False
+        self._backward_calls = 0
+        self._written_covs = None
+        self._quad = None
+        if in_backward:
+            self.reduce_in_backward()
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -191,8 +313,9 @@ class KalmanNGD(torch.optim.Optimizer):
         _check_group(group, where=f"param group {len(self.param_groups) - 1}")
         self._warn_small_lr(len(self.param_groups) - 1, group)
         for p in group["params"]:
-            if not p.is_floating_point():
-                raise TypeError(f"KalmanNGD optimises floating-point parameters, got {p.dtype}")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"KalmanNGD optimises floating-point parameters (or complex "
+                                f"ones), got {p.dtype}")
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, "
@@ -208,11 +331,13 @@ class KalmanNGD(torch.optim.Optimizer):
     def _cov(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[p]
         if "cov" not in state:
-            state["cov"] = torch.full_like(p, float(group["init_cov"]), dtype=_cov_dtype(p),
-                                           memory_format=torch.contiguous_format)
+            # contiguous whatever p's strides (the kernels write it as one flat array), one
+            # variance per real number (a complex p has two: docs/design.md, 3)
+            state["cov"] = torch.full(_state_shape(p), float(group["init_cov"]),
+                                      dtype=_cov_dtype(p), device=p.device)
             return state["cov"]
         cov = state["cov"]
-        if cov.shape != p.shape:
+        if cov.shape != _state_shape(p):
             raise ValueError(f"a parameter of shape {tuple(p.shape)} has a covariance of shape "
                              f"{tuple(cov.shape)}: the parameter was replaced or reshaped after "
                              f"the optimizer state was created (or the state was loaded from "
@@ -223,7 +348,7 @@ class KalmanNGD(torch.optim.Optimizer):
                              f"opt.load_state_dict(opt.state_dict()) after model.to(...) (it "
                              f"moves the state to the parameters' device), or create the "
                              f"optimizer after moving the model")
-        if p.dtype == torch.float64 and cov.dtype != torch.float64:
+        if _cov_dtype(p) == torch.float64 and cov.dtype != torch.float64:
             # model.double() after the first step: both modes promote, losslessly, and say so.
             state["cov"] = cov = cov.to(torch.float64)
             self._filter.warn_once(
@@ -397,10 +522,12 @@ class KalmanNGD(torch.optim.Optimizer):
                                                                        torch.float64):
                 raise TypeError(f"{where} must be a float32 or float64 tensor, got "
                                 f"{getattr(cov, 'dtype', type(cov).__name__)}")
-            if cov.shape != p.shape:
+            if cov.shape != _state_shape(p):
+                parts = (f" (complex: its covariance is {tuple(_state_shape(p))}, the variances of "
+                         f"the real and imaginary parts)" if p.is_complex() else "")
                 raise ValueError(f"{where} has shape {tuple(cov.shape)} but parameter {key} "
-                                 f"has shape {tuple(p.shape)}: the state belongs to another "
-                                 f"model (or the model's layers were reordered)")
+                                 f"has shape {tuple(p.shape)}{parts}: the state belongs to "
+                                 f"another model (or the model's layers were reordered)")
             if cov.device.type != "meta":
                 CovValueCheck()([(where, cov)])
             saved_covs[key] = cov
@@ -436,6 +563,9 @@ class KalmanNGD(torch.optim.Optimizer):
         if verify not in ("first", "always", "never"):
             raise ValueError(f"verify must be 'first', 'always' or 'never', got {verify!r}")
         ours = {id(p) for g in self.param_groups for p in g["params"]}
+        for name, p in module.named_parameters():     # names for describe()
+            if id(p) in ours:
+                self._param_names.setdefault(p, name)
         found = 0
         for layer in module.modules():
             if (isinstance(layer, nn.Linear) and id(layer.weight) in ours
@@ -452,6 +582,83 @@ class KalmanNGD(torch.optim.Optimizer):
         for capture in self._captures.values():
             capture.remove()
         self._captures.clear()
+
+    # ------------------------------------------------------------------ report
+    def _record_blocks(self, mode: str, reached, unreached, obs=None) -> None:
+        """Keep what this step gave each parameter, for :meth:`describe`: references only
+        (the loss step's host path is timed; docs/design.md, 8)."""
+        self._last_blocks = (mode, reached, unreached,
+                             None if obs is None else (obs.kron_weights, obs.kron_biases,
+                                                       obs.fallbacks))
+
+    def describe(self, module: Optional[nn.Module] = None) -> OptimizerReport:
+        """A per-parameter report (:class:`~kalman_kernels.report.OptimizerReport`): for
+        each parameter its name, shape, the block kind the last step gave it (Kronecker,
+        dense, loss-diagonal, unused, frozen, or not stepped yet), its covariance memory,
+        and why a tracked layer's parameter got a dense block. ``str(report)`` is a table.
+
+        ``module`` names the parameters (``module.named_parameters()``); without it, the
+        names of tracked modules are used, and "group g, param i" for the rest. Reads no
+        device value."""
+        names = dict(self._param_names)
+        if module is not None:
+            names = {p: n for n, p in module.named_parameters(remove_duplicate=False)}
+            names = {**self._param_names, **names}
+        name_of = {id(p): n for p, n in names.items()}
+        tracked = {id(layer.weight): layer for layer in self._captures}
+        tracked_bias = {id(layer.bias) for layer in self._captures if layer.bias is not None}
+        mode, reached, unreached, batch = self._last_blocks or (None, (), (), None)
+        kron_weights, kron_biases, fallen = batch if batch is not None else ((), (), ())
+        reached = {id(p) for p in reached}
+        unreached = {id(p) for p in unreached}
+        kron_w = {id(p) for p in kron_weights}
+        kron_b = {id(p) for p in kron_biases}
+        fallbacks = {id(p): why for p, why in fallen}
+        rows = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                key = id(p)
+                cov = self.state[p].get("cov") if p in self.state else None
+                numel = p.numel() * (2 if p.is_complex() else 1)
+                size = (cov.numel() * cov.element_size() if cov is not None else
+                        0 if not p.requires_grad else
+                        numel * (8 if _cov_dtype(p) == torch.float64 else 4))
+                note = None
+                if not p.requires_grad:
+                    kind, note = "frozen", "requires_grad is False"
+                elif key in unreached:
+                    kind = "unused"
+                    note = ("the last observation did not reach it: its covariance went "
+                            "through the predict step alone")
+                elif mode == "loss" and key in reached:
+                    kind = "loss-diagonal"
+                    if key in tracked:
+                        note = "tracked, but track() applies to batch mode only"
+                elif mode == "batch" and key in kron_w:
+                    kind = "kronecker"
+                elif mode == "batch" and key in reached:
+                    kind = "dense"
+                    if key in kron_b:
+                        note = "bias of a tracked layer: its Jacobian is the layer's D"
+                    elif key in fallbacks:
+                        note = f"tracked, fell back to dense: {fallbacks[key]}"
+                    elif key in tracked:
+                        note = "tracked, fell back to dense"
+                    elif key in tracked_bias:
+                        note = "bias of a tracked layer that fell back to dense"
+                elif key in tracked:
+                    kind, note = "not stepped", "tracked: a Kronecker block in batch mode"
+                else:
+                    kind = "not stepped"
+                    if key in tracked_bias:
+                        note = "bias of a tracked layer: a dense block in batch mode"
+                if key in fallbacks and kind not in ("dense", "frozen"):
+                    note = f"tracked, fell back to dense: {fallbacks[key]}"
+                rows.append(ParamReport(
+                    name=name_of.get(key, f"group {gi}, param {pi}"), group=gi, index=pi,
+                    shape=tuple(p.shape), dtype=p.dtype, kind=kind, cov_bytes=size,
+                    cov_allocated=cov is not None, note=note))
+        return OptimizerReport(rows, mode)
 
     def reduce_in_backward(self) -> "KalmanNGD":
         """Loss mode, fused: sum g^T P- g during the backward pass.
@@ -484,7 +691,7 @@ class KalmanNGD(torch.optim.Optimizer):
                 opt._grad_seen.add(id(param))
                 if opt._quad is not None and param.grad is not None:
                     kernels = resolve(opt.backend, param.device)
-                    opt._quad.add(kernels, param.grad, opt._cov(param, group),
+                    opt._quad.add(kernels, _real(param.grad), opt._cov(param, group),
                                   float(group["forgetting"]), float(group["process_noise"]))
 
             self._hooked[id(p)] = p.register_post_accumulate_grad_hook(hook)
@@ -662,14 +869,19 @@ class KalmanNGD(torch.optim.Optimizer):
         untouched = [(self._cov(p, g), self._hyper_of(g))
                      for (p, g), grad in zip(pairs, grads) if grad is None]
         self._written_covs = covs + [c for c, _ in untouched]
+        self._record_blocks("loss", [p for p, _, _ in used],
+                            [p for (p, _), grad in zip(pairs, grads) if grad is None])
+        staging = _Staging()
         kalman_ngd_loss_step(
-            [p for p, _, _ in used],
-            [grad.detach() if grad.requires_grad else grad for _, _, grad in used],
+            [staging.stage(_real(p)) for p, _, _ in used],
+            [_Staging.read(_real(grad.detach() if grad.requires_grad else grad))
+             for _, _, grad in used],
             covs, [self._hyper_of(g) for _, g, _ in used], loss_value, self._filter,
             obs_noise=self.obs_noise, gate=self.gate,
             adaptive_obs_noise=self.adaptive_obs_noise, backend=self.backend,
             quad_form=quad_form, process_group=self.process_group, rank_key=rank_key,
             untouched=untouched)
+        staging.write_back()
         return loss_value
 
     def _batch_step(self, pred, target):
@@ -713,14 +925,25 @@ class KalmanNGD(torch.optim.Optimizer):
                                 self._hyper_of, self._filter.warn_once, residual=residual)
         if not obs.blocks:
             raise ValueError("pred does not depend on any parameter of this optimizer")
-        order = (None if self.process_group is None
-                 else {id(p): i for i, (p, _) in enumerate(pairs)})
+        self._record_blocks("batch", obs.origin, [p for p, _ in obs.untouched], obs)
+        staging = _Staging()
+        blocks = [_stage_block(block, staging) for block in obs.blocks]
+        distributed_step = self.process_group is not None
+        # untouched parameters are written only under a process group (zero terms)
+        untouched = [(staging.stage(_real(p)) if distributed_step else p, self._cov(p, g),
+                      self._hyper_of(g)) for p, g in obs.untouched]
+        order = None
+        if distributed_step:
+            index = {id(p): i for i, (p, _) in enumerate(pairs)}
+            order = {id(_block_param(b)): index[id(p)] for b, p in zip(blocks, obs.origin)}
+            order.update((id(t), index[id(p)]) for (t, _, _), (p, _) in
+                         zip(untouched, obs.untouched))
         kalman_ngd_batch_step(
-            obs.blocks, obs.hypers, obs.residual, noise, self._filter, gate=self.gate,
+            blocks, obs.hypers, obs.residual, noise, self._filter, gate=self.gate,
             adaptive_obs_noise=self.adaptive_obs_noise, backend=self.backend,
             process_group=self.process_group, max_obs_per_update=self.max_obs_per_update,
-            untouched=[(p, self._cov(p, g), self._hyper_of(g)) for p, g in obs.untouched],
-            param_order=order, rank_key=rank_key)
+            untouched=untouched, param_order=order, rank_key=rank_key)
+        staging.write_back()
         return obs
 
     # ------------------------------------------------------------------ uncertainty
@@ -733,9 +956,11 @@ class KalmanNGD(torch.optim.Optimizer):
             with torch.no_grad():
                 for p, g in pairs:
                     cov = self._cov(p, g)
-                    noise = torch.randn(p.shape, generator=generator, dtype=cov.dtype,
+                    real = _real(p)        # a complex p: its parts, each with its variance
+                    noise = torch.randn(cov.shape, generator=generator, dtype=cov.dtype,
                                         device=p.device)
-                    p.copy_((p.to(cov.dtype) + cov.clamp_min(0).sqrt() * noise).to(p.dtype))
+                    real.copy_((real.to(cov.dtype) + cov.clamp_min(0).sqrt() * noise)
+                               .to(real.dtype))
             yield self
         finally:
             with torch.no_grad():
@@ -744,6 +969,22 @@ class KalmanNGD(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
+def _block_param(block) -> torch.Tensor:
+    return block.weight if isinstance(block, KronBlock) else block.param
+
+
+def _stage_block(block, staging: _Staging):
+    """``block`` with a contiguous copy of a non-contiguous parameter (``_Staging``); the
+    block itself when its parameter is contiguous."""
+    param = _block_param(block)
+    staged = staging.stage(param)
+    if staged is param:
+        return block
+    if isinstance(block, KronBlock):
+        return dataclasses.replace(block, weight=staged)
+    return dataclasses.replace(block, param=staged)
+
+
 def _backend_names():
     from .backends import NAMES
     return NAMES
@@ -817,6 +1058,14 @@ def _categorical_tempering(likelihood, obs_noise, given: bool, adaptive_obs_nois
 
 
 def _check_group(group: dict, where: str) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        # torch.optim's wording. A tensor lr pays off where a step is captured (CUDA graphs,
+        # torch.compile without recompiling on a new lr); KalmanNGD.step is neither, and
+        # its step decides on host numbers (docs/design.md, 4.2), so it would only add a
+        # host read of the tensor at every step.
+        raise ValueError(f"lr as a Tensor is not supported for KalmanNGD ({where}): lr is a "
+                         f"step scale that every step uses as a Python number; pass "
+                         f"lr=float(lr) (LR schedulers work with a float lr)")
     ceiling = group.get("cov_ceiling")
     ops.check_hyper(lr=group["lr"], forgetting=group["forgetting"],
                     process_noise=group["process_noise"], cov_floor=group["cov_floor"],

@@ -104,6 +104,10 @@ def _common(p: argparse.ArgumentParser, demo: bool = False):
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--quiet", action="store_true",
                    help="no progress bars or progress lines (also for the stand-in pretraining)")
+    g.add_argument("--verbose", action="store_true",
+                   help="print each KalmanNGD method's per-parameter report after its first "
+                        "step (KalmanNGD.describe: block kinds, covariance memory, and why a "
+                        "tracked layer fell back to a dense block)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
 
@@ -599,9 +603,10 @@ def _run(args) -> int:
                      generated_shifts=shifts, verbose=progress)
     _describe_prepared(prep, R)
     plan = _plan(args)
-    records = R.run_methods(prep, plan.methods, plan.shots, plan.seeds, plan.base, plan.grids,
-                            progress_bar=progress, calibrate=plan.calibrate,
-                            overrides=plan.overrides)
+    with _optimizer_reports(args.verbose):
+        records = R.run_methods(prep, plan.methods, plan.shots, plan.seeds, plan.base,
+                                plan.grids, progress_bar=progress, calibrate=plan.calibrate,
+                                overrides=plan.overrides)
     rows = R.aggregate(records)
     wall = time.time() - t0
     extra = {"command": " ".join(["kalman-clip"] + sys.argv[1:]) if sys.argv else args.command,
@@ -614,6 +619,23 @@ def _run(args) -> int:
                                   plots=not args.no_plots)
     _report(prep, R, plan, rows, path, files, wall, load)
     return 0
+
+
+def _optimizer_reports(verbose: bool):
+    """--verbose: the per-parameter report of each method that trains with KalmanNGD,
+    printed after the first step of its first run."""
+    import contextlib
+
+    from .train import report_optimizers
+    if not verbose:
+        return contextlib.nullcontext()
+    printed = set()
+
+    def show(method, opt, adapter) -> None:
+        if method not in printed:          # once per method, not per shot count and seed
+            printed.add(method)
+            print(f"\n{method}: {opt.describe(adapter)}", flush=True)
+    return report_optimizers(show)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

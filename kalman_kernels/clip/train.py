@@ -9,6 +9,7 @@ and OOD splits are only ever evaluated.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -17,6 +18,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import kalman_kernels as kk
 
 from . import metrics as M
 from .adapters import make_adapter, observation, predictive_variance
@@ -492,6 +495,24 @@ def _val_point(run: _Run, step: int, seen: int) -> Dict[str, float]:
             **{f"val_{k}": v for k, v in M.classification_metrics(p, run.yva.cpu()).items()}}
 
 
+#: Called as ``callback(desc, optimizer, adapter)`` after the first step of every run whose
+#: optimizer is a KalmanNGD, while :func:`report_optimizers` is active (the CLI's --verbose).
+_optimizer_report = None
+
+
+@contextlib.contextmanager
+def report_optimizers(callback):
+    """Within the block, ``callback(desc, optimizer, adapter)`` is called after the first
+    step of each run that trains with :class:`~kalman_kernels.KalmanNGD` (e.g. to print
+    ``optimizer.describe(adapter)``, which the first step has filled in)."""
+    global _optimizer_report
+    previous, _optimizer_report = _optimizer_report, callback
+    try:
+        yield
+    finally:
+        _optimizer_report = previous
+
+
 def _train(run: _Run, progress_bar: bool, desc: str) -> List[Dict[str, float]]:
     """The training loop; returns the validation curve (step 0 = the prior / zero-shot)."""
     every = max(1, min(run.cfg.eval_every, run.steps // 10))  # at least ~10 curve points
@@ -504,6 +525,8 @@ def _train(run: _Run, progress_bar: bool, desc: str) -> List[Dict[str, float]]:
         idx = next(it).to(run.xtr.device)
         seen += int(idx.numel())
         _train_step(run, run.xtr[idx], run.ytr[idx])
+        if step == 1 and _optimizer_report is not None and isinstance(run.opt, kk.KalmanNGD):
+            _optimizer_report(desc, run.opt, run.adapter)
         if step % every == 0 or step == run.steps:
             history.append(_val_point(run, step, seen))
             bar.set_postfix(val_acc=f"{history[-1].get('val_acc', float('nan')):.3f}")

@@ -227,11 +227,23 @@ class HostKalmanInfo(KalmanInfo):
     nonfinite_tensor = property(lambda self: HOST_FLAGS[self._numbers["nonfinite"]])
     overflow_tensor = property(lambda self: HOST_FLAGS[self._numbers["overflow"]])
 
+    def __reduce__(self):
+        # copies (an optimizer's deepcopy or pickle) carry the numbers; the tensors are
+        # made again when read (the inherited slots are properties here)
+        return (_host_info, (dict(self._numbers), self.num_obs, dict(self.extras)))
+
     mahalanobis = property(lambda self: self._numbers["mahalanobis"])
     gate_scale = property(lambda self: self._numbers["gate_scale"])
     skipped = property(lambda self: self._numbers["skipped"])
     obs_noise = property(lambda self: self._numbers["obs_noise"])
     jitter = property(lambda self: None if self._numbers["skipped"] else 0.0)
+
+
+def _host_info(numbers: dict, num_obs: int, extras: dict) -> HostKalmanInfo:
+    info = HostKalmanInfo(**numbers)
+    info.num_obs = num_obs
+    info.extras.update(extras)
+    return info
 
 
 def check_hyper(*, lr, forgetting, process_noise, cov_floor, cov_ceiling, cov_update,

@@ -126,3 +126,18 @@ def test_builtin_dataset_with_ood_folder_and_generated_shifts(tmp_path, checkpoi
     kinds = {v[0] for v in res["ood_splits"].values()}
     assert kinds == {"noise", "blur", "rotation", "inversion"}
     assert (out2 / "ood_severity.png").stat().st_size > 1000
+
+
+def test_verbose_prints_each_kalman_methods_parameter_report(tmp_path, checkpoint, capsys):
+    out = tmp_path / "o"
+    rc = cli.main(["compare", "--model", "kk-micro-vit", "--pretrained", str(checkpoint),
+                   "--dataset", "digits", "--no-shifts", "--methods",
+                   "adamw,kalman-paper,kalman-loss", "--shots", "1", "--steps", "2", "--quiet",
+                   "--no-plots", "--verbose", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for method, kind in (("kalman-paper", "kronecker"), ("kalman-loss", "loss-diagonal")):
+        assert text.count(f"\n{method}: KalmanNGD: ") == 1, text
+        block = text.split(f"\n{method}: KalmanNGD: ")[1].split("total covariance memory")[0]
+        assert kind in block and "cov memory" in block
+    assert "\nadamw: KalmanNGD" not in text
