@@ -41,7 +41,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, fsdp, ops
 from ._deferred import compiling
 from .backends import resolve
 from .functional import COUNTERS, FilterState, kalman_ngd_batch_step, kalman_ngd_loss_step
@@ -179,6 +179,8 @@ class KalmanNGD(torch.optim.Optimizer):
                                                             device=device)
         if backend != "auto":
             resolve(backend, device)   # fail now, with the reason, not at step 1
+        # FSDP2 (fully_shard) parameters: sharded covariances and steps (kalman_kernels/fsdp.py)
+        self._sharded = fsdp.check_supported(self)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -303,6 +305,15 @@ class KalmanNGD(torch.optim.Optimizer):
         total_clamped = 0
         with torch.no_grad():
             for group in self.param_groups:
+                if self._sharded is not None:     # statistics over every rank's shards
+                    covs = [self._cov(p, group) for p in group["params"] if p.requires_grad]
+                    n, low, mean, high, clamped = (self._sharded.cov_stats(
+                        covs, float(group["cov_floor"])) if covs else (0, None, None, None, 0))
+                    total_clamped += clamped
+                    groups.append({"numel": n, "cov_min": low if n else None,
+                                   "cov_mean": mean if n else None,
+                                   "cov_max": high if n else None, "floor_clamped": clamped})
+                    continue
                 covs = [self._cov(p, group).reshape(-1) for p in group["params"]
                         if p.requires_grad]
                 if not covs:
@@ -332,6 +343,8 @@ class KalmanNGD(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["state"][_FILTER] = dict(sd["state"].get(_FILTER, {}))
+        if self._sharded is not None:     # the form torch.distributed.checkpoint takes
+            sd = self._sharded.checkpoint_form(sd)
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -347,6 +360,7 @@ class KalmanNGD(torch.optim.Optimizer):
                 "param_groups" not in state_dict:
             raise TypeError("load_state_dict expects the dict returned by "
                             "KalmanNGD.state_dict() (keys 'state' and 'param_groups')")
+        state_dict = fsdp.ShardedFilter.from_checkpoint_form(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this "
@@ -511,6 +525,8 @@ class KalmanNGD(torch.optim.Optimizer):
         self._backward_calls = 0
         self._grad_seen = set()
         self._written_covs = None     # the loss step names the covariances it wrote
+        sharded = self._sharded
+        snapshot = sharded.before_closure() if sharded is not None else None
         self._in_closure = True
         try:
             with torch.enable_grad():
@@ -521,9 +537,11 @@ class KalmanNGD(torch.optim.Optimizer):
                 capture.armed = False
         try:
             if isinstance(out, (tuple, list)) and len(out) == 2:
-                result = self._batch_step(*out)
+                result = (self._batch_step(*out) if sharded is None
+                          else sharded.batch_step(*out))
             elif isinstance(out, torch.Tensor):
-                result = self._loss_step(out, self._backward_calls > 0)
+                result = (self._loss_step(out, self._backward_calls > 0) if sharded is None
+                          else sharded.loss_step(out, snapshot))
             else:
                 raise TypeError(f"closure must return (pred, target) tensors or a scalar loss "
                                 f"tensor, got {describe(out)}")
@@ -592,7 +610,7 @@ class KalmanNGD(torch.optim.Optimizer):
         """The hash of what every rank must agree on (kalman_kernels.distributed): the mode,
         the observation's settings, the param groups' hyper-parameters and the parameters'
         shapes; None without a process group and while torch.compile traces."""
-        if self.process_group is None or compiling():
+        if self._ranks.process_group is None or compiling():
             return None
         r = self.obs_noise
         noise = (("tensor", tuple(r.shape)) if isinstance(r, torch.Tensor) else float(r))
@@ -727,6 +745,10 @@ class KalmanNGD(torch.optim.Optimizer):
     @contextlib.contextmanager
     def sampled_params(self, generator: Optional[torch.Generator] = None):
         """Inside the block every parameter is a draw theta ~ N(mu, diag P); restored after."""
+        if self._sharded is not None:
+            raise ValueError("KalmanNGD.sampled_params does not compose with FSDP2 yet (each "
+                             "rank would draw its own shard's noise); sample on a gathered "
+                             "model")
         pairs = self._params()
         saved = [p.detach().clone() for p, _ in pairs]
         try:
