@@ -338,10 +338,6 @@ class ShardedFilter:
             raise TypeError(f"closure returned a {loss.dtype} loss of shape "
                             f"{tuple(loss.shape)}; in loss-observation mode the loss must be a "
                             f"floating scalar")
-        if opt._quad is not None:
-            raise ValueError("KalmanNGD.reduce_in_backward() does not compose with FSDP2: the "
-                             "gradient shards arrive after backward's reduce-scatter, not in "
-                             "the accumulate-grad hooks; create the optimizer without it")
         self._check_reduction()
         pairs = opt._params()
         fresh = [self._fresh(p, s) for (p, _), s in zip(pairs, snapshot)]

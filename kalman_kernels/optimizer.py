@@ -476,6 +476,10 @@ class KalmanNGD(torch.optim.Optimizer):
         covariance once (5 streams instead of 7). It needs exactly one backward per step:
         with gradient accumulation the step recomputes the sum (and warns once).
         """
+        if self._sharded is not None:
+            raise ValueError("KalmanNGD.reduce_in_backward() does not compose with FSDP2 yet: "
+                             "the gradient shards arrive after backward's reduce-scatter; the "
+                             "sharded loss step reduces g^T P g over the shards itself")
         if self._quad is None:
             from .backends.loss_hooks import QuadFormAccumulator
             self._quad = QuadFormAccumulator()

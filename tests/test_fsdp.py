@@ -1,0 +1,336 @@
+"""KalmanNGD over FSDP2 (``fully_shard``) on real gloo processes (docs/fsdp.md).
+
+One spawn per world size runs every scenario (a process start costs seconds here):
+
+* 2 and 3 ranks, loss mode and batch mode (dense blocks, and Kronecker-tracked
+  ``nn.Linear`` layers), 4 steps each with an LR scheduler, adaptive noise and the gate,
+  one step with a NaN on the last rank: the sharded run equals the single-process run on
+  the full model observing the same global batch (loss mode: the ranks' mean loss; batch
+  mode: every rank's rows, rank-major) to float64 rounding, and the NaN step is skipped
+  everywhere. The model has uneven shards (5 rows over 2 or 3 ranks) and, on 3 ranks, an
+  empty one (2 rows);
+* distributed checkpoints: 2 ranks save the model and optimizer (``get_*_state_dict`` and
+  ``torch.distributed.checkpoint.save``) after 3 steps and go on for 3 more; 3 ranks, and
+  one rank on a one-rank mesh, load that checkpoint and run the same 3 steps: the same
+  result as the uninterrupted run;
+* what does not compose raises, naming it (a mixed-precision policy, a 2-D mesh,
+  ``process_group``, ``reduce_in_backward``).
+
+The workers leave with ``os._exit(0)`` after the last barrier (tests/test_distributed.py
+says why: torch 2.14's gloo threads can abort interpreter teardown).
+"""
+import datetime
+import os
+import sys
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import kalman_kernels as kk
+from conftest import fresh_seed, note_seed, rel_err
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not built in")
+
+STEPS = 4
+NAN_STEP = 2
+HYPER = dict(init_cov=0.05, obs_noise=0.2, forgetting=0.99, process_noise=1e-5,
+             cov_floor=1e-9, adaptive_obs_noise=0.1, gate=0.99)
+MODES = ("loss", "dense", "tracked")
+SAVE_AT, AFTER = 3, 3
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def _batch(seed, rank, step, n=3):
+    g = torch.Generator().manual_seed(seed * 1000 + step * 10 + rank)
+    return (torch.randn(n, 3, generator=g, dtype=torch.float64),
+            torch.randn(n, 2, generator=g, dtype=torch.float64))
+
+
+def _global_batch(seed, world, step, nan):
+    xs, ts = zip(*[_batch(seed, r, step) for r in range(world)])
+    x = torch.cat(xs)
+    if nan and step == NAN_STEP:
+        x[-1, 0] = float("nan")              # the last rank's last sample
+    return x, torch.cat(ts)
+
+
+def _optimizer(model, mode):
+    opt = kk.KalmanNGD(model.parameters(), lr=1.0, **HYPER)
+    if mode == "tracked":
+        opt.track(model)
+    # a schedule of the step scale that the ranks and the single process follow alike
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.25 * s))
+    return opt, sched
+
+
+def _step(opt, model, mode, x, t):
+    if mode == "loss":
+        def closure():
+            opt.zero_grad()
+            loss = ((model(x) - t) ** 2).mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    else:
+        opt.step(lambda: (model(x), t))
+
+
+def _shard(model, mesh=None):
+    from torch.distributed.fsdp import fully_shard
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full(model, opt):
+    return {"params": [p.full_tensor() for p in model.parameters()],
+            "covs": [opt.covariance(p).full_tensor() for p in model.parameters()]}
+
+
+def _run_sharded(rank, world, seed, mode, steps, nan=True, start=0, model=None, opt=None,
+                 sched=None):
+    if model is None:
+        model = _shard(_model())
+        opt, sched = _optimizer(model, mode)
+    for step in range(start, start + steps):
+        x, t = _batch(seed, rank, step)
+        if nan and step == NAN_STEP and rank == world - 1:
+            x[-1, 0] = float("nan")
+        _step(opt, model, mode, x, t)
+        sched.step()
+    return model, opt, sched
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _states(model, opt, sched):
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+            "sched": sched.state_dict()}
+
+
+def _load(model, opt, sched, path, group=None):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    states = _states(model, opt, sched)
+    dcp.load(states, checkpoint_id=path, process_group=group)
+    set_model_state_dict(model, states["model"])
+    set_optimizer_state_dict(model, opt, states["optim"])
+    sched.load_state_dict(states["sched"])
+
+
+def _checkpoints(rank, world, seed, ckpt):
+    """World 2: save after SAVE_AT steps, then go on (the uninterrupted run). World 3: load on
+    3 ranks, and on a one-rank mesh of rank 0, then go on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import DeviceMesh
+    out = {}
+    if world == 2:
+        model, opt, sched = _run_sharded(rank, world, seed, "tracked", SAVE_AT, nan=False)
+        dcp.save(_states(model, opt, sched), checkpoint_id=ckpt)
+        _run_sharded(rank, world, seed, "tracked", AFTER, nan=False, start=SAVE_AT, model=model,
+                     opt=opt, sched=sched)
+        out["uninterrupted"] = _full(model, opt)
+        out["diag"] = opt.diagnostics()
+        return out
+    model = _shard(_model())
+    opt, sched = _optimizer(model, "tracked")
+    _load(model, opt, sched, ckpt)
+    out["loaded_steps"] = opt.steps_taken
+    out["loaded_lr"] = opt.param_groups[0]["lr"]
+    # the continued run observes the 2-rank run's batches: 3 ranks split its 6 rows
+    for step in range(SAVE_AT, SAVE_AT + AFTER):
+        x, t = _global_batch(seed, 2, step, nan=False)
+        _step(opt, model, "tracked", x[2 * rank:2 * rank + 2], t[2 * rank:2 * rank + 2])
+        sched.step()
+    out["resumed3"] = _full(model, opt)
+    out["diag"] = opt.diagnostics()
+    solo = dist.new_group([0])                  # every rank takes part in new_group
+    if rank == 0:
+        mesh = DeviceMesh.from_group(solo, "cpu")
+        model = _shard(_model(), mesh)
+        opt, sched = _optimizer(model, "tracked")
+        _load(model, opt, sched, ckpt, group=solo)
+        for step in range(SAVE_AT, SAVE_AT + AFTER):
+            x, t = _global_batch(seed, 2, step, nan=False)
+            _step(opt, model, "tracked", x, t)
+            sched.step()
+        out["resumed1"] = _full(model, opt)
+    return out
+
+
+# ---------------------------------------------------------------------- refusals
+def _refusals(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    out = {}
+
+    def attempt(name, build):
+        try:
+            build()
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
+
+    def mixed():
+        model = _model()
+        fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+        kk.KalmanNGD(model.parameters())
+
+    def two_d():
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+        model = _model()
+        fully_shard(model, mesh=mesh)
+        kk.KalmanNGD(model.parameters())
+
+    def group():
+        kk.KalmanNGD(_shard(_model()).parameters(), process_group=dist.group.WORLD)
+
+    def in_backward():
+        model = _shard(_model())
+        kk.KalmanNGD(model.parameters()).reduce_in_backward()
+
+    attempt("mixed", mixed)
+    attempt("two_d", two_d)
+    attempt("process_group", group)
+    attempt("reduce_in_backward", in_backward)
+    return out
+
+
+def _worker(rank, world, init_file, out_dir, ckpt, seed):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=90))
+    results = {}
+    try:
+        for mode in MODES:
+            model, opt, _ = _run_sharded(rank, world, seed, mode, STEPS)
+            results[mode] = dict(_full(model, opt), diag=opt.diagnostics())
+        results["checkpoints"] = _checkpoints(rank, world, seed, ckpt)
+        if world == 2:
+            results["refusals"] = _refusals(rank, world)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ---------------------------------------------------------------------- the single process
+def _single(seed, world, mode, steps, nan=True):
+    model = _model()
+    opt, sched = _optimizer(model, mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            x, t = _global_batch(seed, world, step, nan)
+            _step(opt, model, mode, x, t)
+            sched.step()
+    skips = [w for w in caught if "step skipped" in str(w.message)]
+    assert len(skips) == (1 if nan else 0), [str(w.message) for w in caught]
+    return model, opt
+
+
+def _compare(got, model, opt, tol):
+    for a, b in zip(got["params"], model.parameters()):
+        assert rel_err(a, b.detach()) <= tol
+    for a, b in zip(got["covs"], model.parameters()):
+        assert rel_err(a, opt.covariance(b)) <= tol
+
+
+# ---------------------------------------------------------------------- the tests
+_SPAWNED = {}
+_CKPT = tempfile.TemporaryDirectory()
+
+
+def _spawned(world, request):
+    if world not in _SPAWNED:
+        if world == 3:
+            _spawned(2, request)                 # the checkpoint the 3 ranks load
+        seed = _SPAWNED[2][1] if world == 3 else fresh_seed(20)
+        note_seed(request.node, f"the {world} spawned FSDP ranks", seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp,
+                                    os.path.join(_CKPT.name, "ckpt"), seed),
+                     nprocs=world, join=True)
+            results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+                       for r in range(world)]
+        _SPAWNED[world] = (world, seed, results)
+    return _SPAWNED[world]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(request):
+    return _spawned(2, request)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(request):
+    return _spawned(3, request)
+
+
+@pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
+@pytest.mark.parametrize("mode", MODES)
+def test_sharded_step_equals_single_process_on_global_batch(request, ranks, mode):
+    world, seed, results = request.getfixturevalue(ranks)
+    model, opt = _single(seed, world, mode, STEPS)
+    for res in results:                       # every rank gathers the same full tensors
+        _compare(res[mode], model, opt, 1e-12)
+        diag = res[mode]["diag"]
+        assert diag["skipped_steps"] == 1 == opt.skipped_steps     # the NaN step, everywhere
+        assert diag["steps"] == STEPS - 1
+        assert diag["obs_noise"] == pytest.approx(opt.diagnostics()["obs_noise"], rel=1e-12)
+        assert diag["groups"][0]["numel"] == 32
+        ref = opt.diagnostics()["groups"][0]
+        for key in ("cov_min", "cov_mean", "cov_max"):
+            assert diag["groups"][0][key] == pytest.approx(ref[key], rel=1e-12)
+    assert opt.diagnostics()["gated_steps"] >= 0
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_three_and_one(two_ranks, three_ranks):
+    _, seed, saved = two_ranks
+    _, _, loaded = three_ranks
+    expected = saved[0]["checkpoints"]["uninterrupted"]
+    model, opt = _single(seed, 2, "tracked", SAVE_AT + AFTER, nan=False)
+    _compare(expected, model, opt, 1e-12)     # the uninterrupted run is the global-batch run
+    for res in loaded:
+        got = res["checkpoints"]
+        assert got["loaded_steps"] == SAVE_AT
+        assert got["loaded_lr"] == pytest.approx(1.0 / (1.0 + 0.25 * SAVE_AT))
+        for a, b in zip(got["resumed3"]["params"] + got["resumed3"]["covs"],
+                        expected["params"] + expected["covs"]):
+            assert rel_err(a, b) <= 1e-12
+        assert got["diag"]["steps"] == SAVE_AT + AFTER
+    solo = loaded[0]["checkpoints"]["resumed1"]
+    for a, b in zip(solo["params"] + solo["covs"], expected["params"] + expected["covs"]):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_what_does_not_compose_raises_naming_it(two_ranks):
+    _, _, results = two_ranks
+    for res in results:
+        out = res["refusals"]
+        assert out["mixed"] and "MixedPrecisionPolicy" in out["mixed"]
+        assert out["two_d"] and "2-D mesh" in out["two_d"]
+        assert out["process_group"] and "process_group=None" in out["process_group"]
+        assert out["reduce_in_backward"] and "reduce_in_backward" in out["reduce_in_backward"]
