@@ -334,3 +334,52 @@ def test_what_does_not_compose_raises_naming_it(two_ranks):
         assert out["two_d"] and "2-D mesh" in out["two_d"]
         assert out["process_group"] and "process_group=None" in out["process_group"]
         assert out["reduce_in_backward"] and "reduce_in_backward" in out["reduce_in_backward"]
+
+
+def test_train_fsdp_example_under_torchrun(rng):
+    """examples/train_fsdp.py as the docs launch it (torchrun, 2 CPU ranks, gloo): the
+    result is the single-process run of the example's model on its global batches (float32:
+    1e-4), and its checkpoint is written. (Resuming on another number of ranks is tested
+    above on spawned ranks, with the same calls.)"""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "examples", "train_fsdp.py")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launcher = [torchrun] if os.path.exists(torchrun) else [sys.executable, "-m",
+                                                            "torch.distributed.run"]
+    seed = int(rng.integers(1000))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, out = os.path.join(tmp, "ckpt"), os.path.join(tmp, "out")
+        for ranks, extra in ((2, ["--steps", "6", "--out", out]),):
+            proc = subprocess.run(launcher + ["--standalone", f"--nproc_per_node={ranks}", script,
+                                              "--mode", "batch", "--checkpoint", ckpt, "--seed",
+                                              str(seed), "--hard-exit"] + extra,
+                                  env=env, capture_output=True, text=True, timeout=240)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False)
+                 for r in range(2)]
+        assert os.path.exists(os.path.join(ckpt, ".metadata"))
+    sys.path.insert(0, os.path.join(root, "examples"))
+    try:
+        import train_fsdp
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(seed + 1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = kk.KalmanNGD(model.parameters(), init_cov=0.05, obs_noise=0.1, forgetting=0.999)
+    opt.track(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
+    for step in range(6):
+        x, y = train_fsdp.global_batch(step, 16, 8, 4, seed)
+        target = nn.functional.one_hot(y, 4).to(x.dtype)
+        opt.step(lambda: (model(x).softmax(-1), target))
+        sched.step()
+    for res in ranks:
+        assert res["diagnostics"]["steps"] == 6 and res["world"] == 2
+        assert res["last"] < res["first"]
+        for a, b in zip(res["params"], model.parameters()):
+            assert rel_err(a, b.detach()) <= 1e-4
+        for a, b in zip(res["covs"], model.parameters()):
+            assert rel_err(a, opt.covariance(b)) <= 1e-4
