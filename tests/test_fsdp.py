@@ -10,9 +10,9 @@ One spawn per world size runs every scenario (a process start costs seconds here
   everywhere. The model has uneven shards (5 rows over 2 or 3 ranks) and, on 3 ranks, an
   empty one (2 rows);
 * distributed checkpoints: 2 ranks save the model and optimizer (``get_*_state_dict`` and
-  ``torch.distributed.checkpoint.save``) after 3 steps and go on for 3 more; 3 ranks, and
-  one rank on a one-rank mesh, load that checkpoint and run the same 3 steps: the same
-  result as the uninterrupted run;
+  ``torch.distributed.checkpoint.save``) after 3 steps and go on for 3 more; 3 ranks (with
+  3, 2 and 1 of the 6 samples of each batch), and one rank on a one-rank mesh, load that
+  checkpoint and run the same 3 steps: the same result as the uninterrupted run;
 * what does not compose raises, naming it (a mixed-precision policy, a 2-D mesh,
   ``process_group``, ``reduce_in_backward``).
 
@@ -156,9 +156,11 @@ def _checkpoints(rank, world, seed, ckpt):
     out["loaded_steps"] = opt.steps_taken
     out["loaded_lr"] = opt.param_groups[0]["lr"]
     # the continued run observes the 2-rank run's batches: 3 ranks split its 6 rows
+    # unevenly (3, 2 and 1 samples), which leaves the observation as it was
+    lo, hi = (0, 3, 5, 6)[rank], (0, 3, 5, 6)[rank + 1]
     for step in range(SAVE_AT, SAVE_AT + AFTER):
         x, t = _global_batch(seed, 2, step, nan=False)
-        _step(opt, model, "tracked", x[2 * rank:2 * rank + 2], t[2 * rank:2 * rank + 2])
+        _step(opt, model, "tracked", x[lo:hi], t[lo:hi])
         sched.step()
     out["resumed3"] = _full(model, opt)
     out["diag"] = opt.diagnostics()
