@@ -3,7 +3,8 @@
 One spawn per world size runs every scenario (a process start costs seconds here):
 
 * 2 and 3 ranks, loss mode and batch mode (dense blocks, and Kronecker-tracked
-  ``nn.Linear`` layers), 4 steps each with an LR scheduler, adaptive noise and the gate,
+  ``nn.Linear`` layers; loss mode with the closure's backward, and with the loss returned
+  with its graph, which the optimizer differentiates), 4 steps each with an LR scheduler, adaptive noise and the gate,
   one step with a NaN on the last rank: the sharded run equals the single-process run on
   the full model observing the same global batch (loss mode: the ranks' mean loss; batch
   mode: every rank's rows, rank-major) to float64 rounding, and the NaN step is skipped
@@ -13,8 +14,9 @@ One spawn per world size runs every scenario (a process start costs seconds here
   ``torch.distributed.checkpoint.save``) after 3 steps and go on for 3 more; 3 ranks (with
   3, 2 and 1 of the 6 samples of each batch), and one rank on a one-rank mesh, load that
   checkpoint and run the same 3 steps: the same result as the uninterrupted run;
-* what does not compose raises, naming it (a mixed-precision policy, a 2-D mesh,
-  ``process_group``, ``reduce_in_backward``).
+* ranks that disagree on a hyper-parameter raise on every rank at the first step; what does
+  not compose raises, naming it (a mixed-precision policy, a 2-D mesh, ``process_group``,
+  ``reduce_in_backward``).
 
 The workers leave with ``os._exit(0)`` after the last barrier (tests/test_distributed.py
 says why: torch 2.14's gloo threads can abort interpreter teardown).
@@ -41,7 +43,7 @@ STEPS = 4
 NAN_STEP = 2
 HYPER = dict(init_cov=0.05, obs_noise=0.2, forgetting=0.99, process_noise=1e-5,
              cov_floor=1e-9, adaptive_obs_noise=0.1, gate=0.99)
-MODES = ("loss", "dense", "tracked")
+MODES = ("loss", "graph", "dense", "tracked")
 SAVE_AT, AFTER = 3, 3
 
 
@@ -74,7 +76,9 @@ def _optimizer(model, mode):
 
 
 def _step(opt, model, mode, x, t):
-    if mode == "loss":
+    if mode == "graph":                      # loss mode, the loss returned with its graph
+        opt.step(lambda: ((model(x) - t) ** 2).mean())
+    elif mode == "loss":
         def closure():
             opt.zero_grad()
             loss = ((model(x) - t) ** 2).mean()
@@ -209,6 +213,13 @@ def _refusals(rank, world):
         model = _shard(_model())
         kk.KalmanNGD(model.parameters()).reduce_in_backward()
 
+    def disagree():
+        model = _shard(_model())
+        opt = kk.KalmanNGD(model.parameters(), lr=1.0 if rank == 0 else 0.9)
+        x, t = _batch(0, rank, 0)
+        _step(opt, model, "dense", x, t)
+
+    attempt("disagree", disagree)
     attempt("mixed", mixed)
     attempt("two_d", two_d)
     attempt("process_group", group)
@@ -332,6 +343,7 @@ def test_what_does_not_compose_raises_naming_it(two_ranks):
     _, _, results = two_ranks
     for res in results:
         out = res["refusals"]
+        assert out["disagree"] and "disagree" in out["disagree"] and "lr" in out["disagree"]
         assert out["mixed"] and "MixedPrecisionPolicy" in out["mixed"]
         assert out["two_d"] and "2-D mesh" in out["two_d"]
         assert out["process_group"] and "process_group=None" in out["process_group"]
