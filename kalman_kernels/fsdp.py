@@ -33,6 +33,7 @@ at construction or at the step, naming it (:func:`check_supported`).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -57,12 +58,12 @@ CHECKPOINT_KEY = "kalman_filter"
 
 
 def is_sharded(param: torch.Tensor) -> bool:
-    """Whether ``param`` is a DTensor (FSDP2 or another DTensor parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:            # torch without distributed
-        return False
-    return isinstance(param, DTensor)
+    """Whether ``param`` is a DTensor (FSDP2 or another DTensor parallelism). Without
+    ``torch.distributed.tensor`` imported there is no DTensor, and importing it costs
+    seconds: a plain optimizer does not pay for it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(param, dtensor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -271,12 +272,12 @@ class ShardedFilter:
     def _check_reduction(self) -> None:
         for shard in self.shards.values():
             group = shard.group
-            if not group.reduce_grads:
+            if not getattr(group, "reduce_grads", True):
                 raise ValueError("KalmanNGD under FSDP2 (loss mode): gradient reduction is "
                                  "off (set_requires_gradient_sync(False)); the step needs the "
                                  "reduced gradient of the loss: turn it back on for the "
                                  "backward of the step's closure")
-            factor = group.gradient_divide_factor
+            factor = getattr(group, "gradient_divide_factor", None)
             if factor is not None and factor != self.world:
                 raise ValueError(f"KalmanNGD under FSDP2 (loss mode): the gradient divide "
                                  f"factor is {factor}, not the world size {self.world}; the "

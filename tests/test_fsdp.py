@@ -2,9 +2,9 @@
 
 One spawn per world size runs every scenario (a process start costs seconds here):
 
-* 2 and 3 ranks, loss mode and batch mode (dense blocks, and Kronecker-tracked
-  ``nn.Linear`` layers; loss mode with the closure's backward, and with the loss returned
-  with its graph, which the optimizer differentiates), 4 steps each with an LR scheduler, adaptive noise and the gate,
+* 2 and 3 ranks, loss mode (the closure's backward, or the loss returned with its graph,
+  which the optimizer differentiates) and batch mode (dense blocks, and Kronecker-tracked
+  ``nn.Linear`` layers), 4 steps each with an LR scheduler, adaptive noise and the gate,
   one step with a NaN on the last rank: the sharded run equals the single-process run on
   the full model observing the same global batch (loss mode: the ranks' mean loss; batch
   mode: every rank's rows, rank-major) to float64 rounding, and the NaN step is skipped
