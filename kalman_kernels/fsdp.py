@@ -172,12 +172,24 @@ class ShardedFilter:
             raise ValueError("KalmanNGD(max_obs_per_update=...) does not compose with FSDP2 "
                              "yet (sequential sub-batches would need a reduction each); "
                              "leave it None")
+        self.mesh = mesh
         self.group = mesh.get_group()
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
-        found = _fsdp_params()
         self.shards: Dict[int, _Sharded] = {}
+        self._add(params)
+        opt._ranks = distributed.RankAgreement(self.group)
+
+    def _add(self, params) -> None:
+        """Check and register sharded parameters; their covariances exist from the start
+        (a distributed checkpoint loads in place into the state a fresh optimizer returns,
+        so that state must hold every sharded tensor)."""
+        opt = self.opt
+        found = _fsdp_params()
         for p in params:
+            if not is_sharded(p) or p.device_mesh != self.mesh:
+                raise ValueError("KalmanNGD under FSDP2: a parameter added later is not "
+                                 "sharded over the optimizer's device mesh")
             entry = found.get(id(p))
             if entry is None:
                 raise ValueError("KalmanNGD: a parameter is a DTensor that no fully_shard "
@@ -197,13 +209,18 @@ class ShardedFilter:
                                  "(the covariances and the step would have to follow the "
                                  "parameters to the host); drop offload_policy")
             self.shards[id(p)] = _Sharded(p, fp, group, self.world, self.rank)
-        opt._ranks = distributed.RankAgreement(self.group)
-        # The covariances exist from the start: a distributed checkpoint loads in place into
-        # the state a fresh optimizer returns, so that state must hold every sharded tensor.
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.requires_grad and "cov" not in opt.state[p]:
                     opt.state[p]["cov"] = self.new_cov(p, float(group["init_cov"]))
+
+    def _pairs(self):
+        """The optimizer's (param, group) pairs, registering any added since (add_param_group)."""
+        pairs = self.opt._params()
+        new = [p for p, _ in pairs if id(p) not in self.shards]
+        if new:
+            self._add(new)
+        return pairs
 
     # ------------------------------------------------------------------ state
     @staticmethod
@@ -340,7 +357,7 @@ class ShardedFilter:
                             f"{tuple(loss.shape)}; in loss-observation mode the loss must be a "
                             f"floating scalar")
         self._check_reduction()
-        pairs = opt._params()
+        pairs = self._pairs()
         fresh = [self._fresh(p, s) for (p, _), s in zip(pairs, snapshot)]
         if not any(fresh):
             if not loss.requires_grad:
@@ -419,7 +436,7 @@ class ShardedFilter:
         (pred, target) rows together, rank-major."""
         import torch.distributed as dist
         opt = self.opt
-        pairs = opt._params()
+        pairs = self._pairs()
         device = _local(pairs[0][0]).device
         check_prediction(pred, target, device)
         rank_key = opt._rank_key("batch")

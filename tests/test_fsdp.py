@@ -227,6 +227,17 @@ def _refusals(rank, world):
     return out
 
 
+def _added(rank, world, seed):
+    """Dense batch mode with half the parameters added by add_param_group."""
+    model = _shard(_model())
+    params = list(model.parameters())
+    opt = kk.KalmanNGD(params[:2], lr=1.0, **HYPER)
+    opt.add_param_group({"params": params[2:]})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.25 * s))
+    _run_sharded(rank, world, seed, "dense", STEPS, model=model, opt=opt, sched=sched)
+    return _full(model, opt)
+
+
 def _worker(rank, world, init_file, out_dir, ckpt, seed):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=90))
@@ -238,6 +249,7 @@ def _worker(rank, world, init_file, out_dir, ckpt, seed):
         results["checkpoints"] = _checkpoints(rank, world, seed, ckpt)
         if world == 2:
             results["refusals"] = _refusals(rank, world)
+            results["added"] = _added(rank, world, seed)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     except BaseException:
@@ -337,6 +349,14 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_three_and_one(two_ranks, three
     solo = loaded[0]["checkpoints"]["resumed1"]
     for a, b in zip(solo["params"] + solo["covs"], expected["params"] + expected["covs"]):
         assert rel_err(a, b) <= 1e-12
+
+
+def test_parameters_added_by_add_param_group_are_sharded_alike(two_ranks):
+    _, _, results = two_ranks
+    for res in results:
+        for a, b in zip(res["added"]["params"] + res["added"]["covs"],
+                        res["dense"]["params"] + res["dense"]["covs"]):
+            assert rel_err(a, b) <= 1e-14
 
 
 def test_what_does_not_compose_raises_naming_it(two_ranks):
