@@ -23,7 +23,8 @@ one functional step per mode does the step (:mod:`kalman_kernels.functional`, on
 :mod:`kalman_kernels.ops`; docs/design.md, 1). The step reads no device value on the host,
 so its counters (``steps``, ``skipped_steps``) and the adaptive noise live in device tensors
 (:class:`~kalman_kernels.functional.FilterState`) and ``last_info`` converts to Python
-numbers only when read. Scale-out (``process_group``) is :mod:`kalman_kernels.distributed`.
+numbers only when read. Scale-out (``process_group``) is :mod:`kalman_kernels.distributed`;
+parameters sharded by FSDP2's ``fully_shard``, :mod:`kalman_kernels.fsdp` (docs/fsdp.md).
 
 Hyper-parameters that belong to a parameter (``lr``, ``init_cov``, ``process_noise``,
 ``forgetting``, ``cov_floor``, ``cov_ceiling``, ``cov_update``) may differ between param
