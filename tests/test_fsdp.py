@@ -209,6 +209,18 @@ def _refusals(rank, world):
     def group():
         kk.KalmanNGD(_shard(_model()).parameters(), process_group=dist.group.WORLD)
 
+    def offload():
+        from torch.distributed.fsdp import CPUOffloadPolicy
+        model = _model()
+        fully_shard(model, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        kk.KalmanNGD(model.parameters())
+
+    def placement():
+        from torch.distributed.tensor import Shard
+        model = nn.Linear(4, 6).double()          # dim 1 splits evenly over 2 ranks
+        fully_shard(model, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
+        kk.KalmanNGD(model.parameters())
+
     def in_backward():
         model = _shard(_model())
         kk.KalmanNGD(model.parameters()).reduce_in_backward()
@@ -223,6 +235,8 @@ def _refusals(rank, world):
     attempt("mixed", mixed)
     attempt("two_d", two_d)
     attempt("process_group", group)
+    attempt("offload", offload)
+    attempt("placement", placement)
     attempt("reduce_in_backward", in_backward)
     return out
 
@@ -367,6 +381,8 @@ def test_what_does_not_compose_raises_naming_it(two_ranks):
         assert out["mixed"] and "MixedPrecisionPolicy" in out["mixed"]
         assert out["two_d"] and "2-D mesh" in out["two_d"]
         assert out["process_group"] and "process_group=None" in out["process_group"]
+        assert out["offload"] and "CPUOffloadPolicy" in out["offload"]
+        assert out["placement"] and "Shard(0)" in out["placement"]
         assert out["reduce_in_backward"] and "reduce_in_backward" in out["reduce_in_backward"]
 
 
