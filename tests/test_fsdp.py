@@ -14,9 +14,12 @@ One spawn per world size runs every scenario (a process start costs seconds here
   ``torch.distributed.checkpoint.save``) after 3 steps and go on for 3 more; 3 ranks (with
   3, 2 and 1 of the 6 samples of each batch), and one rank on a one-rank mesh, load that
   checkpoint and run the same 3 steps: the same result as the uninterrupted run;
+* float16 parameters (the overflow guard then reads the covariances' maxima, summed over
+  the ranks) in loss and batch mode equal the single process to float16 rounding; parameters
+  added by ``add_param_group`` are sharded alike;
 * ranks that disagree on a hyper-parameter raise on every rank at the first step; what does
-  not compose raises, naming it (a mixed-precision policy, a 2-D mesh, ``process_group``,
-  ``reduce_in_backward``).
+  not compose raises, naming it (a mixed-precision policy, CPU offload, a 2-D mesh, a
+  placement other than Shard(0), ``process_group``, ``reduce_in_backward``).
 
 The workers leave with ``os._exit(0)`` after the last barrier (tests/test_distributed.py
 says why: torch 2.14's gloo threads can abort interpreter teardown).
@@ -252,6 +255,30 @@ def _added(rank, world, seed):
     return _full(model, opt)
 
 
+def _half_model():
+    return _model().half()
+
+
+def _half(rank, world, seed, sharded=True):
+    """float16 parameters in loss and batch mode: the overflow guard reads the covariances'
+    maxima (summed over the ranks, the same bound on every rank)."""
+    out = {}
+    for mode in ("loss", "dense"):
+        model = _shard(_half_model()) if sharded else _half_model()
+        opt = kk.KalmanNGD(model.parameters(), lr=1.0, init_cov=0.05, obs_noise=0.2)
+        for step in range(2):
+            if sharded:
+                x, t = _batch(seed, rank, step)
+            else:
+                x, t = _global_batch(seed, world, step, nan=False)
+            _step(opt, model, mode, x.half(), t.half())
+        out[mode] = _full(model, opt) if sharded else {
+            "params": [p.detach() for p in model.parameters()],
+            "covs": [opt.covariance(p) for p in model.parameters()]}
+        out[mode]["steps"] = opt.steps_taken
+    return out
+
+
 def _worker(rank, world, init_file, out_dir, ckpt, seed):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=90))
@@ -264,6 +291,7 @@ def _worker(rank, world, init_file, out_dir, ckpt, seed):
         if world == 2:
             results["refusals"] = _refusals(rank, world)
             results["added"] = _added(rank, world, seed)
+            results["half"] = _half(rank, world, seed)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     except BaseException:
@@ -371,6 +399,17 @@ def test_parameters_added_by_add_param_group_are_sharded_alike(two_ranks):
         for a, b in zip(res["added"]["params"] + res["added"]["covs"],
                         res["dense"]["params"] + res["dense"]["covs"]):
             assert rel_err(a, b) <= 1e-14
+
+
+def test_float16_parameters_sharded_equal_single_process(two_ranks):
+    world, seed, results = two_ranks
+    single = _half(0, world, seed, sharded=False)
+    for res in results:
+        for mode in ("loss", "dense"):
+            got, exp = res["half"][mode], single[mode]
+            assert got["steps"] == exp["steps"] == 2
+            for a, b in zip(got["params"] + got["covs"], exp["params"] + exp["covs"]):
+                assert rel_err(a.double(), b.double()) <= 2e-3
 
 
 def test_what_does_not_compose_raises_naming_it(two_ranks):
