@@ -279,6 +279,39 @@ def _half(rank, world, seed, sharded=True):
     return out
 
 
+def _collectives(rank, world, seed):
+    """The collectives KalmanNGD issues per step (its all-reduces and its all-to-all; FSDP's
+    own are not counted): (name, numel sent) per call, 2 steps per mode after a first one
+    (which also compares the ranks' configurations once)."""
+    from kalman_kernels import distributed as kd
+    calls = []
+    orig = kd.collective_, kd.exchange_
+
+    def collective(name, tensor, op, group):
+        calls.append((name, tensor.numel()))
+        return orig[0](name, tensor, op, group)
+
+    def exchange(name, output, tensor, output_splits, input_splits, group):
+        calls.append((name, tensor.numel()))
+        return orig[1](name, output, tensor, output_splits, input_splits, group)
+
+    out = {}
+    kd.collective_, kd.exchange_ = collective, exchange
+    try:
+        for mode in ("loss", "tracked"):
+            model = _shard(_model())
+            opt, _ = _optimizer(model, mode)
+            for step in range(3):
+                if step == 1:
+                    calls.clear()
+                x, t = _batch(seed, rank, step)
+                _step(opt, model, mode, x, t)
+            out[mode] = list(calls)
+    finally:
+        kd.collective_, kd.exchange_ = orig
+    return out
+
+
 def _worker(rank, world, init_file, out_dir, ckpt, seed):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=90))
@@ -292,6 +325,7 @@ def _worker(rank, world, init_file, out_dir, ckpt, seed):
             results["refusals"] = _refusals(rank, world)
             results["added"] = _added(rank, world, seed)
             results["half"] = _half(rank, world, seed)
+            results["collectives"] = _collectives(rank, world, seed)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     except BaseException:
@@ -410,6 +444,25 @@ def test_float16_parameters_sharded_equal_single_process(two_ranks):
             assert got["steps"] == exp["steps"] == 2
             for a, b in zip(got["params"] + got["covs"], exp["params"] + exp["covs"]):
                 assert rel_err(a.double(), b.double()) <= 2e-3
+
+
+def test_collectives_per_step_are_those_of_the_cost_table(two_ranks):
+    """docs/fsdp.md, "Cost per step": loss mode one all-reduce of 8 float64; batch mode the
+    sizes (2 W + tracked layers), one all-to-all, the partial S and residuals (m^2 + m + 6)."""
+    world, _, results = two_ranks
+    m = world * 3 * 2                                # 3 samples per rank, K = 2
+    for rank, res in enumerate(results):
+        calls = res["collectives"]
+        assert calls["loss"] == [("fsdp-loss", 8)] * 2
+        batch = calls["tracked"]
+        assert [name for name, _ in batch] == ["fsdp-sizes", "fsdp-observation",
+                                               "fsdp-terms"] * 2
+        assert batch[0][1] == 2 * world + 2 and batch[2][1] == m * m + m + 6
+        # the all-to-all: D's rows of every shard (3 samples x 2 scores x d_out rows) and A
+        # (3 x d_in) to each of the W ranks, one error flag each; biases are dense blocks
+        # whose Jacobian is D (6 x d_out)
+        rows = 3 * 2 * (5 + 2) + world * 3 * (3 + 5) + 6 * (5 + 2) + world
+        assert batch[1][1] == rows
 
 
 def test_what_does_not_compose_raises_naming_it(two_ranks):
