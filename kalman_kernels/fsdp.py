@@ -336,7 +336,7 @@ class ShardedFilter:
         the closure still frees the old gradients (and their ids may then be reused)."""
         import weakref
         return [(None, None) if p.grad is None else
-                (weakref.ref(p.grad), _local(p.grad)._version) for p, _ in self.opt._params()]
+                (weakref.ref(p.grad), _local(p.grad)._version) for p, _ in self._pairs()]
 
     @staticmethod
     def _fresh(p, snap) -> bool:

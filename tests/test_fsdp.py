@@ -451,7 +451,7 @@ def test_collectives_per_step_are_those_of_the_cost_table(two_ranks):
     sizes (2 W + tracked layers), one all-to-all, the partial S and residuals (m^2 + m + 6)."""
     world, _, results = two_ranks
     m = world * 3 * 2                                # 3 samples per rank, K = 2
-    for rank, res in enumerate(results):
+    for res in results:
         calls = res["collectives"]
         assert calls["loss"] == [("fsdp-loss", 8)] * 2
         batch = calls["tracked"]
