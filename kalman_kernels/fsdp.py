@@ -263,6 +263,16 @@ class ShardedFilter:
         out["state"] = state
         return out
 
+    def group_stats(self, group: dict) -> dict:
+        """``diagnostics()``'s statistics of a param group's covariances over every rank's
+        shards (a collective: every rank calls it)."""
+        opt = self.opt
+        covs = [opt._cov(p, group) for p in group["params"] if p.requires_grad]
+        n, low, mean, high, clamped = (self.cov_stats(covs, float(group["cov_floor"]))
+                                       if covs else (0, None, None, None, 0))
+        return {"numel": n, "cov_min": low if n else None, "cov_mean": mean if n else None,
+                "cov_max": high if n else None, "floor_clamped": clamped}
+
     def cov_stats(self, covs: Sequence[torch.Tensor], floor: float):
         """(numel, min, mean, max, floor_clamped) of the sharded ``covs`` over every rank (one
         all-reduce each of SUM and MAX): the diagnostics' per-group statistics."""

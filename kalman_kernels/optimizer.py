@@ -307,13 +307,8 @@ class KalmanNGD(torch.optim.Optimizer):
         with torch.no_grad():
             for group in self.param_groups:
                 if self._sharded is not None:     # statistics over every rank's shards
-                    covs = [self._cov(p, group) for p in group["params"] if p.requires_grad]
-                    n, low, mean, high, clamped = (self._sharded.cov_stats(
-                        covs, float(group["cov_floor"])) if covs else (0, None, None, None, 0))
-                    total_clamped += clamped
-                    groups.append({"numel": n, "cov_min": low if n else None,
-                                   "cov_mean": mean if n else None,
-                                   "cov_max": high if n else None, "floor_clamped": clamped})
+                    groups.append(self._sharded.group_stats(group))
+                    total_clamped += groups[-1]["floor_clamped"]
                     continue
                 covs = [self._cov(p, group).reshape(-1) for p in group["params"]
                         if p.requires_grad]
