@@ -51,9 +51,37 @@ def collective_(name: str, tensor: torch.Tensor, op, process_group) -> None:
     dist.all_reduce(tensor, op=op, group=process_group)
 
 
+def exchange_(name: str, output: torch.Tensor, tensor: torch.Tensor, output_splits,
+              input_splits, process_group) -> None:
+    """``dist.all_to_all_single``: ``tensor``'s pieces of ``input_splits`` elements go to
+    ranks 0, 1, ..., and ``output`` receives theirs (``output_splits``). The sharded batch
+    step's one exchange of the observation (:mod:`kalman_kernels.fsdp`)."""
+    import torch.distributed as dist
+    dist.all_to_all_single(output, tensor, list(output_splits), list(input_splits),
+                           group=process_group)
+
+
 def _key_pieces(key: Optional[int]) -> List[float]:
     key = 0 if key is None else int(key)
     return [float((key >> (16 * i)) & 0xFFFF) for i in range(_KEY_PIECES)]
+
+
+#: Length of :func:`key_slots`.
+KEY_SLOTS = 2 * _KEY_PIECES
+
+
+def key_slots(key: Optional[int], world: int, device) -> torch.Tensor:
+    """The configuration hash ``key`` as float64 slots to SUM over ranks (pieces and their
+    squares); :func:`key_mismatch` of the sums says whether the ranks' hashes differ."""
+    pieces = _key_pieces(key) if world <= _KEY_MAX_WORLD else [0.0] * _KEY_PIECES
+    return torch.tensor([v for p in pieces for v in (p, p * p)], dtype=F64, device=device)
+
+
+def key_mismatch(summed: torch.Tensor, world: int) -> torch.Tensor:
+    """0-d bool tensor: the summed :func:`key_slots` of ``world`` ranks come from different
+    hashes (W * sum(h^2) == (sum h)^2 exactly when every rank holds the same h)."""
+    sums = summed.reshape(_KEY_PIECES, 2)
+    return (world * sums[:, 1] != sums[:, 0] * sums[:, 0]).any()
 
 
 def all_ranks_ok(ok: torch.Tensor, process_group, key: Optional[int] = None,
@@ -67,16 +95,14 @@ def all_ranks_ok(ok: torch.Tensor, process_group, key: Optional[int] = None,
     """
     import torch.distributed as dist
     world = world_size(process_group)
-    pieces = _key_pieces(key) if world <= _KEY_MAX_WORLD else [0.0] * _KEY_PIECES
     device = ok.device
     bad = (~ok).to(F64).reshape(1)
-    key_t = torch.tensor([v for p in pieces for v in (p, p * p)], dtype=F64, device=device)
+    key_t = key_slots(key, world, device)
     r = (obs_noise.detach().to(F64).reshape(1) if obs_noise is not None
          else torch.zeros(1, dtype=F64, device=device))
     flat = torch.cat([bad, key_t, r])
     collective_("flags", flat, dist.ReduceOp.SUM, process_group)
-    sums = flat[1:1 + 2 * _KEY_PIECES].reshape(_KEY_PIECES, 2)
-    mismatch = (world * sums[:, 1] != sums[:, 0] * sums[:, 0]).any()
+    mismatch = key_mismatch(flat[1:1 + KEY_SLOTS], world)
     everyone = (flat[0] == 0) & ~mismatch
     mean_r = flat[-1] / world if obs_noise is not None else None
     return everyone, mismatch, mean_r

@@ -23,7 +23,8 @@ one functional step per mode does the step (:mod:`kalman_kernels.functional`, on
 :mod:`kalman_kernels.ops`; docs/design.md, 1). The step reads no device value on the host,
 so its counters (``steps``, ``skipped_steps``) and the adaptive noise live in device tensors
 (:class:`~kalman_kernels.functional.FilterState`) and ``last_info`` converts to Python
-numbers only when read. Scale-out (``process_group``) is :mod:`kalman_kernels.distributed`.
+numbers only when read. Scale-out (``process_group``) is :mod:`kalman_kernels.distributed`;
+parameters sharded by FSDP2's ``fully_shard``, :mod:`kalman_kernels.fsdp` (docs/fsdp.md).
 
 Hyper-parameters that belong to a parameter (``lr``, ``init_cov``, ``process_noise``,
 ``forgetting``, ``cov_floor``, ``cov_ceiling``, ``cov_update``) may differ between param
@@ -42,7 +43,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, fsdp, ops
 from ._deferred import compiling
 from .backends import resolve
 from .functional import COUNTERS, FilterState, kalman_ngd_batch_step, kalman_ngd_loss_step
@@ -244,6 +245,8 @@ class KalmanNGD(torch.optim.Optimizer):
                                                             device=device)
         if backend != "auto":
             resolve(backend, device)   # fail now, with the reason, not at step 1
+        # FSDP2 (fully_shard) parameters: sharded covariances and steps (kalman_kernels/fsdp.py)
+        self._sharded = fsdp.check_supported(self)
 
     # ------------------------------------------------------------------ copies
     # What copy.deepcopy and pickle carry (torch.optim.Optimizer's own __getstate__ keeps
@@ -428,6 +431,10 @@ class KalmanNGD(torch.optim.Optimizer):
         total_clamped = 0
         with torch.no_grad():
             for group in self.param_groups:
+                if self._sharded is not None:     # statistics over every rank's shards
+                    groups.append(self._sharded.group_stats(group))
+                    total_clamped += groups[-1]["floor_clamped"]
+                    continue
                 covs = [self._cov(p, group).reshape(-1) for p in group["params"]
                         if p.requires_grad]
                 if not covs:
@@ -457,6 +464,8 @@ class KalmanNGD(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["state"][_FILTER] = dict(sd["state"].get(_FILTER, {}))
+        if self._sharded is not None:     # the form torch.distributed.checkpoint takes
+            sd = self._sharded.checkpoint_form(sd)
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -472,6 +481,7 @@ class KalmanNGD(torch.optim.Optimizer):
                 "param_groups" not in state_dict:
             raise TypeError("load_state_dict expects the dict returned by "
                             "KalmanNGD.state_dict() (keys 'state' and 'param_groups')")
+        state_dict = fsdp.ShardedFilter.from_checkpoint_form(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this "
@@ -669,6 +679,10 @@ class KalmanNGD(torch.optim.Optimizer):
         covariance once (5 streams instead of 7). It needs exactly one backward per step:
         with gradient accumulation the step recomputes the sum (and warns once).
         """
+        if self._sharded is not None:
+            raise ValueError("KalmanNGD.reduce_in_backward() does not compose with FSDP2 yet: "
+                             "the gradient shards arrive after backward's reduce-scatter; the "
+                             "sharded loss step reduces g^T P g over the shards itself")
         if self._quad is None:
             from .backends.loss_hooks import QuadFormAccumulator
             self._quad = QuadFormAccumulator()
@@ -718,6 +732,8 @@ class KalmanNGD(torch.optim.Optimizer):
         self._backward_calls = 0
         self._grad_seen = set()
         self._written_covs = None     # the loss step names the covariances it wrote
+        sharded = self._sharded
+        snapshot = sharded.before_closure() if sharded is not None else None
         self._in_closure = True
         try:
             with torch.enable_grad():
@@ -728,9 +744,11 @@ class KalmanNGD(torch.optim.Optimizer):
                 capture.armed = False
         try:
             if isinstance(out, (tuple, list)) and len(out) == 2:
-                result = self._batch_step(*out)
+                result = (self._batch_step(*out) if sharded is None
+                          else sharded.batch_step(*out))
             elif isinstance(out, torch.Tensor):
-                result = self._loss_step(out, self._backward_calls > 0)
+                result = (self._loss_step(out, self._backward_calls > 0) if sharded is None
+                          else sharded.loss_step(out, snapshot))
             else:
                 raise TypeError(f"closure must return (pred, target) tensors or a scalar loss "
                                 f"tensor, got {describe(out)}")
@@ -799,7 +817,7 @@ class KalmanNGD(torch.optim.Optimizer):
         """The hash of what every rank must agree on (kalman_kernels.distributed): the mode,
         the observation's settings, the param groups' hyper-parameters and the parameters'
         shapes; None without a process group and while torch.compile traces."""
-        if self.process_group is None or compiling():
+        if self._ranks.process_group is None or compiling():
             return None
         r = self.obs_noise
         noise = (("tensor", tuple(r.shape)) if isinstance(r, torch.Tensor) else float(r))
@@ -950,6 +968,10 @@ class KalmanNGD(torch.optim.Optimizer):
     @contextlib.contextmanager
     def sampled_params(self, generator: Optional[torch.Generator] = None):
         """Inside the block every parameter is a draw theta ~ N(mu, diag P); restored after."""
+        if self._sharded is not None:
+            raise ValueError("KalmanNGD.sampled_params does not compose with FSDP2 yet (each "
+                             "rank would draw its own shard's noise); sample on a gathered "
+                             "model")
         pairs = self._params()
         saved = [p.detach().clone() for p, _ in pairs]
         try:

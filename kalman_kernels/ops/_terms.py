@@ -60,17 +60,30 @@ class Terms:
                                                else self.whiten_kalman)
 
 
-def factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate, world=1) -> Terms:
-    """S, its factor, the whitened residual, gate and the overflow guard of one observation
-    (or sub-batch) with residual ``e`` (float64) and noise ``r``; ``gate`` is the gate's
-    probability (its threshold is taken at this observation's m) or None; ``world`` the
-    number of independent steps whose sum the overflow guard bounds (ranks times
-    sub-batches). Returns a :class:`Terms` of device tensors."""
-    m = e.shape[0]
+def partial_innovation_cov(kernels, blocks, hypers, m: int, device) -> torch.Tensor:
+    """sum over ``blocks`` of H_b diag(P-_b) H_b^T (m x m float64; zeros without blocks):
+    S less the noise, or a shard's share of it (:mod:`kalman_kernels.fsdp`)."""
     hph = None
     for b, hp in zip(blocks, hypers):
         part = innovation_cov(kernels, b, hp)
         hph = part if hph is None else hph + part
+    return hph if hph is not None else torch.zeros((m, m), dtype=torch.float64, device=device)
+
+
+def factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate, world=1, hph=None,
+                 guard_on=None) -> Terms:
+    """S, its factor, the whitened residual, gate and the overflow guard of one observation
+    (or sub-batch) with residual ``e`` (float64) and noise ``r``; ``gate`` is the gate's
+    probability (its threshold is taken at this observation's m) or None; ``world`` the
+    number of independent steps whose sum the overflow guard bounds (ranks times
+    sub-batches). ``hph``: H diag(P-) H^T when summed already (the shards' all-reduced
+    partial sums, :mod:`kalman_kernels.fsdp`), else computed from ``blocks``;
+    ``guard_on``: (params, covs, hypers) the overflow guard bounds instead of the blocks'
+    (every shard of a sharded step guards the same set, so that ranks decide alike).
+    Returns a :class:`Terms` of device tensors."""
+    m = e.shape[0]
+    if hph is None:
+        hph = partial_innovation_cov(kernels, blocks, hypers, m, e.device)
     finite = torch.isfinite(hph).all() & torch.isfinite(e).all()
     if adaptive_rate > 0.0:
         adapted = ref.adapt_obs_noise(r, adaptive_rate, e, torch.diagonal(hph).mean())
@@ -82,13 +95,16 @@ def factor_terms(kernels, blocks, hypers, e, r, gate, adaptive_rate, world=1) ->
     s = ref.gate_scale(d2, ref.gate_threshold(gate, m))
     solved = ref.solve_from_whitened(factor, z)              # S^-1 e (float64)
     whiten_kalman = ref.whitening_matrix(factor)             # L^-1
-    whiten_info = noise_whitening(r, m) if any(hp.information for hp in hypers) else None
+    g_params, g_covs, g_hypers = (guard_on if guard_on is not None else
+                                  ([b.param for b in blocks], [b.cov for b in blocks], hypers))
+    whiten_info = (noise_whitening(r, m) if any(hp.information for hp in g_hypers)
+                   or any(hp.information for hp in hypers) else None)
     # Overflow guard (docs/robustness.md): scalars representable, step within the dtype's range.
     w_max = {False: whiten_kalman.abs().amax()}
     if whiten_info is not None:
         w_max[True] = whiten_info.abs().amax()
-    guard = representable_step([b.param for b in blocks], [b.cov for b in blocks], hypers,
-                               s * torch.sqrt(d2), s * solved.abs().amax(), w_max, world)
+    guard = representable_step(g_params, g_covs, g_hypers, s * torch.sqrt(d2),
+                               s * solved.abs().amax(), w_max, world)
     return Terms(r, s_mat, jitter, finite, factored, d2, s, solved, whiten_kalman,
                  whiten_info, guard & finite)
 
