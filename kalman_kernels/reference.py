@@ -276,7 +276,12 @@ def gate_scale(d2: Scalar, tau: Optional[float]) -> Scalar:
     """s = 1 without gating, else min(1, sqrt(tau / d2)): a 0-d float64 tensor for a tensor
     ``d2``, a Python float for a float (the same operations: host arithmetic is float64)."""
     if not isinstance(d2, torch.Tensor):
-        return math.sqrt(tau / d2) if (tau is not None and d2 > tau) else 1.0
+        if tau is None or not d2 > tau:
+            return 1.0
+        # torch's CPU sqrt, not math.sqrt: the two differ in the last bit for about 1 % of
+        # arguments, and the host path must match the tensor path bit for bit (only a gated
+        # step pays for this call)
+        return float(torch.tensor(tau / d2, dtype=F64).sqrt())
     d2 = d2.to(F64)
     one = torch.ones((), dtype=F64, device=d2.device)
     if tau is None:
