@@ -138,6 +138,11 @@ class KalmanNGD(torch.optim.Optimizer):
     values only when called.
     """
 
+    # torch.amp.GradScaler.step(opt) then leaves the unscaling to this optimizer (it sets
+    # ``grad_scale`` and ``found_inf`` on it): the loss step unscales the gradients itself and
+    # knows that a scaler is at work, whose unscale the backward hooks cannot see
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr: float = 1.0, init_cov: float = 1e-3,
                  obs_noise=_OBS_NOISE_DEFAULT, process_noise: float = 0.0,
                  forgetting: float = 1.0, cov_floor: float = 1e-12,
@@ -177,6 +182,9 @@ class KalmanNGD(torch.optim.Optimizer):
                                                             device=device)
         if backend != "auto":
             resolve(backend, device)   # fail now, with the reason, not at step 1
+        # now, not at the first step: a trainer's first backward passes (gradient
+        # accumulation, observe()) come before it
+        self._install_grad_hooks()
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -481,10 +489,12 @@ class KalmanNGD(torch.optim.Optimizer):
             if id(p) in self._hooked:
                 continue
 
-            def hook(param, group=group):
+            mine = weakref.ref(p)
+
+            def hook(param, group=group, mine=mine):
                 opt = me()
-                if opt is None or param.grad is None or compiling():
-                    return
+                if opt is None or param is not mine() or param.grad is None or compiling():
+                    return      # (a deepcopy of the parameter may carry the hook along)
                 tape = opt._tape
                 compute = (tape.enabled and opt.process_group is None
                            and not (torch.distributed.is_available()
@@ -503,10 +513,12 @@ class KalmanNGD(torch.optim.Optimizer):
         For training loops that call ``step()`` without a closure (Hugging Face
         ``Trainer``, ``GradScaler.step(opt)``): call ``loss.backward()`` (or
         ``scaler.scale(loss).backward()``), then ``opt.observe(loss)`` with the same loss,
-        *unscaled*, then ``opt.step()``. The step observes the sum of the losses observed
-        since the last step (gradient accumulation: observe each micro-batch's loss, the
-        tensor you called backward on) against the gradients in ``.grad`` (every parameter
-        whose ``.grad`` is not None, as torch.optim's optimizers use them). ``zero_grad()``
+        *unscaled* (not ``scaler.scale(loss)``: nothing in the scaled tensor tells it apart,
+        so this is not checked), then ``opt.step()``. The step observes the sum of the
+        losses observed since the last step (gradient accumulation: observe each
+        micro-batch's loss, the tensor you called backward on) against the gradients in
+        ``.grad`` (every parameter whose ``.grad`` is not None, as torch.optim's optimizers
+        use them). ``zero_grad()``
         forgets the observed losses with the gradients. Inside a closure, observed losses
         replace the closure's return value. ``loss``: a 1-element floating tensor (with or
         without its graph; its value is what is used). Returns ``self``.
@@ -520,13 +532,6 @@ class KalmanNGD(torch.optim.Optimizer):
             raise TypeError(f"observe(loss): the loss must be a 1-element floating tensor, got "
                             f"{loss.dtype} of shape {tuple(loss.shape)}; reduce it (e.g. "
                             f".mean()) before backward and observe the reduced loss")
-        if loss.dim() == 1 and type(loss.grad_fn).__name__ == "MulBackward0":
-            # scaler.scale(loss) multiplies a 0-d loss by the scale, a (1,) tensor
-            raise ValueError("observe(loss): this looks like a GradScaler-scaled loss "
-                             "(scaler.scale(loss) has shape (1,) and comes from a "
-                             "multiplication); observe the unscaled loss: "
-                             "scaler.scale(loss).backward(); opt.observe(loss). (A loss of "
-                             "shape (1,) that is not scaled: pass loss.reshape(()))")
         if not (loss.is_cpu and self._device().type == "cpu") and \
                 loss.device != self._device():
             raise ValueError(f"observe(loss): the loss is on {loss.device} but the parameters "
