@@ -464,7 +464,8 @@ needs_transformers = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason=(
     "extra installs them)"))
 
 
-def _lightning_fit(base, batches, accumulate=1, callbacks=(), precision="64-true"):
+def _lightning_fit(base, batches, accumulate=1, callbacks=(), precision="64-true",
+                   plugins=()):
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
@@ -484,7 +485,8 @@ def _lightning_fit(base, batches, accumulate=1, callbacks=(), precision="64-true
 
     module = Module()
     trainer = pl.Trainer(max_steps=len(batches) // accumulate, accumulate_grad_batches=accumulate,
-                         callbacks=list(callbacks), precision=precision, logger=False,
+                         callbacks=list(callbacks), logger=False, plugins=list(plugins),
+                         **({} if plugins else {"precision": precision}),
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1)
     with warnings.catch_warnings():
@@ -535,6 +537,34 @@ def test_lightning_bf16_mixed_steps_on_the_loss_backward_made():
     assert module.opt.steps_taken == 3 and module.opt.skipped_steps == 0
     assert all(torch.isfinite(p).all() for p in module.net.parameters())
     assert _path(module.opt) == "in-backward"
+
+
+@needs_lightning
+def test_lightning_16_mixed_with_a_grad_scaler_needs_the_callback_and_observes_unscaled():
+    """16-mixed with a GradScaler (on CPU given explicitly; Lightning makes one on CUDA):
+    Lightning runs the closure itself, then scaler.step(opt) without it. Without the
+    callback the step names the fix; with it, the observed loss is divided by the scale
+    (Lightning hands on_before_backward the scaled loss) and the gradients are unscaled by
+    the step: the run follows the oracle (fp16 autocast forward: loose tolerance, while a
+    scaled observation would be off by the scale, 1024)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from kalman_kernels.integrations import KalmanObserveLoss
+
+    def plugin():
+        return MixedPrecision("16-mixed", "cpu",
+                              scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    base = _net(dtype=torch.float32)
+    batches = _batches(3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="no loss was observed.*KalmanObserveLoss"):
+        _lightning_fit(base, batches, plugins=[plugin()])
+    module = _lightning_fit(base, batches, plugins=[plugin()], callbacks=[KalmanObserveLoss()])
+    assert module.opt.steps_taken == 3 and module.opt.skipped_steps == 0
+    assert _path(module.opt).startswith("two-pass: a GradScaler")
+    oracle = Oracle(base)
+    for x, y in module.seen:
+        oracle.step(lambda m: _mse(m, x.double(), y.double()))
+    oracle.check(module.net, module.opt, tol=2e-2)
 
 
 # ---------------------------------------------------------------------- (c) HF Trainer
