@@ -8,7 +8,9 @@ one (``opt.observe(loss)``, trainers that call ``step()`` without a closure), an
   those gradients belong to the closure's loss);
 * the loss-step reduction g^T P- g, one share per tensor while its gradient is fresh (the
   single-pass loss step), with what each share was computed from: the gradient tensor and
-  its version counter, the covariance tensor and its version counter, lam and q;
+  its version counter, the covariance tensor and its version counter, lam and q (tensors
+  under ``MIN_SHARE_NUMEL`` elements are only recorded, and their shares summed at the step
+  in one multi-tensor call: a hook's kernel call costs more than their reduction);
 * a closure's backward that accumulated into a gradient an earlier backward outside the
   closure left (gradient accumulation over micro-batches the closure's loss does not cover);
 * the losses given to ``observe()`` since the last step.
@@ -31,10 +33,15 @@ import torch
 
 # Why the last loss step summed g^T P- g after backward (diagnostics()["loss_reduction"]).
 IN_BACKWARD = "in-backward"
+# Gradients smaller than this are summed at the step, in one multi-tensor call, instead of
+# in their hooks: a hook's kernel call costs tens of microseconds of dispatch, more than
+# such a tensor's share of the reduction (the cpp kernels' work item is 2^16 elements).
+MIN_SHARE_NUMEL = 1 << 16
 
 
 class _Share:
-    __slots__ = ("count", "inside", "grad", "version", "cov", "cov_version", "lam", "q")
+    __slots__ = ("count", "inside", "grad", "version", "cov", "cov_version", "lam", "q",
+                 "deferred")
 
     def __init__(self):
         self.count = 0          # hook calls (backward passes into this parameter)
@@ -44,6 +51,7 @@ class _Share:
         self.cov = None
         self.cov_version = -1
         self.lam = self.q = None
+        self.deferred = False   # a small gradient: its share is summed at the step
 
 
 class LossTape:
@@ -57,8 +65,9 @@ class LossTape:
     def reset(self) -> None:
         """Forget everything (after a step, and at zero_grad)."""
         self.shares: Dict[int, _Share] = {}
-        self.quad: Optional[torch.Tensor] = None     # the running sum of the shares
+        self.quad = None        # the running sum of the shares (a float on eager CPU)
         self.shared = True                           # every hook call added its share
+        self.any_share = False                       # a hook added (or deferred) a share
         self.in_closure = False
         self.seen_inside: set = set()                # id(param) reached inside the closure
         self.backward_inside = 0
@@ -91,10 +100,20 @@ class LossTape:
         if not compute:
             self.shared = False
             return
+        if grad.numel() < MIN_SHARE_NUMEL:
+            share.deferred = True
+            self.any_share = True
+            return
         cov = cov_of()
         with torch.no_grad():
             part = kernels.loss_quad_form([grad], [cov], lam, q)
+        if grad.is_cpu:
+            # eager CPU: a Python float, like the loss step's host path (reading a CPU
+            # tensor costs no synchronisation; a tensor add per hook costs microseconds)
+            part = float(part)
         self.quad = part if self.quad is None else self.quad + part
+        self.any_share = True
+        share.deferred = False
         share.cov = weakref.ref(cov)
         share.cov_version = cov._version
         share.lam, share.q = lam, q
@@ -109,13 +128,30 @@ class LossTape:
             self.observed_before = True
 
     # ------------------------------------------------------------------ the step
-    def reduction(self, used, cov_of, hyper_of, scaler: bool) -> Optional[torch.Tensor]:
+    def reduction(self, used, cov_of, hyper_of, scaler: bool, kernels):
         """g^T P- g summed in the hooks when it is exactly the step's (see the module
-        docstring), else None; ``used``: (param, group, grad) the step updates. Sets
-        ``last_path``."""
+        docstring), with the small gradients' shares summed now in one call per (lam, q)
+        (``kernels()``: the step's backend); else None. ``used``: (param, group, grad) the
+        step updates. Sets ``last_path``."""
         reason = self._why_not(used, cov_of, hyper_of, scaler)
         self.last_path = IN_BACKWARD if reason is None else f"two-pass: {reason}"
-        return self.quad if reason is None else None
+        if reason is not None:
+            return None
+        quad = self.quad
+        small: dict = {}
+        for p, group, grad in used:
+            if self.shares[id(p)].deferred:
+                hp = hyper_of(group)
+                small.setdefault((hp.forgetting, hp.process_noise), []).append(
+                    (grad, cov_of(p, group)))
+        for (lam, q), pairs in small.items():
+            with torch.no_grad():
+                part = kernels().loss_quad_form([g for g, _ in pairs], [c for _, c in pairs],
+                                              lam, q)
+            if pairs[0][0].is_cpu:
+                part = float(part)
+            quad = part if quad is None else quad + part
+        return quad
 
     def _why_not(self, used, cov_of, hyper_of, scaler: bool) -> Optional[str]:
         if not self.enabled:
@@ -124,7 +160,7 @@ class LossTape:
             return "a GradScaler steps the optimizer (its unscale edits the gradients)"
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return "torch.distributed is initialized (gradients may be reduced after backward)"
-        if self.quad is None or not self.shared:
+        if not self.any_share or not self.shared:
             return "no backward pass ran under the hooks"
         if len(self.shares) != len(used):
             return "backward reached other parameters than the step updates"
@@ -136,6 +172,8 @@ class LossTape:
                 return "several backward passes (gradient accumulation)"
             if share.grad() is not grad or grad._version != share.version:
                 return "a gradient was changed after backward (e.g. clipping)"
+            if share.deferred:
+                continue            # summed now, from the step's own tensors
             cov = cov_of(p, group)
             if share.cov() is not cov or cov._version != share.cov_version:
                 return "a covariance was changed after backward"

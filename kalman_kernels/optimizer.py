@@ -171,6 +171,7 @@ class KalmanNGD(torch.optim.Optimizer):
         self._captures: Dict[nn.Linear, LinearCapture] = {}
         self._tape = LossTape()      # the hooks' record between steps (observe, g^T P- g)
         self._hooked: Dict[int, object] = {}
+        self._hook_kernels: Dict[tuple, object] = {}
         self._checked_groups: Dict[int, tuple] = {}   # id(group) -> (values, StepHyper)
         super().__init__(params, defaults)
         device = self._device()
@@ -499,7 +500,12 @@ class KalmanNGD(torch.optim.Optimizer):
                 compute = (tape.enabled and opt.process_group is None
                            and not (torch.distributed.is_available()
                                     and torch.distributed.is_initialized()))
-                kernels = resolve(opt.backend, param.device) if compute else None
+                kernels = None
+                if compute:     # resolved once per (backend, device kind)
+                    key = (opt.backend, param.is_cpu)
+                    kernels = opt._hook_kernels.get(key)
+                    if kernels is None:
+                        kernels = opt._hook_kernels[key] = resolve(opt.backend, param.device)
                 tape.record(param, kernels, lambda: opt._cov(param, group),
                             float(group["forgetting"]), float(group["process_noise"]),
                             compute)
@@ -806,7 +812,8 @@ class KalmanNGD(torch.optim.Optimizer):
         used = [(p, g, grad) for (p, g), grad in zip(pairs, grads) if grad is not None]
         quad_form = None
         if source != "graph":
-            quad_form = self._tape.reduction(used, self._cov, self._hyper_of, scaler)
+            quad_form = self._tape.reduction(used, self._cov, self._hyper_of, scaler,
+                                             lambda: resolve(self.backend, self._device()))
         else:
             self._tape.last_path = "two-pass: the closure returned the loss with its graph"
         if self.process_group is not None:

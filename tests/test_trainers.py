@@ -20,6 +20,14 @@ from oracle_numpy import loss_step
 INIT_COV, R = 0.05, 0.3
 
 
+def _loss_step_diag(mu, prior, g, loss, r):
+    """docs/design.md, 2.2 in float64 numpy, elementwise (for sizes where the full-matrix
+    oracle, oracle_numpy.loss_step, would not fit): S = g^T P- g + r, e = -L,
+    mu += P- g e / S, P = P- - P-^2 g^2 / S; ``prior`` is P- (after the predict step)."""
+    s = float(np.sum(g * g * prior)) + r
+    return mu + prior * g * (-loss) / s, prior - prior ** 2 * g ** 2 / s
+
+
 def _flat(tensors):
     return np.concatenate([t.detach().double().reshape(-1).numpy() for t in tensors])
 
@@ -299,9 +307,29 @@ def test_grads_edited_after_backward_fall_back_to_two_pass():
         opt.covariance(p0).mul_(0.5)          # an edit after the hook read it
     oracle.cov[:p0.numel()] *= 0.5
     opt.observe(loss).step()
-    assert _path(opt) == "two-pass: a covariance was changed after backward"
+    # these gradients are small: their shares are summed at the step, from the edited P
+    assert _path(opt) == "in-backward"
     oracle.step(lambda m: _mse(m, x, y))
     oracle.check(model, opt)
+
+
+def test_a_covariance_edited_after_its_hook_falls_back_to_two_pass():
+    """A gradient large enough to be summed in its hook (MIN_SHARE_NUMEL), then its
+    covariance edited before the step: the hook's share is stale; detected."""
+    from kalman_kernels._loss_tape import MIN_SHARE_NUMEL
+    w = nn.Parameter(torch.randn(MIN_SHARE_NUMEL + 3, dtype=torch.float64) * 0.01)
+    x = torch.randn(MIN_SHARE_NUMEL + 3, dtype=torch.float64)
+    opt = kk.KalmanNGD([w], init_cov=INIT_COV, obs_noise=R)
+    loss = (w * x).sum().tanh()
+    loss.backward()
+    with torch.no_grad():
+        opt.covariance(w).mul_(0.5)
+    mu, cov = _loss_step_diag(_flat([w]), np.full(w.numel(), INIT_COV * 0.5),
+                              _flat([w.grad]), float(loss.detach()), R)
+    opt.observe(loss).step()
+    assert _path(opt) == "two-pass: a covariance was changed after backward"
+    assert rel_err(_flat([w]), mu) <= 1e-10
+    assert rel_err(_flat([opt.covariance(w)]), cov) <= 1e-10
 
 
 # ---------------------------------------------------------------------- (e) torch.amp
@@ -411,7 +439,9 @@ def test_single_pass_equals_two_pass_and_the_float64_reference(backend, dtype):
     and the float64 oracle, on odd sizes, with forgetting and process noise, per-group
     hyper-parameters."""
     torch.manual_seed(torch.initial_seed() % 2**31)
-    shapes = [(7, 3), (3,), (1,), (5, 1, 2)]
+    # (301, 223) is summed in its backward hook; the others, under MIN_SHARE_NUMEL, at
+    # the step
+    shapes = [(7, 3), (301, 223), (1,), (5, 1, 2)]
     base = [torch.randn(s, dtype=dtype) for s in shapes]
     xs = [torch.randn(s, dtype=dtype) for s in shapes]
     results = []
@@ -447,7 +477,7 @@ def test_single_pass_equals_two_pass_and_the_float64_reference(backend, dtype):
         loss = sum(((p * x.double()).sum() * (k + 1)).tanh() for p, x in zip(ps, xs))
         g = _flat(torch.autograd.grad(loss, ps))
         prior = cov / lam + q            # the predict step, per element
-        mu, cov, _, _ = loss_step(mu, prior, g, float(loss.detach()), 0.4)
+        mu, cov = _loss_step_diag(mu, prior, g, float(loss.detach()), 0.4)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert rel_err(_flat(ps1), mu) <= tol
     assert rel_err(_flat([o1.covariance(p) for p in ps1]), cov) <= tol
