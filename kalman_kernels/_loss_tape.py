@@ -62,6 +62,16 @@ class LossTape:
         self.last_path: Optional[str] = None
         self.reset()
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle: the record between two steps refers to live gradients
+        # (weak references); a copy starts with none, as after a step
+        return {"enabled": self.enabled, "last_path": self.last_path}
+
+    def __setstate__(self, state):
+        self.enabled = state["enabled"]
+        self.last_path = state["last_path"]
+        self.reset()
+
     def reset(self) -> None:
         """Forget everything (after a step, and at zero_grad)."""
         self.shares: Dict[int, _Share] = {}

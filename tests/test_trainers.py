@@ -169,7 +169,7 @@ def test_closure_return_kinds_that_are_refused_or_do_nothing():
     x, y = _batches(1)[0]
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match=r"Python number .* no backward.*loss\.backward\(\)"):
-        opt.step(lambda: float(_mse(model, x, y)))
+        opt.step(lambda: _mse(model, x, y).detach().item())
     with pytest.raises(TypeError, match="closure must return"):
         opt.step(lambda: True)
     with pytest.raises(ValueError, match="does not require grad"):
@@ -184,6 +184,20 @@ def test_closure_return_kinds_that_are_refused_or_do_nothing():
     assert opt.steps_taken == 0
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_copied_tape_starts_empty():
+    """copy.deepcopy / pickle of the backward hooks' record between steps (it holds weak
+    references to live gradients): the copy keeps the switch and starts empty."""
+    import pickle
+    model = _net()
+    opt = kk.KalmanNGD(model.parameters()).reduce_in_backward(False)
+    loss = _mse(model, *_batches(1)[0])
+    loss.backward()
+    opt.observe(loss)
+    assert opt._tape.shares and opt._tape.observed is not None
+    for copied in (copy.deepcopy(opt._tape), pickle.loads(pickle.dumps(opt._tape))):
+        assert copied.enabled is False and not copied.shares and copied.observed is None
 
 
 # ---------------------------------------------------------------------- (d) accumulation
