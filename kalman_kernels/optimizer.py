@@ -600,6 +600,12 @@ class KalmanNGD(torch.optim.Optimizer):
                 "trainers')")
         try:
             return self._step(closure)
+        except BaseException:
+            # GradScaler.step deletes the grad_scale / found_inf it set only after a step
+            # that returned; left behind, they would make the next step look scaled
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
+            raise
         finally:
             enabled, last = tape.enabled, tape.last_path
             tape.reset()

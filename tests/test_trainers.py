@@ -410,6 +410,8 @@ def test_gradscaler_observes_the_unscaled_loss_and_gradients():
     with pytest.raises(RuntimeError, match=r"GradScaler\.step\(opt, closure\)"):
         scaler.step(opt, closure)
     scaler.update()
+    # the failed scaled step left no scaler attributes behind: a plain closure step works
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
 
     # an overflow: the unscaled gradient is infinite, the step is skipped, nothing changes
     big = _scaler(init_scale=3e38)
