@@ -581,6 +581,16 @@ class KalmanNGD(torch.optim.Optimizer):
         Returns the loss tensor in loss-observation mode and the mean squared residual in
         batch mode. ``self.last_info`` holds the :class:`~kalman_kernels.ops.KalmanInfo`.
         """
+        try:
+            return self._checked_step(closure)
+        except BaseException:
+            # GradScaler.step deletes the grad_scale / found_inf it set only after a step
+            # that returned; left behind, they would make the next step look scaled
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
+            raise
+
+    def _checked_step(self, closure):
         tape = self._tape
         if hasattr(self, "found_inf") and closure is not None:
             # GradScaler.step(opt, closure): the scaler unscales before the closure runs
@@ -600,12 +610,6 @@ class KalmanNGD(torch.optim.Optimizer):
                 "trainers')")
         try:
             return self._step(closure)
-        except BaseException:
-            # GradScaler.step deletes the grad_scale / found_inf it set only after a step
-            # that returned; left behind, they would make the next step look scaled
-            for name in ("grad_scale", "found_inf"):
-                self.__dict__.pop(name, None)
-            raise
         finally:
             enabled, last = tape.enabled, tape.last_path
             tape.reset()
