@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import weakref
 from typing import Callable, Dict, Optional
 
@@ -675,7 +676,7 @@ class KalmanNGD(torch.optim.Optimizer):
                                     "(KalmanNGD observes its value), or opt.observe(loss) "
                                     "inside the closure")
                 return None
-            if isinstance(out, (int, float)) and not isinstance(out, bool):
+            if isinstance(out, numbers.Real) and not isinstance(out, bool):  # NumPy's too
                 if not backward:
                     raise TypeError(
                         f"closure returned a Python number ({out!r}) and ran no backward pass "

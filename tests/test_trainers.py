@@ -146,11 +146,13 @@ def _closure(model, opt, x, y, kind):
             return loss
         if kind == "detached":
             return loss.detach()                      # a 0-d tensor without grad
+        if kind == "numpy":
+            return np.float64(loss.item())            # a NumPy number after backward
         return loss.item()                            # a Python number after backward
     return closure
 
 
-@pytest.mark.parametrize("kind", ["tensor", "detached", "number", "graph"])
+@pytest.mark.parametrize("kind", ["tensor", "detached", "number", "numpy", "graph"])
 def test_closure_return_kinds_equal_the_oracle(kind):
     base = _net()
     model = copy.deepcopy(base)
