@@ -102,7 +102,7 @@ class _Marks:
 
 def step_segments(n: int, steps: int = 25):
     """[(segment, median us)] of one KalmanNGD.step in loss mode, by phase."""
-    case = LossPublicCase(n)
+    case = LossPublicCase(n, single_pass=False)     # both kernels inside the step
     marks = _Marks()
     kernels = resolve(case.backend, torch.device("cpu"))
     marks.wrap(kernels, "loss_quad_form", "kernel loss_quad_form")

@@ -9,7 +9,10 @@ raw ops it calls, AdamW(fused=True) and torch.mm: benchmarks/public_api.py), ``d
 ``loss`` (the raw cpp kernels vs the reference and the machine's ceilings), ``kron`` (the
 sample-grouped Kronecker step vs the same observations ungrouped and torch.mm's rate for
 its dominant GEMM), ``class_head`` (the CLIP application's 1,000-class head: the
-class-structured Gaussian step and the categorical-likelihood step side by side).
+class-structured Gaussian step and the categorical-likelihood step side by side), and
+``loss_public`` (only the loss step's rows of ``public``: the default single-pass step and
+the two-pass one, ``reduce_in_backward(False)``, beside AdamW(fused=True) in one
+round-robin; ``--threads 1 --only loss_public``).
 
 Every ratio is measured in this run, on this machine, round-robin (median and IQR over
 rounds): cpp vs the reference backend, the loss step vs torch.optim.AdamW(fused=True) on
@@ -397,6 +400,9 @@ def main(argv=None):
             bench_dense(table, threads, sizes_n, sizes_m, args.rounds, cpp, refb, summary)
         if "public" in sections:
             bench_public(table, threads, args.rounds, summary)
+        elif "loss_public" in sections:       # the loss step's rows of "public" alone
+            from . import public_api as P
+            P.bench_loss_public(table, threads, args.rounds, summary)
         if "kron" in sections:
             bench_kron(table, threads, args.rounds, cpp, refb, summary)
         if "class_head" in sections:

@@ -9,13 +9,17 @@ from benchmarks import public_api as P
 from benchmarks.conftest import record
 
 
-@pytest.mark.parametrize("variant", ["KalmanNGD.step (closure with backward)", "raw ops",
-                                     "AdamW(fused=True).step (closure with backward)"])
+@pytest.mark.parametrize("variant", ["KalmanNGD.step (closure with backward)",
+                                     "KalmanNGD.step two-pass (closure with backward)",
+                                     "raw ops", "AdamW(fused=True).step (closure with backward)"])
 def test_loss_mode_10m(benchmark, variant):
-    """The whole step with its closure's backward, beside the raw ops and AdamW
-    (benchmarks.report subtracts the closure's time to give the step's own)."""
-    case = P.LossPublicCase(10_000_000)
-    fn = {"KalmanNGD.step (closure with backward)": case.step, "raw ops": case.raw_ops(),
+    """The whole step with its closure's backward (the default single-pass step, whose
+    reduction runs in the backward hooks, and reduce_in_backward(False)), beside the raw ops
+    and AdamW (benchmarks.report subtracts the plain backward's time from both)."""
+    case = P.LossPublicCase(10_000_000, single_pass="two-pass" not in variant)
+    fn = {"KalmanNGD.step (closure with backward)": case.step,
+          "KalmanNGD.step two-pass (closure with backward)": case.step,
+          "raw ops": case.raw_ops(),
           "AdamW(fused=True).step (closure with backward)": case.adamw()}[variant]
     benchmark.group = "loss mode, 10M params in 4 tensors"
     benchmark.pedantic(fn, rounds=15, warmup_rounds=1)

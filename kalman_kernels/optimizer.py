@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import weakref
 from typing import Callable, Dict, Optional
 
@@ -45,6 +46,7 @@ from torch import nn
 
 from . import distributed, fsdp, ops
 from ._deferred import compiling
+from ._loss_tape import LossTape
 from .backends import resolve
 from .functional import COUNTERS, FilterState, kalman_ngd_batch_step, kalman_ngd_loss_step
 from .observations import (
@@ -201,6 +203,11 @@ class KalmanNGD(torch.optim.Optimizer):
     values only when called.
     """
 
+    # torch.amp.GradScaler.step(opt) then leaves the unscaling to this optimizer (it sets
+    # ``grad_scale`` and ``found_inf`` on it): the loss step unscales the gradients itself and
+    # knows that a scaler is at work, whose unscale the backward hooks cannot see
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr: float = 1.0, init_cov: float = 1e-3,
                  obs_noise=_OBS_NOISE_DEFAULT, process_noise: float = 0.0,
                  forgetting: float = 1.0, cov_floor: float = 1e-12,
@@ -225,14 +232,12 @@ class KalmanNGD(torch.optim.Optimizer):
         self.max_obs_per_update = max_obs_per_update
         self._filter = FilterState()     # counters, adapted noise, last_info, deferred flags
         self._cov_checks = CovValueCheck()
-        self._grad_seen: set = set()
         self._ranks = distributed.RankAgreement(process_group)
         self._captures: Dict[nn.Linear, LinearCapture] = {}
-        self._quad = None            # QuadFormAccumulator when reduce_in_backward() is on
+        self._tape = LossTape()      # the hooks' record between steps (observe, g^T P- g)
         self._hooked: Dict[int, object] = {}
+        self._hook_kernels: Dict[tuple, object] = {}
         self._checked_groups: Dict[int, tuple] = {}   # id(group) -> (values, StepHyper)
-        self._in_closure = False
-        self._backward_calls = 0
         self._last_blocks = None     # what the last step gave each parameter (describe())
         self._param_names: Dict[torch.Tensor, str] = {}   # from track(module)
         super().__init__(params, defaults)
@@ -247,6 +252,9 @@ class KalmanNGD(torch.optim.Optimizer):
             resolve(backend, device)   # fail now, with the reason, not at step 1
         # FSDP2 (fully_shard) parameters: sharded covariances and steps (kalman_kernels/fsdp.py)
         self._sharded = fsdp.check_supported(self)
+        # now, not at the first step: a trainer's first backward passes (gradient
+        # accumulation, observe()) come before it
+        self._install_grad_hooks()
 
     # ------------------------------------------------------------------ copies
     # What copy.deepcopy and pickle carry (torch.optim.Optimizer's own __getstate__ keeps
@@ -256,22 +264,24 @@ class KalmanNGD(torch.optim.Optimizer):
     # tracked layers (their forward hooks travel with them: copy the model and the
     # optimizer together, copy.deepcopy((model, opt)), to keep the tracking on the copied
     # model), the names and last blocks of describe(), and whether reduce_in_backward() is
-    # on. Rebuilt: the post-accumulate-grad hooks (tensors' hooks are not copied; the next
-    # step registers them on the copy's parameters), the per-step scratch, the caches keyed
-    # by id() and the covariance value check (the copy checks its covariances once). Not
+    # on (the LossTape carries that switch and forgets the record between steps, which
+    # refers to live gradients). Rebuilt: the post-accumulate-grad hooks (tensors' hooks
+    # are not copied; the copy registers them on its own parameters), the per-step scratch,
+    # the caches keyed by id() and the covariance value check (the copy checks its
+    # covariances once). Not
     # carried, as with torch.optim: the step and state_dict hooks, and the patches of
     # methods on the instance (an LR scheduler's wrapper of step). Refused: a process
-    # group, which belongs to this process's torch.distributed run.
-    _REBUILT = ("_cov_checks", "_grad_seen", "_ranks", "_hooked", "_checked_groups",
-                "_in_closure", "_backward_calls", "_written_covs", "_quad")
+    # group or FSDP2 shards, which belong to this process's torch.distributed run.
+    _REBUILT = ("_cov_checks", "_ranks", "_hooked", "_hook_kernels", "_checked_groups",
+                "_written_covs")
 
     def __getstate__(self) -> dict:
-        if self.process_group is not None:
+        if self.process_group is not None or self._sharded is not None:
             raise TypeError(
-                "a KalmanNGD with a process_group cannot be copied or pickled: the group "
-                "belongs to this process's torch.distributed run. Save and restore its state "
-                "instead: opt.state_dict(), then KalmanNGD(..., process_group=group) and "
-                "load_state_dict on the new optimizer")
+                "a KalmanNGD with a process_group or over FSDP2-sharded parameters cannot be "
+                "copied or pickled: they belong to this process's torch.distributed run. Save "
+                "and restore its state instead: opt.state_dict() (torch.distributed.checkpoint "
+                "under FSDP2), then a new KalmanNGD(...) and load_state_dict on it")
         state = super().__getstate__()
         for key, value in self.__dict__.items():
             # an instance attribute that is a function is a patch of a method (an LR
@@ -280,13 +290,12 @@ class KalmanNGD(torch.optim.Optimizer):
             if key not in self._REBUILT and not key.startswith("_optimizer_") and \
                     not callable(value):
                 state.setdefault(key, value)
-        state["_reduce_in_backward"] = self._quad is not None
+        state["_full_copy"] = True
         return state
 
     def __setstate__(self, state: dict) -> None:
         # torch.optim's load_state_dict calls this with state and param_groups alone
-        full = "_reduce_in_backward" in state
-        in_backward = state.pop("_reduce_in_backward", False)
+        full = state.pop("_full_copy", False)
         marked = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
         if not full:
@@ -294,16 +303,12 @@ class KalmanNGD(torch.optim.Optimizer):
         if not marked:      # torch adds it for old pickles; a copy keeps the defaults as they were
             self.defaults.pop("differentiable", None)
         self._cov_checks = CovValueCheck()
-        self._grad_seen = set()
         self._ranks = distributed.RankAgreement(self.process_group)
         self._hooked = {}
+        self._hook_kernels = {}
         self._checked_groups = {}
-        self._in_closure = False
-        self._backward_calls = 0
         self._written_covs = None
-        self._quad = None
-        if in_backward:
-            self.reduce_in_backward()
+        self._install_grad_hooks()
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -409,7 +414,10 @@ class KalmanNGD(torch.optim.Optimizer):
           step removed): above 1 it is clamped; near 1 the ranks' summed mean steps
           overshoot (docs/robustness.md, "Scale-out");
         * ``groups``: per param group, ``cov_min`` / ``cov_mean`` / ``cov_max`` of P,
-          ``numel`` and ``floor_clamped``.
+          ``numel`` and ``floor_clamped``;
+        * ``loss_reduction``: how the last loss step summed g^T P- g: ``"in-backward"``
+          (in the backward hooks, single pass) or ``"two-pass: <why>"`` (None before a
+          loss step; see :meth:`reduce_in_backward`).
         """
         self._filter.pending.poll(wait=True)
         out = {key: self._filter.counter(key) for key in COUNTERS}
@@ -451,6 +459,7 @@ class KalmanNGD(torch.optim.Optimizer):
                                "floor_clamped": clamped})
         out["floor_clamped"] = total_clamped
         out["groups"] = groups
+        out["loss_reduction"] = self._tape.last_path
         return out
 
     @staticmethod
@@ -670,97 +679,249 @@ class KalmanNGD(torch.optim.Optimizer):
                     cov_allocated=cov is not None, note=note))
         return OptimizerReport(rows, mode)
 
-    def reduce_in_backward(self) -> "KalmanNGD":
-        """Loss mode, fused: sum g^T P- g during the backward pass.
+    def reduce_in_backward(self, enabled: bool = True) -> "KalmanNGD":
+        """Loss mode: whether g^T P- g may be summed during the backward pass (default: on).
 
-        The closure then runs ``loss.backward()`` itself (the usual PyTorch closure). A
-        post-accumulate-grad hook adds each parameter's share of g^T P- g while its fresh
+        A post-accumulate-grad hook adds each parameter's share of g^T P- g while its fresh
         gradient is still in cache, so the step itself streams parameter, gradient and
-        covariance once (5 streams instead of 7). It needs exactly one backward per step:
-        with gradient accumulation the step recomputes the sum (and warns once).
+        covariance once (5 streams instead of 7). The step uses that sum only where it is
+        exactly the step's (docs/design.md, 2.2): one backward pass per parameter since the
+        last step, and gradients and covariances unchanged since (no gradient accumulation,
+        no clipping, no GradScaler, no torch.distributed). Anywhere else the step sums after
+        backward (two passes), with the same numbers; ``diagnostics()["loss_reduction"]``
+        says which path the last loss step took and why. ``enabled=False`` always takes
+        the two-pass path (and the hooks compute nothing). Returns ``self``.
         """
-        if self._sharded is not None:
+        if enabled and self._sharded is not None:
             raise ValueError("KalmanNGD.reduce_in_backward() does not compose with FSDP2 yet: "
                              "the gradient shards arrive after backward's reduce-scatter; the "
                              "sharded loss step reduces g^T P g over the shards itself")
-        if self._quad is None:
-            from .backends.loss_hooks import QuadFormAccumulator
-            self._quad = QuadFormAccumulator()
+        self._tape.enabled = bool(enabled)
         return self
 
     def _install_grad_hooks(self) -> None:
-        """One post-accumulate-grad hook per parameter: it records that backward ran inside
-        the closure (torch.optim's closure convention) and, with reduce_in_backward(), adds
-        the parameter's g^T P- g while the gradient is fresh."""
+        """One post-accumulate-grad hook per parameter: it records into the tape which
+        gradients backward produced (inside the step's closure: torch.optim's closure
+        convention) and adds the parameter's share of g^T P- g while the gradient is fresh
+        (see kalman_kernels/_loss_tape.py)."""
         me = weakref.ref(self)
         for p, group in self._params():
             if id(p) in self._hooked:
                 continue
 
-            def hook(param, group=group):
+            mine = weakref.ref(p)
+
+            def hook(param, group=group, mine=mine):
                 opt = me()
-                if opt is None or not opt._in_closure:
-                    return
-                opt._backward_calls += 1
-                opt._grad_seen.add(id(param))
-                if opt._quad is not None and param.grad is not None:
-                    kernels = resolve(opt.backend, param.device)
-                    opt._quad.add(kernels, _real(param.grad), opt._cov(param, group),
-                                  float(group["forgetting"]), float(group["process_noise"]))
+                if opt is None or param is not mine() or param.grad is None or compiling():
+                    return      # (a deepcopy of the parameter may carry the hook along)
+                tape = opt._tape
+                compute = (tape.enabled and opt.process_group is None
+                           and not (torch.distributed.is_available()
+                                    and torch.distributed.is_initialized()))
+                kernels = None
+                if compute:     # resolved once per (backend, device kind)
+                    key = (opt.backend, param.is_cpu)
+                    kernels = opt._hook_kernels.get(key)
+                    if kernels is None:
+                        kernels = opt._hook_kernels[key] = resolve(opt.backend, param.device)
+                tape.record(param, kernels, lambda: opt._cov(param, group),
+                            float(group["forgetting"]), float(group["process_noise"]),
+                            compute)
 
             self._hooked[id(p)] = p.register_post_accumulate_grad_hook(hook)
 
+    def observe(self, loss) -> "KalmanNGD":
+        """Hand the loss of a backward pass to the next :meth:`step` (loss-observation
+        mode without a closure).
+
+        For training loops that call ``step()`` without a closure (Hugging Face
+        ``Trainer``, ``GradScaler.step(opt)``): call ``loss.backward()`` (or
+        ``scaler.scale(loss).backward()``), then ``opt.observe(loss)`` with the same loss,
+        *unscaled* (not ``scaler.scale(loss)``: nothing in the scaled tensor tells it apart,
+        so this is not checked), then ``opt.step()``. The step observes the sum of the
+        losses observed since the last step (gradient accumulation: observe each
+        micro-batch's loss, the tensor you called backward on) against the gradients in
+        ``.grad`` (every parameter whose ``.grad`` is not None, as torch.optim's optimizers
+        use them). ``zero_grad()``
+        forgets the observed losses with the gradients. Inside a closure, observed losses
+        replace the closure's return value. ``loss``: a 1-element floating tensor (with or
+        without its graph; its value is what is used). Returns ``self``.
+        """
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"observe(loss) takes the loss tensor you called backward on, got "
+                            f"{describe(loss)}; a Python number has no device and no link to "
+                            f"the gradients: pass the tensor (e.g. opt.observe(loss) after "
+                            f"loss.backward())")
+        if loss.numel() != 1 or not loss.is_floating_point():
+            raise TypeError(f"observe(loss): the loss must be a 1-element floating tensor, got "
+                            f"{loss.dtype} of shape {tuple(loss.shape)}; reduce it (e.g. "
+                            f".mean()) before backward and observe the reduced loss")
+        if not (loss.is_cpu and self._device().type == "cpu") and \
+                loss.device != self._device():
+            raise ValueError(f"observe(loss): the loss is on {loss.device} but the parameters "
+                             f"are on {self._device()}")
+        self._install_grad_hooks()
+        self._tape.observe(loss)
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's zero_grad; also forgets the losses observed since the last step
+        (their gradients are gone)."""
+        super().zero_grad(set_to_none=set_to_none)
+        tape = self._tape
+        in_closure = tape.in_closure
+        enabled, last = tape.enabled, tape.last_path
+        tape.reset()
+        tape.in_closure, tape.enabled, tape.last_path = in_closure, enabled, last
+
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable] = None):
-        """One Kalman step on the observation returned by ``closure``.
+        """One Kalman step on the observation returned by ``closure``, or, without a
+        closure, on the losses handed over by :meth:`observe` since the last step.
+
+        What the closure may return (docs/design.md, 2.2 and 3):
+
+        * ``(pred, target)``: batch-observation mode (``(logits, labels)`` with
+          ``likelihood="categorical"``);
+        * a loss tensor with its graph and no backward inside: loss mode, KalmanNGD
+          differentiates it;
+        * the loss after ``loss.backward()`` inside the closure (torch.optim's convention;
+          with or without its graph, e.g. ``loss.detach()``): loss mode on the gradients
+          that backward left;
+        * a Python number (int or float): accepted as the loss value only when a backward
+          pass ran inside the closure (the number is then taken to be the value of the
+          loss that backward differentiated); without one it is refused, since a number
+          carries no gradient;
+        * ``None``: nothing is observed and nothing changes when no backward ran (as a
+          torch.optim optimizer does without gradients); refused when one did (the step
+          would not know the loss).
 
         Returns the loss tensor in loss-observation mode and the mean squared residual in
         batch mode. ``self.last_info`` holds the :class:`~kalman_kernels.ops.KalmanInfo`.
         """
-        if closure is None:
-            raise ValueError("KalmanNGD.step needs a closure: closure() -> (pred, target) for "
-                             "batch observations, or closure() -> scalar loss tensor")
+        try:
+            return self._checked_step(closure)
+        except BaseException:
+            # GradScaler.step deletes the grad_scale / found_inf it set only after a step
+            # that returned; left behind, they would make the next step look scaled
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
+            raise
+
+    def _checked_step(self, closure):
+        tape = self._tape
+        if hasattr(self, "found_inf") and closure is not None:
+            # GradScaler.step(opt, closure): the scaler unscales before the closure runs
+            raise RuntimeError("KalmanNGD.step: GradScaler.step(opt, closure) would observe "
+                               "the scaled gradients the closure's backward makes; run "
+                               "scaler.scale(loss).backward() yourself, then "
+                               "opt.observe(loss) with the unscaled loss, then "
+                               "scaler.step(opt) without a closure")
+        if closure is None and tape.observed is None:
+            raise ValueError(
+                "KalmanNGD.step() got no closure and no loss was observed since the last step "
+                "(the loss is the observation): call opt.observe(loss) after loss.backward() "
+                "and before opt.step() (the unscaled loss under a GradScaler), or pass a "
+                "closure: opt.step(closure). With Hugging Face Trainer use "
+                "kalman_kernels.integrations.KalmanTrainer; with Lightning, "
+                "kalman_kernels.integrations.KalmanObserveLoss (README, 'Using KalmanNGD with "
+                "trainers')")
+        try:
+            return self._step(closure)
+        finally:
+            enabled, last = tape.enabled, tape.last_path
+            tape.reset()
+            tape.enabled, tape.last_path = enabled, last
+
+    def _step(self, closure):
+        tape = self._tape
         self._filter.pending.poll()
         self._check_groups()
         self._check_cov_values()
         self._install_grad_hooks()
-        for capture in self._captures.values():
-            capture.calls.clear()
-            capture.armed = True
-        if self._quad is not None:
-            self._quad.reset()
-        self._backward_calls = 0
-        self._grad_seen = set()
         self._written_covs = None     # the loss step names the covariances it wrote
-        sharded = self._sharded
-        snapshot = sharded.before_closure() if sharded is not None else None
-        self._in_closure = True
-        try:
-            with torch.enable_grad():
-                out = closure()
-        finally:
-            self._in_closure = False
-            for capture in self._captures.values():
-                capture.armed = False
-        try:
-            if isinstance(out, (tuple, list)) and len(out) == 2:
-                result = (self._batch_step(*out) if sharded is None
-                          else sharded.batch_step(*out))
-            elif isinstance(out, torch.Tensor):
-                result = (self._loss_step(out, self._backward_calls > 0) if sharded is None
-                          else sharded.loss_step(out, snapshot))
-            else:
-                raise TypeError(f"closure must return (pred, target) tensors or a scalar loss "
-                                f"tensor, got {describe(out)}")
-        finally:
-            for capture in self._captures.values():
-                capture.calls.clear()
+        if closure is None:
+            if self._sharded is not None:
+                raise ValueError("KalmanNGD.step() without a closure (opt.observe(loss)) does "
+                                 "not compose with FSDP2 yet: pass the closure, "
+                                 "opt.step(closure)")
+            result = self._loss_step(tape.observed, "observed")
+        else:
+            result = self._closure_step(closure)
         if not compiling():
             written = self._written_covs
             self._cov_checks.record(written if written is not None else
                                     (self.state[p]["cov"] for p, _ in self._params()
                                      if "cov" in self.state[p]))
         return result
+
+    def _closure_step(self, closure):
+        tape = self._tape
+        sharded = self._sharded      # FSDP2 parameters: the steps of kalman_kernels/fsdp.py
+        snapshot = sharded.before_closure() if sharded is not None else None
+        for capture in self._captures.values():
+            capture.calls.clear()
+            capture.armed = True
+        tape.in_closure = True
+        try:
+            with torch.enable_grad():
+                out = closure()
+        finally:
+            tape.in_closure = False
+            for capture in self._captures.values():
+                capture.armed = False
+        try:
+            if isinstance(out, (tuple, list)) and len(out) == 2:
+                return (self._batch_step(*out) if sharded is None
+                        else sharded.batch_step(*out))
+            if sharded is not None:
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"under FSDP2 the closure must return (pred, target) "
+                                    f"tensors or the scalar loss tensor, got {describe(out)}")
+                return sharded.loss_step(out, snapshot)
+            backward = tape.backward_inside > 0
+            if tape.observed is not None:
+                if tape.observed_before and backward and not tape.observed_inside:
+                    raise ValueError(
+                        "KalmanNGD.step(closure): losses were observed before the step, but "
+                        "the closure's own backward pass was not: its gradient is in .grad "
+                        "while its loss is not in the observation. Call opt.observe(loss) in "
+                        "the closure too (observed losses replace its return value), or "
+                        "observe nothing and return the summed loss from the closure")
+                return self._loss_step(tape.observed, "observed")
+            if tape.accumulated_across:
+                raise ValueError(
+                    "KalmanNGD.step(closure): the closure's backward added to gradients that "
+                    "a backward pass outside the closure left since the last step (gradient "
+                    "accumulation over micro-batches, e.g. Lightning's "
+                    "accumulate_grad_batches), but the closure's loss covers only its own "
+                    "pass. Hand the other micro-batches' losses to opt.observe(loss) (with "
+                    "Lightning: the kalman_kernels.integrations.KalmanObserveLoss callback), "
+                    "accumulate inside one closure and return the summed loss, or call "
+                    "opt.zero_grad() if those gradients are stale")
+            if out is None:
+                if backward:
+                    raise TypeError("closure ran backward but returned None: return the loss "
+                                    "(KalmanNGD observes its value), or opt.observe(loss) "
+                                    "inside the closure")
+                return None
+            if isinstance(out, numbers.Real) and not isinstance(out, bool):  # NumPy's too
+                if not backward:
+                    raise TypeError(
+                        f"closure returned a Python number ({out!r}) and ran no backward pass "
+                        f"over the parameters: a number carries no gradient. Call "
+                        f"loss.backward() in the closure (the number is then taken as that "
+                        f"loss's value), or return the loss tensor itself")
+                out = torch.tensor(float(out), dtype=torch.float64, device=self._device())
+            if isinstance(out, torch.Tensor):
+                return self._loss_step(out, "closure" if backward else "graph")
+            raise TypeError(f"closure must return (pred, target) tensors, a scalar loss tensor "
+                            f"or (after loss.backward() inside it) the loss as a number; got "
+                            f"{describe(out)}")
+        finally:
+            for capture in self._captures.values():
+                capture.calls.clear()
 
     def _check_groups(self) -> None:
         """Groups edited since the last step (a scheduler's lr, a user's cov_floor) are
@@ -833,7 +994,10 @@ class KalmanNGD(torch.optim.Optimizer):
         config = distributed.rank_config(mode, settings, self.param_groups, _GROUP_KEYS)
         return self._ranks.key(config, self._device())
 
-    def _loss_step(self, loss: torch.Tensor, backward_seen: bool):
+    def _loss_step(self, loss: torch.Tensor, source: str):
+        """The loss step on ``loss``; ``source``: ``"closure"`` (backward ran in the closure:
+        the gradients it reached), ``"graph"`` (differentiate ``loss``) or ``"observed"``
+        (observe(): every ``.grad`` that is not None)."""
         if loss.numel() != 1:
             raise TypeError(f"closure returned a loss of shape {tuple(loss.shape)}; in "
                             f"loss-observation mode the loss must be a scalar (reduce it, e.g. "
@@ -850,11 +1014,15 @@ class KalmanNGD(torch.optim.Optimizer):
         rank_key = self._rank_key("loss")
         pairs = self._params()
         params = [p for p, _ in pairs]
-        if backward_seen:
+        scaler = hasattr(self, "found_inf")   # GradScaler.step set grad_scale and found_inf
+        if source == "closure":
             # torch.optim's closure convention: the gradients backward left -- only those
             # that this closure's backward reached (a stale .grad from an earlier step, or
             # a zeroed one the loss never touched, is not a gradient of this loss).
-            grads = [p.grad if id(p) in self._grad_seen else None for p in params]
+            seen = self._tape.seen_inside
+            grads = [p.grad if id(p) in seen else None for p in params]
+        elif source == "observed":
+            grads = [p.grad for p in params]
         elif loss.requires_grad:
             grads = list(torch.autograd.grad(loss.reshape(()), params, allow_unused=True))
         else:
@@ -866,20 +1034,29 @@ class KalmanNGD(torch.optim.Optimizer):
         if all(g is None for g in grads):
             raise ValueError("the loss does not depend on any parameter of this optimizer (no "
                              "gradient reached them); check the closure and the params given "
-                             "to KalmanNGD")
+                             "to KalmanNGD" if source != "observed" else
+                             "KalmanNGD.step(): a loss was observed but no parameter of this "
+                             "optimizer has a gradient: call loss.backward() before "
+                             "opt.observe(loss) and opt.step(), and zero_grad() after the "
+                             "step, not between")
+        if scaler and getattr(self, "grad_scale", None) is not None:
+            # GradScaler hands the unscaling to the optimizer (_step_supports_amp_scaling):
+            # unscale in place, as its unscale_ would (an overflow then shows as a
+            # non-finite gradient and skips the step); never observe scaled gradients
+            present = [g for g in grads if g is not None]
+            inv = self.grad_scale.double().reciprocal().float()
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                present, torch.zeros_like(self.found_inf), inv.to(present[0].device))
         if self.process_group is not None:
             # every rank all-reduces the same layout: zero gradients where its loss is flat
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         used = [(p, g, grad) for (p, g), grad in zip(pairs, grads) if grad is not None]
         quad_form = None
-        if self._quad is not None:
-            if backward_seen and self._quad.count == len(used):
-                quad_form = self._quad.value
-            else:
-                self._filter.warn_once(
-                    "quad", "KalmanNGD.reduce_in_backward: the closure did not run exactly one "
-                    "backward pass over the parameters (no backward, or gradient "
-                    "accumulation); g^T P g is recomputed after backward instead")
+        if source != "graph":
+            quad_form = self._tape.reduction(used, self._cov, self._hyper_of, scaler,
+                                             lambda: resolve(self.backend, self._device()))
+        else:
+            self._tape.last_path = "two-pass: the closure returned the loss with its graph"
         if self.process_group is not None:
             self._ranks.check_ddp_grads_once(loss, [grad for _, _, grad in used])
         loss_value = loss.detach()

@@ -313,7 +313,7 @@ def test_bad_closures_are_named():
     model = nn.Linear(3, 2)
     opt = kk.KalmanNGD(model.parameters())
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="needs a closure"):
+    with pytest.raises(ValueError, match=r"got no closure and no loss was observed"):
         opt.step()
     with pytest.raises(ValueError, match="pred has shape .* but target has shape"):
         opt.step(lambda: (model(x), torch.zeros(4, 3)))
@@ -344,7 +344,7 @@ def test_reduce_in_backward_equals_the_two_pass_loss_step(rng):
     opt_p = kk.KalmanNGD(plain.parameters(), init_cov=0.1, obs_noise=0.05, forgetting=0.97,
                          process_noise=1e-4)
     opt_f = kk.KalmanNGD(fused.parameters(), init_cov=0.1, obs_noise=0.05, forgetting=0.97,
-                         process_noise=1e-4).reduce_in_backward()
+                         process_noise=1e-4)        # single pass by default
 
     def fused_closure():
         fused.zero_grad()
@@ -355,7 +355,9 @@ def test_reduce_in_backward_equals_the_two_pass_loss_step(rng):
     for _ in range(5):
         opt_p.step(lambda: ((plain(x) - y) ** 2).mean())
         opt_f.step(fused_closure)
-        assert opt_f._quad.count == 4          # the hooks, not a recomputation, gave g^T P g
+        # the hooks, not a recomputation, gave g^T P g
+        assert opt_f.diagnostics()["loss_reduction"] == "in-backward"
+        assert opt_p.diagnostics()["loss_reduction"].startswith("two-pass: the closure")
     for a, b in zip(plain.parameters(), fused.parameters()):
         assert rel_err(b, a) <= 1e-12
         assert rel_err(opt_f.covariance(b), opt_p.covariance(a)) <= 1e-12
@@ -370,8 +372,9 @@ def test_reduce_in_backward_equals_the_two_pass_loss_step(rng):
     shadow_opt = kk.KalmanNGD(shadow.parameters(), init_cov=0.1, obs_noise=0.05,
                               forgetting=0.97, process_noise=1e-4)
     shadow_opt.load_state_dict(copy.deepcopy(opt_f.state_dict()))
-    with pytest.warns(RuntimeWarning, match="recomputed"):
-        opt_f.step(accumulated_closure)
+    opt_f.step(accumulated_closure)
+    assert opt_f.diagnostics()["loss_reduction"] == \
+        "two-pass: several backward passes (gradient accumulation)"
     shadow_opt.step(lambda: ((shadow(x) - y) ** 2).mean())
     for a, b in zip(shadow.parameters(), fused.parameters()):
         assert rel_err(b, a) <= 1e-10
@@ -390,8 +393,7 @@ def test_the_three_loss_closures_give_the_same_step(rng, reduce_in_backward):
     for form in ("standard", "detached", "graph"):
         model = copy.deepcopy(base)
         opt = kk.KalmanNGD(model.parameters(), init_cov=0.05, obs_noise=0.3)
-        if reduce_in_backward:
-            opt.reduce_in_backward()
+        opt.reduce_in_backward(reduce_in_backward)
 
         def closure(form=form, model=model, opt=opt):
             if form == "graph":
@@ -401,13 +403,10 @@ def test_the_three_loss_closures_give_the_same_step(rng, reduce_in_backward):
             loss.backward()
             return loss if form == "standard" else loss.detach()
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                opt.step(closure)
-        hooked_ok = not any("reduce_in_backward" in str(w.message) for w in caught)
-        assert hooked_ok or (reduce_in_backward and form == "graph"), \
-            [str(w.message) for w in caught]
+        for _ in range(3):
+            opt.step(closure)
+        path = opt.diagnostics()["loss_reduction"]
+        assert (path == "in-backward") == (reduce_in_backward and form != "graph"), path
         results.append([t.detach().clone() for t in model.parameters()] +
                        [opt.covariance(p).clone() for p in model.parameters()])
     for other in results[1:]:
@@ -435,9 +434,9 @@ def test_the_three_loss_closures_give_the_same_step(rng, reduce_in_backward):
 
 def test_gradient_accumulation_in_the_closure_is_the_accumulated_gradient(rng):
     """Two backward passes in one closure: the step uses the summed .grad (as torch.optim
-    would), and reduce_in_backward() falls back to recomputing g^T P g, with a warning."""
+    would), and the loss step sums g^T P g after backward (two passes, detected)."""
     model = nn.Linear(3, 1).double()
-    opt = kk.KalmanNGD(model.parameters(), init_cov=0.1, obs_noise=0.5).reduce_in_backward()
+    opt = kk.KalmanNGD(model.parameters(), init_cov=0.1, obs_noise=0.5)
     xs = [torch.tensor(rng.standard_normal((4, 3))) for _ in range(2)]
 
     def closure():
@@ -454,8 +453,8 @@ def test_gradient_accumulation_in_the_closure_is_the_accumulated_gradient(rng):
     g = torch.autograd.grad(total, list(ref_model.parameters()))
     mu_new, p_new, _, _ = loss_step(_flat(ref_model.parameters()), np.full(4, 0.1), _flat(g),
                                     float(total.detach()), 0.5)
-    with pytest.warns(RuntimeWarning, match="recomputed"):
-        opt.step(closure)
+    opt.step(closure)
+    assert opt.diagnostics()["loss_reduction"].startswith("two-pass: several backward")
     assert rel_err(_flat(model.parameters()), mu_new) <= 1e-12
     assert rel_err(_flat([opt.covariance(p) for p in model.parameters()]), p_new) <= 1e-12
 

@@ -333,7 +333,12 @@ def test_copies_with_reduce_in_backward_and_warnings_given(dtype):
     clone.step(_closure("loss", cparams, data))
     opt.step(_closure("loss", params, data))
     _assert_same_state(opt, clone)
-    assert clone._quad is not None and clone._quad.count == len(cparams)
+    # the switch travels with the copy, and the copy's own hooks fed its single-pass step
+    assert clone.diagnostics()["loss_reduction"] == "in-backward"
+    off = copy.deepcopy(kk.KalmanNGD(_params(dtype), init_cov=0.05).reduce_in_backward(False))
+    oparams = [p for g in off.param_groups for p in g["params"]]
+    off.step(_closure("loss", oparams, data))
+    assert off.diagnostics()["loss_reduction"] == "two-pass: reduce_in_backward(False)"
 
 
 def test_copy_under_a_process_group_is_refused_with_the_way_out():
@@ -344,7 +349,8 @@ def test_copy_under_a_process_group_is_refused_with_the_way_out():
         params = _params(torch.float64)
         opt = kk.KalmanNGD(params, process_group=dist.group.WORLD)
         for how in (copy.deepcopy, pickle.dumps):
-            with pytest.raises(TypeError, match="process_group cannot be copied or pickled.*"
+            with pytest.raises(TypeError, match="process_group or over FSDP2-sharded "
+                                                "parameters cannot be copied or pickled.*"
                                                 "state_dict"):
                 how(opt)
         assert opt.state_dict()["param_groups"]       # the way out works
