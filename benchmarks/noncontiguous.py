@@ -5,8 +5,8 @@
 
 The kernels write a parameter as one flat array in its logical order, so a transposed (or
 sliced) parameter needs either kernels that follow its strides or a contiguous copy that is
-written back after the step (what ``KalmanNGD`` does: ``optimizer._Staging``). This script
-measures, median over round-robin rounds (the machines are shared; docs/design.md, 6):
+written back after the step (what ``KalmanNGD`` does: ``kalman_kernels._staging.Staging``).
+This script measures, median over round-robin rounds (the machines are shared; docs/design.md, 6):
 
 * **public step**: ``KalmanNGD.step`` in loss mode with torch.optim's closure, its own time
   subtracted (as ``benchmarks/public_api.py``), on contiguous parameters and on transposed
@@ -33,7 +33,7 @@ thread, 40 rounds, 4 float32 tensors, medians:
 Neither wins everywhere: off powers of two a strided pass would cost about half the
 staging; at a power-of-two leading stride (1024) the strided pass's writes conflict in the
 caches and staging costs less than half of it (its write-back runs in the parameter's memory
-order, which avoids that; ``_Staging.write_back``). Staging was chosen: it needs no kernel of
+order, which avoids that; ``Staging.write_back``). Staging was chosen: it needs no kernel of
 the four backends to change, keeps a failed step from touching the parameter, and contiguous
 parameters do not pay for it (``benchmarks.report --only public``, same day: the loss step's
 ratio to its raw ops 1.04 before and after). What would remove the cost for transposes and
@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 import kalman_kernels as kk
+from kalman_kernels._staging import Staging
 from kalman_kernels.backends import resolve
-from kalman_kernels.optimizer import _Staging
 
 
 class _Case:
@@ -121,9 +121,9 @@ def main(argv=None) -> None:
     def staging():
         # what the optimizer does for each transposed parameter: its gradient and itself
         # copied in, the parameter written back (in its memory order)
-        stage = _Staging()
+        stage = Staging()
         for p, g in zip(t_params, t_grads):
-            _Staging.read(g)
+            Staging.read(g)
             stage.stage(p)
         stage.write_back()
 

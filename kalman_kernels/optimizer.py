@@ -35,7 +35,6 @@ set on the optimizer.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import numbers
 import weakref
@@ -47,6 +46,7 @@ from torch import nn
 from . import distributed, fsdp, ops
 from ._deferred import compiling
 from ._loss_tape import LossTape
+from ._staging import Staging, block_param, stage_block
 from .backends import resolve
 from .functional import COUNTERS, FilterState, kalman_ngd_batch_step, kalman_ngd_loss_step
 from .observations import (
@@ -58,9 +58,9 @@ from .observations import (
     describe,
     real_view,
 )
-from .ops import KalmanInfo, KronBlock, StepHyper
+from .ops import KalmanInfo, StepHyper
 from .ops._common import CovValueCheck, check_workspace
-from .report import OptimizerReport, ParamReport
+from .report import OptimizerReport, build_report
 
 _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "cov_ceiling",
                "cov_update")
@@ -100,58 +100,6 @@ _real = real_view      # a complex tensor as its (..., 2) real view
 def _state_shape(p: torch.Tensor) -> torch.Size:
     """The shape of p's covariance: p's, with a trailing 2 for a complex p."""
     return p.shape + (2,) if p.is_complex() else p.shape
-
-
-class _Staging:
-    """Contiguous copies of the non-contiguous parameters of one step, written back after
-    it. The kernels write a parameter as one flat array in its logical order, which a
-    transposed or sliced parameter does not have; staging costs a copy in and a copy back
-    of that tensor (and in loss mode a contiguous copy of its gradient, which the kernels
-    would otherwise make once per pass). ``benchmarks/noncontiguous.py`` measures it against
-    a strided pass: neither wins at every size, and staging needs no kernel of any backend
-    to change. A step that raises leaves the copies unwritten, so the parameters are as
-    before. ``stage`` returns its argument itself when it is contiguous: nothing is copied
-    then, and contiguous parameters pay only the ``is_contiguous()`` test."""
-
-    __slots__ = ("pairs",)
-
-    def __init__(self) -> None:
-        self.pairs: list = []
-
-    def stage(self, p: torch.Tensor) -> torch.Tensor:
-        if p.is_contiguous():
-            return p
-        copy = p.detach().contiguous()
-        self.pairs.append((p, copy))
-        return copy
-
-    @staticmethod
-    def read(t: torch.Tensor) -> torch.Tensor:
-        """A read-only input (a gradient) in contiguous storage, copied once here rather than
-        by every kernel that reads it."""
-        return t if t.is_contiguous() else t.contiguous()
-
-    def write_back(self) -> None:
-        if self.pairs:
-            with torch.no_grad():
-                for p, copy in self.pairs:
-                    # in p's memory order: a copy into a transposed destination walks it
-                    # with a large stride (at power-of-two sizes about 15x slower on CPU,
-                    # benchmarks/noncontiguous.py); into a contiguous one it does not
-                    order = _memory_order(p)
-                    if order is None:
-                        p.copy_(copy)
-                    else:
-                        p.permute(order).copy_(copy.permute(order))
-            self.pairs.clear()
-
-
-def _memory_order(t: torch.Tensor):
-    """The permutation of t's dimensions that lists them by decreasing stride, when t then
-    becomes contiguous (t is dense and non-overlapping: a transpose, channels_last); else
-    None (a slice with gaps)."""
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
-    return order if t.permute(order).is_contiguous() else None
 
 
 class KalmanNGD(torch.optim.Optimizer):
@@ -619,65 +567,8 @@ class KalmanNGD(torch.optim.Optimizer):
         ``module`` names the parameters (``module.named_parameters()``); without it, the
         names of tracked modules are used, and "group g, param i" for the rest. Reads no
         device value."""
-        names = dict(self._param_names)
-        if module is not None:
-            names = {p: n for n, p in module.named_parameters(remove_duplicate=False)}
-            names = {**self._param_names, **names}
-        name_of = {id(p): n for p, n in names.items()}
-        tracked = {id(layer.weight): layer for layer in self._captures}
-        tracked_bias = {id(layer.bias) for layer in self._captures if layer.bias is not None}
-        mode, reached, unreached, batch = self._last_blocks or (None, (), (), None)
-        kron_weights, kron_biases, fallen = batch if batch is not None else ((), (), ())
-        reached = {id(p) for p in reached}
-        unreached = {id(p) for p in unreached}
-        kron_w = {id(p) for p in kron_weights}
-        kron_b = {id(p) for p in kron_biases}
-        fallbacks = {id(p): why for p, why in fallen}
-        rows = []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                key = id(p)
-                cov = self.state[p].get("cov") if p in self.state else None
-                numel = p.numel() * (2 if p.is_complex() else 1)
-                size = (cov.numel() * cov.element_size() if cov is not None else
-                        0 if not p.requires_grad else
-                        numel * (8 if _cov_dtype(p) == torch.float64 else 4))
-                note = None
-                if not p.requires_grad:
-                    kind, note = "frozen", "requires_grad is False"
-                elif key in unreached:
-                    kind = "unused"
-                    note = ("the last observation did not reach it: its covariance went "
-                            "through the predict step alone")
-                elif mode == "loss" and key in reached:
-                    kind = "loss-diagonal"
-                    if key in tracked:
-                        note = "tracked, but track() applies to batch mode only"
-                elif mode == "batch" and key in kron_w:
-                    kind = "kronecker"
-                elif mode == "batch" and key in reached:
-                    kind = "dense"
-                    if key in kron_b:
-                        note = "bias of a tracked layer: its Jacobian is the layer's D"
-                    elif key in fallbacks:
-                        note = f"tracked, fell back to dense: {fallbacks[key]}"
-                    elif key in tracked:
-                        note = "tracked, fell back to dense"
-                    elif key in tracked_bias:
-                        note = "bias of a tracked layer that fell back to dense"
-                elif key in tracked:
-                    kind, note = "not stepped", "tracked: a Kronecker block in batch mode"
-                else:
-                    kind = "not stepped"
-                    if key in tracked_bias:
-                        note = "bias of a tracked layer: a dense block in batch mode"
-                if key in fallbacks and kind not in ("dense", "frozen"):
-                    note = f"tracked, fell back to dense: {fallbacks[key]}"
-                rows.append(ParamReport(
-                    name=name_of.get(key, f"group {gi}, param {pi}"), group=gi, index=pi,
-                    shape=tuple(p.shape), dtype=p.dtype, kind=kind, cov_bytes=size,
-                    cov_allocated=cov is not None, note=note))
-        return OptimizerReport(rows, mode)
+        return build_report(self.param_groups, self.state, self._captures, self._param_names,
+                            self._last_blocks, module)
 
     def reduce_in_backward(self, enabled: bool = True) -> "KalmanNGD":
         """Loss mode: whether g^T P- g may be summed during the backward pass (default: on).
@@ -1066,10 +957,10 @@ class KalmanNGD(torch.optim.Optimizer):
         self._written_covs = covs + [c for c, _ in untouched]
         self._record_blocks("loss", [p for p, _, _ in used],
                             [p for (p, _), grad in zip(pairs, grads) if grad is None])
-        staging = _Staging()
+        staging = Staging()
         kalman_ngd_loss_step(
             [staging.stage(_real(p)) for p, _, _ in used],
-            [_Staging.read(_real(grad.detach() if grad.requires_grad else grad))
+            [Staging.read(_real(grad.detach() if grad.requires_grad else grad))
              for _, _, grad in used],
             covs, [self._hyper_of(g) for _, g, _ in used], loss_value, self._filter,
             obs_noise=self.obs_noise, gate=self.gate,
@@ -1121,8 +1012,8 @@ class KalmanNGD(torch.optim.Optimizer):
         if not obs.blocks:
             raise ValueError("pred does not depend on any parameter of this optimizer")
         self._record_blocks("batch", obs.origin, [p for p, _ in obs.untouched], obs)
-        staging = _Staging()
-        blocks = [_stage_block(block, staging) for block in obs.blocks]
+        staging = Staging()
+        blocks = [stage_block(block, staging) for block in obs.blocks]
         distributed_step = self.process_group is not None
         # untouched parameters are written only under a process group (zero terms)
         untouched = [(staging.stage(_real(p)) if distributed_step else p, self._cov(p, g),
@@ -1130,7 +1021,7 @@ class KalmanNGD(torch.optim.Optimizer):
         order = None
         if distributed_step:
             index = {id(p): i for i, (p, _) in enumerate(pairs)}
-            order = {id(_block_param(b)): index[id(p)] for b, p in zip(blocks, obs.origin)}
+            order = {id(block_param(b)): index[id(p)] for b, p in zip(blocks, obs.origin)}
             order.update((id(t), index[id(p)]) for (t, _, _), (p, _) in
                          zip(untouched, obs.untouched))
         kalman_ngd_batch_step(
@@ -1168,22 +1059,6 @@ class KalmanNGD(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
-def _block_param(block) -> torch.Tensor:
-    return block.weight if isinstance(block, KronBlock) else block.param
-
-
-def _stage_block(block, staging: _Staging):
-    """``block`` with a contiguous copy of a non-contiguous parameter (``_Staging``); the
-    block itself when its parameter is contiguous."""
-    param = _block_param(block)
-    staged = staging.stage(param)
-    if staged is param:
-        return block
-    if isinstance(block, KronBlock):
-        return dataclasses.replace(block, weight=staged)
-    return dataclasses.replace(block, param=staged)
-
-
 def _backend_names():
     from .backends import NAMES
     return NAMES

@@ -108,3 +108,71 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def build_report(param_groups, state, captures, param_names, last_blocks,
+                 module=None) -> OptimizerReport:
+    """The report of ``KalmanNGD.describe``, from the optimizer's param groups and state,
+    its tracked layers (``captures``), the names ``track`` recorded, and what its last step
+    gave each parameter (``last_blocks``: mode, reached, unreached, and in batch mode the
+    Kronecker weights, their biases and the fallbacks with their reasons). Reads no device
+    value."""
+    names = dict(param_names)
+    if module is not None:
+        names = {p: n for n, p in module.named_parameters(remove_duplicate=False)}
+        names = {**param_names, **names}
+    name_of = {id(p): n for p, n in names.items()}
+    tracked = {id(layer.weight): layer for layer in captures}
+    tracked_bias = {id(layer.bias) for layer in captures if layer.bias is not None}
+    mode, reached, unreached, batch = last_blocks or (None, (), (), None)
+    kron_weights, kron_biases, fallen = batch if batch is not None else ((), (), ())
+    reached = {id(p) for p in reached}
+    unreached = {id(p) for p in unreached}
+    kron_w = {id(p) for p in kron_weights}
+    kron_b = {id(p) for p in kron_biases}
+    fallbacks = {id(p): why for p, why in fallen}
+    rows = []
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            key = id(p)
+            cov = state[p].get("cov") if p in state else None
+            numel = p.numel() * (2 if p.is_complex() else 1)
+            size = (cov.numel() * cov.element_size() if cov is not None else
+                    0 if not p.requires_grad else
+                    numel * (8 if p.dtype in (torch.float64, torch.complex128) else 4))
+            note = None
+            if not p.requires_grad:
+                kind, note = "frozen", "requires_grad is False"
+            elif key in unreached:
+                kind = "unused"
+                note = ("the last observation did not reach it: its covariance went "
+                        "through the predict step alone")
+            elif mode == "loss" and key in reached:
+                kind = "loss-diagonal"
+                if key in tracked:
+                    note = "tracked, but track() applies to batch mode only"
+            elif mode == "batch" and key in kron_w:
+                kind = "kronecker"
+            elif mode == "batch" and key in reached:
+                kind = "dense"
+                if key in kron_b:
+                    note = "bias of a tracked layer: its Jacobian is the layer's D"
+                elif key in fallbacks:
+                    note = f"tracked, fell back to dense: {fallbacks[key]}"
+                elif key in tracked:
+                    note = "tracked, fell back to dense"
+                elif key in tracked_bias:
+                    note = "bias of a tracked layer that fell back to dense"
+            elif key in tracked:
+                kind, note = "not stepped", "tracked: a Kronecker block in batch mode"
+            else:
+                kind = "not stepped"
+                if key in tracked_bias:
+                    note = "bias of a tracked layer: a dense block in batch mode"
+            if key in fallbacks and kind not in ("dense", "frozen"):
+                note = f"tracked, fell back to dense: {fallbacks[key]}"
+            rows.append(ParamReport(
+                name=name_of.get(key, f"group {gi}, param {pi}"), group=gi, index=pi,
+                shape=tuple(p.shape), dtype=p.dtype, kind=kind, cov_bytes=size,
+                cov_allocated=cov is not None, note=note))
+    return OptimizerReport(rows, mode)
