@@ -72,3 +72,15 @@ def test_tracked_mlp_1024_step(benchmark):
     benchmark.group = "tracked MLP 256-1024-1024-10, B=32 K=10"
     benchmark.pedantic(case.step, rounds=5, warmup_rounds=1)
     record(benchmark, None, None, variant="KalmanNGD.step (batch mode, grouped)")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed (staged)"])
+def test_loss_mode_noncontiguous(benchmark, layout):
+    """KalmanNGD.step (two-pass, closure included) on 4 float32 parameters of 1000 x 1000,
+    contiguous or transposed: what staging a non-contiguous parameter costs the user. The
+    table with the staging alone and a strided pass: ``python -m benchmarks.noncontiguous``."""
+    from benchmarks.noncontiguous import LossCase
+    case = LossCase(1000, 1000, 4, transposed=layout != "contiguous")
+    benchmark.group = "loss mode, 4 x 1000 x 1000, contiguous vs transposed"
+    benchmark.pedantic(lambda: case.opt.step(case._closure), rounds=10, warmup_rounds=1)
+    record(benchmark, None, None, variant=f"KalmanNGD.step, {layout}")
