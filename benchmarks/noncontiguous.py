@@ -54,7 +54,7 @@ from kalman_kernels._staging import Staging
 from kalman_kernels.backends import resolve
 
 
-class LossCase:
+class LayoutLossCase:
     def __init__(self, rows: int, cols: int, tensors: int, transposed: bool):
         def make():
             return (torch.randn(cols, rows).t() if transposed else torch.randn(rows, cols))
@@ -98,13 +98,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     rows, cols, k = args.rows, args.cols, args.tensors
 
-    contiguous = LossCase(rows, cols, k, transposed=False)
+    contiguous = LayoutLossCase(rows, cols, k, transposed=False)
     if args.contiguous_only:
         xs = sorted(contiguous.step() for _ in range(args.rounds))
         print(f"public step, contiguous: median {statistics.median(xs) * 1e3:.2f} ms, IQR "
               f"{xs[len(xs) // 4] * 1e3:.2f}-{xs[3 * len(xs) // 4] * 1e3:.2f} ms")
         return
-    transposed = LossCase(rows, cols, k, transposed=True)
+    transposed = LayoutLossCase(rows, cols, k, transposed=True)
     kernels = resolve("auto", torch.device("cpu"))
     ok = torch.ones((), dtype=torch.bool)
     coef, weight = torch.tensor(-0.3, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)

@@ -79,8 +79,8 @@ def test_loss_mode_noncontiguous(benchmark, layout):
     """KalmanNGD.step (two-pass, closure included) on 4 float32 parameters of 1000 x 1000,
     contiguous or transposed: what staging a non-contiguous parameter costs the user. The
     table with the staging alone and a strided pass: ``python -m benchmarks.noncontiguous``."""
-    from benchmarks.noncontiguous import LossCase
-    case = LossCase(1000, 1000, 4, transposed=layout != "contiguous")
+    from benchmarks.noncontiguous import LayoutLossCase
+    case = LayoutLossCase(1000, 1000, 4, transposed=layout != "contiguous")
     benchmark.group = "loss mode, 4 x 1000 x 1000, contiguous vs transposed"
     benchmark.pedantic(lambda: case.opt.step(case._closure), rounds=10, warmup_rounds=1)
     record(benchmark, None, None, variant=f"KalmanNGD.step, {layout}")
