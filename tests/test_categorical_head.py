@@ -3,17 +3,17 @@
 The oracle flattens the head's parameters (K d weights, then K biases), takes the Jacobian of
 softmax(logits) with one class dropped per image by ``torch.func.jacrev``, uses
 R = c (diag(p_j) - p_j p_j^T) restricted to the kept classes, S = H diag(P-) H^T + R and the
-textbook diagonal-prior EKF update, all in float64. Fresh random inputs every run: the seed
-is printed at set-up (pytest shows it for a failing test).
+textbook diagonal-prior EKF update, all in float64. Fresh random inputs every run, from
+the test's seed (a failing test prints it with the command that replays it).
 """
 import math
-import random
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kalman_kernels as kk
+from conftest import draw_seed
 from kalman_kernels.ops.categorical_head import (
     CategoricalHeadInfo,
     categorical_head_update_,
@@ -25,9 +25,9 @@ F64 = torch.float64
 
 @pytest.fixture
 def gen():
-    seed = random.SystemRandom().randrange(2 ** 31)
-    print(f"seed = {seed}")
-    return torch.Generator().manual_seed(seed)
+    # drawn from the generators conftest seeds per test, so the replay command a failing
+    # test prints (KALMAN_TEST_SEED=...) reproduces these inputs too
+    return torch.Generator().manual_seed(draw_seed())
 
 
 # --------------------------------------------------------------------------------------
@@ -360,9 +360,15 @@ def test_float32_within_tolerance(gen, soft):
     got = _run(c, obs_noise=0.5, logit_scale=2.0, gate=0.99)
     exp = _oracle(c, obs_noise=0.5, logit_scale=2.0, gate=0.99)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
     for new, old, ref_new in zip(got[:4], (c["w"], c["pw"], c["b"], c["pb"]), exp[:4]):
         assert _rel(new, ref_new) <= 1e-5
-        assert _rel(new.to(F64) - old.to(F64), ref_new - old.to(F64)) <= 1e-4
+        # The update itself (new - old) to 1e-5 of its largest entry, beyond the rounding of
+        # the stored float32 result: the gate can shrink the step to ~1e-3 of the weights,
+        # where half an ulp of the new weight alone is ~1e-4 of the step.
+        err = (new.to(F64) - ref_new).abs() - eps * ref_new.abs()
+        step = (ref_new - old.to(F64)).abs().max()
+        assert float(err.max()) <= 1e-5 * float(step)
     assert math.isclose(got[4].mahalanobis, exp[4]["d2"], rel_tol=1e-4)
     assert math.isclose(got[4].log_det, exp[4]["log_det"], rel_tol=1e-4)
 
