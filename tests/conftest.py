@@ -49,6 +49,24 @@ def rel_err(actual, expected) -> float:
     return float((a - b).abs().max()) / max(scale, 1e-300)
 
 
+def step_err(new, old, expected) -> float:
+    """How far an in-place update's step (new - old) is from the expected one, relative to
+    the expected step's largest element, beyond the rounding of the stored result (one unit
+    of ``new.dtype`` at each expected value). Comparing new - old directly is unfair to a low
+    precision result when the step is small beside the value it lands on: at a step of 1e-3
+    of the weights, half a float32 ulp of the new weight is already ~1e-4 of the step.
+    NaN anywhere -> inf."""
+    eps = torch.finfo(new.dtype).eps
+    n, o, e = (x.detach().double().reshape(-1).cpu() for x in (new, old, expected))
+    assert n.shape == e.shape == o.shape, (n.shape, o.shape, e.shape)
+    if not (torch.isfinite(n).all() and torch.isfinite(e).all()):
+        return float("inf")
+    if not n.numel():
+        return 0.0
+    beyond = float(((n - e).abs() - eps * e.abs()).max())
+    return max(beyond, 0.0) / max(float((e - o).abs().max()), 1e-300)
+
+
 # ---------------------------------------------------------------------- random seeds
 # Tests draw fresh random inputs every run (docs/design.md, 5), so a failure must say which
 # inputs it saw: every test gets its own fresh seed, the global torch / NumPy / random

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kalman_kernels as kk
+from conftest import step_err
 from kalman_kernels.ops.class_head import (
     ClassHeadInfo,
     class_head_predictive_variance,
@@ -215,10 +216,11 @@ def test_float32_within_tolerance(normalize_rows):
     got = _run(c, 0.1, normalize_rows)
     exp = _dense_reference(c, 0.1, normalize_rows)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    # the step (new - old) within 1e-4 of the float64 one (reductions over d and B)
+    # the step (new - old) within 1e-5 of the float64 one beyond the rounding of the stored
+    # result (the cosine head's steps are small beside its weights)
     for new, old, ref_new in ((got[0], c["w"], exp[0]), (got[1], c["pw"], exp[1]),
                               (got[2], c["b"], exp[2]), (got[3], c["pb"], exp[3])):
-        assert _rel(new.to(F64) - old.to(F64), ref_new - old.to(F64)) <= 1e-4
+        assert step_err(new, old, ref_new) <= 1e-5
         assert _rel(new, ref_new) <= 1e-5
     assert math.isclose(float(got[4].mahalanobis), exp[4].mahalanobis, rel_tol=1e-4)
 
