@@ -23,9 +23,6 @@ Every test draws fresh random inputs; the seed is in every assertion message.
 import copy
 import io
 import math
-import os
-import sys
-import tempfile
 import warnings
 
 import pytest
@@ -35,6 +32,7 @@ from torch import nn
 
 import kalman_kernels as kk
 from conftest import draw_seed, rel_err
+from gloo_ranks import run_on_gloo_ranks
 from kalman_kernels import observations, ops
 from op_checks import bits
 from step_backends import step_backends
@@ -652,37 +650,22 @@ def _dist_model(seed, k=3):
     return _model("mlp", k, torch.Generator().manual_seed(seed), d=5, hidden=4)
 
 
-def _dist_worker(rank, world, init_file, out_dir, seed):
-    import datetime
-
+def _dist_worker(rank, world, seed):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = _dist_model(seed)
-        opt = kk.KalmanNGD(model.parameters(), likelihood="categorical", obs_noise=0.8,
-                           process_group=dist.group.WORLD, **HYPER)
-        opt.track(model)
-        for step in range(DIST_STEPS):
-            x, y = _dist_batch(seed, rank, step)
-            if step == DIST_NAN_STEP and rank == world - 1:
-                x = torch.full_like(x, float("nan"))     # every rank must skip this step
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                opt.step(lambda: (model(x), y))
-        torch.save({"params": [p.detach().clone() for p in model.parameters()],
-                    "covs": [opt.covariance(p).clone() for p in model.parameters()],
-                    "skipped": opt.skipped_steps},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    # gloo's worker threads can abort at interpreter teardown (tests/test_distributed.py)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    model = _dist_model(seed)
+    opt = kk.KalmanNGD(model.parameters(), likelihood="categorical", obs_noise=0.8,
+                       process_group=dist.group.WORLD, **HYPER)
+    opt.track(model)
+    for step in range(DIST_STEPS):
+        x, y = _dist_batch(seed, rank, step)
+        if step == DIST_NAN_STEP and rank == world - 1:
+            x = torch.full_like(x, float("nan"))     # every rank must skip this step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step(lambda: (model(x), y))
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "covs": [opt.covariance(p).clone() for p in model.parameters()],
+            "skipped": opt.skipped_steps}
 
 
 def _dist_emulation(seed, world):
@@ -725,15 +708,10 @@ def _dist_emulation(seed, world):
 
 def test_two_gloo_ranks_apply_one_identical_update():
     import torch.distributed as dist
-    import torch.multiprocessing as mp
     if not dist.is_available():
         pytest.skip("torch.distributed is not built in")
-    seed = draw_seed(20)
-    world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_dist_worker, args=(world, os.path.join(tmp, "init"), tmp, seed),
-                 nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    seed, world = draw_seed(20), 2
+    results = run_on_gloo_ranks(_dist_worker, world, seed, timeout_s=60)
     for a, b in zip(results[0]["params"] + results[0]["covs"],
                     results[1]["params"] + results[1]["covs"]):
         assert torch.equal(a, b), f"seed {seed}"               # bit for bit across ranks

@@ -40,12 +40,11 @@ Measured on this machine: 4 aborts in 125 runs without ``destroy_process_group()
 about 120 with it; keeping the collectives' tensors referenced from Python did not help
 either (1 in 60: in torch 2.14 a C++ release of a tensor with a Python object always
 decrefs it). Nothing in this package can close a race between torch's threads and the
-interpreter's teardown, so the workers below call ``destroy_process_group()`` (the
-documented pattern) and then leave with ``os._exit(0)``, after every rank has written its
-results and passed the last barrier; examples/train_ddp.py does the same when launched with
-``--hard-exit`` (the torchrun test does).
+interpreter's teardown, so the ranks (tests/gloo_ranks.py) call ``destroy_process_group()``
+(the documented pattern) and then leave with ``os._exit(0)``, after every rank has written
+its results and passed the last barrier; examples/train_ddp.py does the same when launched
+with ``--hard-exit`` (the torchrun test does).
 """
-import datetime
 import os
 import subprocess
 import sys
@@ -56,11 +55,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import kalman_kernels as kk
 from conftest import fresh_seed, note_seed, rel_err
+from gloo_ranks import run_on_gloo_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -223,31 +222,15 @@ def _clamps(rank, world, seed):
     return out
 
 
-def _worker(rank, world, init_file, out_dir, seed):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=90))
-    results = {}
-    try:
-        results["batch"] = _train(rank, world, seed, "batch", STEPS)
-        results["loss"] = _train(rank, world, seed, "loss", STEPS)
-        if world == 2:
-            results["ddp_batch"] = _ddp(rank, world, seed, "batch", 4)
-            results["ddp_loss"] = _ddp(rank, world, seed, "loss", 4)
-            results["mismatch"] = _mismatch(rank, world, seed)
-            results["clamps"] = _clamps(rank, world, seed)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    # Every rank has written its results and passed the last collective. Leave without
-    # interpreter teardown: torch 2.14's gloo worker threads can abort a process there even
-    # after destroy_process_group() (see the module docstring for the backtrace, the torch
-    # threads and the measured rates).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def _worker(rank, world, seed):
+    results = {"batch": _train(rank, world, seed, "batch", STEPS),
+               "loss": _train(rank, world, seed, "loss", STEPS)}
+    if world == 2:
+        results["ddp_batch"] = _ddp(rank, world, seed, "batch", 4)
+        results["ddp_loss"] = _ddp(rank, world, seed, "loss", 4)
+        results["mismatch"] = _mismatch(rank, world, seed)
+        results["clamps"] = _clamps(rank, world, seed)
+    return results
 
 
 # ---------------------------------------------------------------------- the oracle
@@ -318,14 +301,6 @@ def _flat(ts):
 
 
 # ---------------------------------------------------------------------- the tests
-def _spawn(world, seed):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp, seed), nprocs=world,
-                 join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
-                for r in range(world)]
-
-
 _SPAWNED = {}
 
 
@@ -334,7 +309,7 @@ def _spawned(world, request):
         # module-scoped: its own fresh seed, reported with every test of this module that fails
         seed = fresh_seed(20)
         note_seed(request.node, f"the {world} spawned ranks", seed)
-        _SPAWNED[world] = (world, seed, _spawn(world, seed))
+        _SPAWNED[world] = (world, seed, run_on_gloo_ranks(_worker, world, seed))
     return _SPAWNED[world]
 
 

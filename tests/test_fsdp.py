@@ -21,10 +21,9 @@ One spawn per world size runs every scenario (a process start costs seconds here
   not compose raises, naming it (a mixed-precision policy, CPU offload, a 2-D mesh, a
   placement other than Shard(0), ``process_group``, ``reduce_in_backward``).
 
-The workers leave with ``os._exit(0)`` after the last barrier (tests/test_distributed.py
-says why: torch 2.14's gloo threads can abort interpreter teardown).
+The ranks run under tests/gloo_ranks.py, which says why they leave with ``os._exit(0)``
+after the last barrier (torch 2.14's gloo threads can abort interpreter teardown).
 """
-import datetime
 import os
 import sys
 import tempfile
@@ -33,11 +32,11 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import kalman_kernels as kk
 from conftest import fresh_seed, note_seed, rel_err
+from gloo_ranks import run_on_gloo_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not built in")
@@ -312,29 +311,18 @@ def _collectives(rank, world, seed):
     return out
 
 
-def _worker(rank, world, init_file, out_dir, ckpt, seed):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=90))
+def _worker(rank, world, ckpt, seed):
     results = {}
-    try:
-        for mode in MODES:
-            model, opt, _ = _run_sharded(rank, world, seed, mode, STEPS)
-            results[mode] = dict(_full(model, opt), diag=opt.diagnostics())
-        results["checkpoints"] = _checkpoints(rank, world, seed, ckpt)
-        if world == 2:
-            results["refusals"] = _refusals(rank, world)
-            results["added"] = _added(rank, world, seed)
-            results["half"] = _half(rank, world, seed)
-            results["collectives"] = _collectives(rank, world, seed)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    for mode in MODES:
+        model, opt, _ = _run_sharded(rank, world, seed, mode, STEPS)
+        results[mode] = dict(_full(model, opt), diag=opt.diagnostics())
+    results["checkpoints"] = _checkpoints(rank, world, seed, ckpt)
+    if world == 2:
+        results["refusals"] = _refusals(rank, world)
+        results["added"] = _added(rank, world, seed)
+        results["half"] = _half(rank, world, seed)
+        results["collectives"] = _collectives(rank, world, seed)
+    return results
 
 
 # ---------------------------------------------------------------------- the single process
@@ -370,12 +358,7 @@ def _spawned(world, request):
             _spawned(2, request)                 # the checkpoint the 3 ranks load
         seed = _SPAWNED[2][1] if world == 3 else fresh_seed(20)
         note_seed(request.node, f"the {world} spawned FSDP ranks", seed)
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp,
-                                    os.path.join(_CKPT.name, "ckpt"), seed),
-                     nprocs=world, join=True)
-            results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
-                       for r in range(world)]
+        results = run_on_gloo_ranks(_worker, world, os.path.join(_CKPT.name, "ckpt"), seed)
         _SPAWNED[world] = (world, seed, results)
     return _SPAWNED[world]
 
