@@ -52,10 +52,6 @@ from .ops._terms import factor_terms, loss_terms, partial_innovation_cov
 from .ops.kalman_update import _apply_fused_
 from .ops.loss_update import runs_by_hyper
 
-#: Key of a parameter's optimizer state that carries the filter-wide state in the form
-#: ``torch.distributed.checkpoint`` accepts (every state key must name a parameter there).
-CHECKPOINT_KEY = "kalman_filter"
-
 
 def is_sharded(param: torch.Tensor) -> bool:
     """Whether ``param`` is a DTensor (FSDP2 or another DTensor parallelism). Without
@@ -232,36 +228,6 @@ class ShardedFilter:
         data = torch.full(local.shape, value, dtype=dtype, device=local.device)
         return DTensor.from_local(data, p.device_mesh, p.placements, run_check=False,
                                   shape=p.shape, stride=p.stride())
-
-    def checkpoint_form(self, sd: dict) -> dict:
-        """``state_dict()`` for ``torch.distributed.checkpoint``: its state keys must all
-        name parameters, so the filter-wide state (counters, adapted noise) travels inside
-        every parameter's entry (as Adam's ``step`` does) instead of under its own key."""
-        state = dict(sd["state"])
-        filt = state.pop("filter", {})
-        for key in list(state):
-            entry = dict(state[key])
-            entry[CHECKPOINT_KEY] = dict(filt)
-            state[key] = entry
-        return {"state": state, "param_groups": sd["param_groups"]}
-
-    @staticmethod
-    def from_checkpoint_form(sd: dict) -> dict:
-        """The inverse of :meth:`checkpoint_form` (a state without it passes unchanged)."""
-        state = dict(sd.get("state", {}))
-        filt = None
-        for key in list(state):
-            entry = state[key]
-            if isinstance(entry, dict) and CHECKPOINT_KEY in entry:
-                entry = dict(entry)
-                saved = entry.pop(CHECKPOINT_KEY)
-                filt = saved if filt is None else filt
-                state[key] = entry
-        if filt is not None and "filter" not in state:
-            state["filter"] = filt
-        out = dict(sd)
-        out["state"] = state
-        return out
 
     def group_stats(self, group: dict) -> dict:
         """``diagnostics()``'s statistics of a param group's covariances over every rank's

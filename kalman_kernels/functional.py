@@ -38,6 +38,43 @@ from .ops._common import numpy_view
 
 #: The counters of a :class:`FilterState`, int64 tensors saved with the optimizer state.
 COUNTERS = ("steps", "skipped_steps", "gated_steps", "cov_clamps")
+#: Key of ``optimizer.state`` that holds the filter-wide state (:class:`FilterState`).
+FILTER_KEY = "filter"
+#: Key inside each parameter's entry of ``state_dict()["state"]`` that carries the
+#: filter-wide state (see :func:`saved_form`).
+SAVED_KEY = "kalman_filter"
+
+
+def saved_form(sd: dict) -> dict:
+    """``Optimizer.state_dict()`` with the filter-wide state moved from its own key into
+    every parameter's entry, as Adam's ``step`` travels: ``torch.distributed.checkpoint``
+    (``get_optimizer_state_dict``) requires every state key to name a parameter, with or
+    without FSDP. A state with no parameter entry keeps the key (nothing else can carry
+    it). The entries share the filter's tensors (torch.save stores them once)."""
+    state = dict(sd["state"])
+    if not any(key != FILTER_KEY for key in state):
+        return sd
+    filt = dict(state.pop(FILTER_KEY, {}))
+    for key in list(state):
+        state[key] = dict(state[key], **{SAVED_KEY: filt})
+    return dict(sd, state=state)
+
+
+def loaded_form(sd: dict) -> dict:
+    """The inverse of :func:`saved_form`: the filter-wide state back under its own key (the
+    first parameter entry's copy). A state dict saved with the key (a parameter-less state,
+    or one from an earlier release) passes unchanged."""
+    state = dict(sd.get("state", {}))
+    filt = None
+    for key, entry in list(state.items()):
+        if isinstance(entry, dict) and SAVED_KEY in entry:
+            entry = dict(entry)
+            saved = entry.pop(SAVED_KEY)
+            filt = saved if filt is None else filt
+            state[key] = entry
+    if filt is not None and FILTER_KEY not in state:
+        state[FILTER_KEY] = filt
+    return dict(sd, state=state)
 
 
 class FilterState:

@@ -48,7 +48,15 @@ from ._deferred import compiling
 from ._loss_tape import LossTape
 from ._staging import Staging, block_param, stage_block
 from .backends import resolve
-from .functional import COUNTERS, FilterState, kalman_ngd_batch_step, kalman_ngd_loss_step
+from .functional import (
+    COUNTERS,
+    FILTER_KEY,
+    FilterState,
+    kalman_ngd_batch_step,
+    kalman_ngd_loss_step,
+    loaded_form,
+    saved_form,
+)
 from .observations import (
     LIKELIHOODS,
     LinearCapture,
@@ -66,7 +74,7 @@ _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "co
                "cov_update")
 _OBSERVATION_KEYS = ("obs_noise", "adaptive_obs_noise", "gate", "process_group", "backend",
                      "max_obs_per_update", "likelihood")
-_FILTER = "filter"   # key of the optimizer-wide state (a string, so state_dict keeps it)
+_FILTER = FILTER_KEY   # key of the optimizer-wide state in self.state
 # Below this step scale (divided by the number of ranks under a process group, where
 # lr = 1/W is the advised setting) a warning says that lr is not a learning rate. The
 # covariance update does not scale with lr, so lr = 0.01 spends the information of each
@@ -95,6 +103,14 @@ def _cov_dtype(param: torch.Tensor) -> torch.dtype:
 
 
 _real = real_view      # a complex tensor as its (..., 2) real view
+
+
+def _prior_cov(p: torch.Tensor, group: dict) -> torch.Tensor:
+    """A new covariance for ``p``: every element the group's ``init_cov``. Contiguous whatever
+    p's strides (the kernels write it as one flat array), one variance per real number (a
+    complex p has two: docs/design.md, 3)."""
+    return torch.full(_state_shape(p), float(group["init_cov"]), dtype=_cov_dtype(p),
+                      device=p.device)
 
 
 def _state_shape(p: torch.Tensor) -> torch.Size:
@@ -287,10 +303,7 @@ class KalmanNGD(torch.optim.Optimizer):
     def _cov(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[p]
         if "cov" not in state:
-            # contiguous whatever p's strides (the kernels write it as one flat array), one
-            # variance per real number (a complex p has two: docs/design.md, 3)
-            state["cov"] = torch.full(_state_shape(p), float(group["init_cov"]),
-                                      dtype=_cov_dtype(p), device=p.device)
+            state["cov"] = _prior_cov(p, group)
             return state["cov"]
         cov = state["cov"]
         if cov.shape != _state_shape(p):
@@ -419,11 +432,20 @@ class KalmanNGD(torch.optim.Optimizer):
                          group["cov_update"] == "information")
 
     def state_dict(self):
+        """``torch.optim.Optimizer.state_dict()``, with the filter-wide state (counters,
+        adapted noise) inside every parameter's entry under ``"kalman_filter"`` (the form
+        ``torch.distributed.checkpoint`` takes; :func:`~kalman_kernels.functional.saved_form`)."""
         sd = super().state_dict()
         sd["state"][_FILTER] = dict(sd["state"].get(_FILTER, {}))
-        if self._sharded is not None:     # the form torch.distributed.checkpoint takes
-            sd = self._sharded.checkpoint_form(sd)
-        return sd
+        # A trainable parameter whose covariance the first step has not created yet gets the
+        # entry that step would create (the prior), so a fresh optimizer's state dict is the
+        # complete template torch.distributed.checkpoint loads a checkpoint into (FSDP2
+        # creates its sharded covariances at construction and when a group is added).
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                if p.requires_grad and index not in sd["state"] and self._sharded is None:
+                    sd["state"][index] = {"cov": _prior_cov(p, group)}
+        return saved_form(sd)
 
     def load_state_dict(self, state_dict) -> None:
         """Restore a state saved by :meth:`state_dict` (exact resume, across backends and
@@ -438,7 +460,7 @@ class KalmanNGD(torch.optim.Optimizer):
                 "param_groups" not in state_dict:
             raise TypeError("load_state_dict expects the dict returned by "
                             "KalmanNGD.state_dict() (keys 'state' and 'param_groups')")
-        state_dict = fsdp.ShardedFilter.from_checkpoint_form(state_dict)
+        state_dict = loaded_form(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this "

@@ -454,7 +454,7 @@ def test_state_dict_round_trip_resumes_exactly(tracked):
     torch.save({"model": first.state_dict(), "opt": opt_1.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer)                      # weights_only: plain values only
-    assert saved["opt"]["state"]["filter"]["likelihood"] == "categorical"
+    assert saved["opt"]["state"][0]["kalman_filter"]["likelihood"] == "categorical"
     second, opt_2 = fresh()                         # obs_noise not passed: restored from the state
     second.load_state_dict(saved["model"])
     opt_2.load_state_dict(saved["opt"])

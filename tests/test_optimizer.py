@@ -496,9 +496,9 @@ def test_a_loss_step_whose_elementwise_pass_raises_leaves_every_counter_unchange
     assert opt.last_info is info0
     assert (opt.steps_taken, opt.skipped_steps) == (steps0, skipped0)
     after = opt.state_dict()
-    assert after["state"]["filter"].keys() == before["state"]["filter"].keys()
-    for key, value in before["state"]["filter"].items():
-        assert torch.equal(torch.as_tensor(after["state"]["filter"][key]),
+    assert after["state"][0]["kalman_filter"].keys() == before["state"][0]["kalman_filter"].keys()
+    for key, value in before["state"][0]["kalman_filter"].items():
+        assert torch.equal(torch.as_tensor(after["state"][0]["kalman_filter"][key]),
                            torch.as_tensor(value)), key
     for p, p0 in zip(model.parameters(), params0):
         assert torch.equal(p.detach(), p0)

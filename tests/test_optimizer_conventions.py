@@ -226,6 +226,70 @@ def test_state_dict_round_trip_continues_identically(config, dtype):
     assert fresh.steps_taken == opt.steps_taken == 4
 
 
+def test_state_dict_keys_name_parameters_and_a_fresh_one_is_complete(config, dtype):
+    """Every key of state_dict()["state"] is a parameter's index (the filter-wide state rides
+    in each entry under "kalman_filter", as Adam's step does), from construction on: a fresh
+    optimizer's entries hold the prior its first step would create."""
+    params = _params(dtype)
+    params.append(nn.Parameter(torch.ones(2, dtype=dtype), requires_grad=False))   # frozen
+    opt = _opt(config, params)
+    fresh = opt.state_dict()
+    assert not any(isinstance(key, torch.Tensor) for key in opt.state)   # nothing created
+    assert sorted(fresh["state"]) == [0, 1, 2]
+    for index, p in enumerate(params[:3]):
+        entry = fresh["state"][index]
+        assert torch.equal(entry["cov"], torch.full(p.shape, 0.05, dtype=dtype))
+        assert int(entry["kalman_filter"]["steps"]) == 0
+    opt.step(_closure(config.mode, params, _data(dtype)))
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == [0, 1, 2]
+    assert all(int(sd["state"][i]["kalman_filter"]["steps"]) == 1 for i in range(3))
+
+
+def test_state_dict_with_the_filter_under_its_own_key_still_loads(config, dtype):
+    """A state dict in the earlier form (the filter-wide state under state["filter"])."""
+    params, data = _params(dtype), _data(dtype)
+    opt = _opt(config, params)
+    opt.step(_closure(config.mode, params, data))
+    sd = opt.state_dict()
+    state = {key: {k: v for k, v in entry.items() if k != "kalman_filter"}
+             for key, entry in sd["state"].items()}
+    state["filter"] = sd["state"][0]["kalman_filter"]
+    twin = _clone(params)
+    fresh = _opt(config, twin)
+    fresh.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    _assert_same_state(opt, fresh)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_distributed_checkpoint_without_fsdp_resumes_identically(config, dtype, tmp_path):
+    """torch.distributed.checkpoint with a plain optimizer in one process:
+    get_optimizer_state_dict, dcp.save, then a fresh model and optimizer whose state dict is
+    the template dcp.load fills, set_optimizer_state_dict: the run goes on as if never
+    interrupted."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    params, data = _params(dtype), _data(dtype)
+    model, opt = nn.ParameterList(params), _opt(config, params)
+    for _ in range(2):
+        opt.step(_closure(config.mode, params, data))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    twin = _clone(params)
+    fresh_model, fresh = nn.ParameterList(twin), _opt(config, twin, init_cov=0.9)
+    states = {"optim": get_optimizer_state_dict(fresh_model, fresh)}
+    dcp.load(states, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(fresh_model, fresh, states["optim"])
+    _assert_same_state(opt, fresh)
+    for _ in range(2):
+        opt.step(_closure(config.mode, params, data))
+        fresh.step(_closure(config.mode, twin, data))
+    _assert_same_state(opt, fresh)
+    assert fresh.steps_taken == opt.steps_taken == 4
+
+
 def _public_attrs(opt):
     out = {}
     for name in dir(opt):
