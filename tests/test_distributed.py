@@ -15,6 +15,9 @@ One spawn per world size runs every scenario (starting a process costs seconds h
   the first step; a later divergence skips the step on every rank and raises;
 * the Kalman rule's clamps below zero are counted (and warned about once); the
   information rule has none.
+* torch.distributed.checkpoint with the replicated optimizer (2 ranks, batch and loss
+  mode, adaptive noise): a fresh, perturbed model and optimizer resume from the
+  checkpoint and take the next steps bit for bit as the uninterrupted run does.
 
 Teardown (the SIGABRT that made the earlier version of this test leave with
 ``os._exit``): a gloo worker can abort at interpreter teardown after all its work is done.
@@ -222,7 +225,58 @@ def _clamps(rank, world, seed):
     return out
 
 
-def _worker(rank, world, seed):
+def _checkpoint(rank, world, seed, ckpt):
+    """A replicated optimizer (``process_group``) through torch.distributed.checkpoint, in
+    batch and loss mode with adaptive noise: save after 3 steps and go on for 3; a fresh,
+    perturbed model and optimizer load the checkpoint and take the same 3 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def build(init_cov, shift):
+        model = _model()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(shift)
+        opt = kk.KalmanNGD(model.parameters(), process_group=dist.group.WORLD,
+                           adaptive_obs_noise=0.3, **dict(HYPER, init_cov=init_cov))
+        opt.track(model)
+        return model, opt
+
+    def run(model, opt, mode, steps):
+        for step in steps:
+            x, t = _batch(seed, rank, step)
+            opt.step((lambda: (model(x), t)) if mode == "batch" else
+                     (lambda: _loss(model, x, t)))
+        return ([p.detach().clone() for p in model.parameters()]
+                + [opt.covariance(p).clone() for p in model.parameters()]
+                + [torch.tensor(opt.steps_taken), opt.state["filter"]["obs_noise"].clone()])
+
+    def states(model, opt):
+        return {"model": get_model_state_dict(model),
+                "optim": get_optimizer_state_dict(model, opt)}
+
+    out = {}
+    for mode in ("batch", "loss"):
+        path = os.path.join(ckpt, mode)
+        model, opt = build(HYPER["init_cov"], 0.0)
+        run(model, opt, mode, range(3))
+        dcp.save(states(model, opt), checkpoint_id=path)
+        straight = run(model, opt, mode, range(3, 6))
+        model, opt = build(0.9, 0.5)
+        loaded = states(model, opt)
+        dcp.load(loaded, checkpoint_id=path)
+        set_model_state_dict(model, loaded["model"])
+        set_optimizer_state_dict(model, opt, loaded["optim"])
+        out[mode] = (straight, run(model, opt, mode, range(3, 6)))
+    return out
+
+
+def _worker(rank, world, seed, ckpt):
     results = {"batch": _train(rank, world, seed, "batch", STEPS),
                "loss": _train(rank, world, seed, "loss", STEPS)}
     if world == 2:
@@ -230,6 +284,7 @@ def _worker(rank, world, seed):
         results["ddp_loss"] = _ddp(rank, world, seed, "loss", 4)
         results["mismatch"] = _mismatch(rank, world, seed)
         results["clamps"] = _clamps(rank, world, seed)
+        results["checkpoint"] = _checkpoint(rank, world, seed, ckpt)
     return results
 
 
@@ -309,7 +364,8 @@ def _spawned(world, request):
         # module-scoped: its own fresh seed, reported with every test of this module that fails
         seed = fresh_seed(20)
         note_seed(request.node, f"the {world} spawned ranks", seed)
-        _SPAWNED[world] = (world, seed, run_on_gloo_ranks(_worker, world, seed))
+        with tempfile.TemporaryDirectory() as ckpt:   # shared by the ranks
+            _SPAWNED[world] = (world, seed, run_on_gloo_ranks(_worker, world, seed, ckpt))
     return _SPAWNED[world]
 
 
@@ -392,6 +448,17 @@ def test_kalman_rule_clamps_counted_and_warned_information_rule_has_none(two_ran
         assert inf["shrink"] == [None] * 3                     # defined for the Kalman rule
         assert inf["last"] == 0
         assert inf["diag"]["groups"][0]["cov_min"] > 1e-9
+
+
+def test_distributed_checkpoint_of_a_replicated_optimizer_resumes_identically(two_ranks):
+    _, _, results = two_ranks
+    for rank in results:
+        for mode, (straight, resumed) in rank["checkpoint"].items():
+            assert len(straight) == len(resumed)
+            for a, b in zip(straight, resumed):
+                assert torch.equal(a, b), mode
+    # the adapted noise moved away from obs_noise, so it travelled in the checkpoint
+    assert float(results[0]["checkpoint"]["loss"][0][-1]) != HYPER["obs_noise"]
 
 
 def test_train_ddp_example_under_torchrun(rng):
