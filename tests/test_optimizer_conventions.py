@@ -206,6 +206,17 @@ def test_global_optimizer_hooks_see_kalman_steps(config, dtype):
 
 
 # ---------------------------------------------------------------------- state and copies
+def _assert_resumed(opt, params, fresh, twin, config, data):
+    """``fresh`` (over ``twin``) resumed ``opt`` (over ``params``) after its 2 steps: the
+    same state now and after 2 more steps of each."""
+    _assert_same_state(opt, fresh)
+    for _ in range(2):
+        opt.step(_closure(config.mode, params, data))
+        fresh.step(_closure(config.mode, twin, data))
+    _assert_same_state(opt, fresh)
+    assert fresh.steps_taken == opt.steps_taken == 4
+
+
 def test_state_dict_round_trip_continues_identically(config, dtype):
     params, data = _params(dtype), _data(dtype)
     opt = _opt(config, params)
@@ -218,12 +229,7 @@ def test_state_dict_round_trip_continues_identically(config, dtype):
     twin = _clone(params)
     fresh = _opt(config, twin, init_cov=0.9)     # its own prior is overwritten by the load
     fresh.load_state_dict(saved)
-    _assert_same_state(opt, fresh)
-    for _ in range(2):
-        opt.step(_closure(config.mode, params, data))
-        fresh.step(_closure(config.mode, twin, data))
-    _assert_same_state(opt, fresh)
-    assert fresh.steps_taken == opt.steps_taken == 4
+    _assert_resumed(opt, params, fresh, twin, config, data)
 
 
 def test_state_dict_keys_name_parameters_and_a_fresh_one_is_complete(config, dtype):
@@ -282,12 +288,7 @@ def test_distributed_checkpoint_without_fsdp_resumes_identically(config, dtype, 
     states = {"optim": get_optimizer_state_dict(fresh_model, fresh)}
     dcp.load(states, checkpoint_id=str(tmp_path))
     set_optimizer_state_dict(fresh_model, fresh, states["optim"])
-    _assert_same_state(opt, fresh)
-    for _ in range(2):
-        opt.step(_closure(config.mode, params, data))
-        fresh.step(_closure(config.mode, twin, data))
-    _assert_same_state(opt, fresh)
-    assert fresh.steps_taken == opt.steps_taken == 4
+    _assert_resumed(opt, params, fresh, twin, config, data)
 
 
 def _public_attrs(opt):
