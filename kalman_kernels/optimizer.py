@@ -51,6 +51,7 @@ from .backends import resolve
 from .functional import (
     COUNTERS,
     FILTER_KEY,
+    SAVED_KEY,
     FilterState,
     kalman_ngd_batch_step,
     kalman_ngd_loss_step,
@@ -74,7 +75,6 @@ _GROUP_KEYS = ("lr", "init_cov", "process_noise", "forgetting", "cov_floor", "co
                "cov_update")
 _OBSERVATION_KEYS = ("obs_noise", "adaptive_obs_noise", "gate", "process_group", "backend",
                      "max_obs_per_update", "likelihood")
-_FILTER = FILTER_KEY   # key of the optimizer-wide state in self.state
 # Below this step scale (divided by the number of ranks under a process group, where
 # lr = 1/W is the advised setting) a warning says that lr is not a learning rate. The
 # covariance update does not scale with lr, so lr = 0.01 spends the information of each
@@ -206,11 +206,11 @@ class KalmanNGD(torch.optim.Optimizer):
         self._param_names: Dict[torch.Tensor, str] = {}   # from track(module)
         super().__init__(params, defaults)
         device = self._device()
-        self.state[_FILTER] = self._filter.reset(device, obs_noise)
+        self.state[FILTER_KEY] = self._filter.reset(device, obs_noise)
         if tempering is not None:
             # saved with the state, so that a resumed optimizer observes alike
-            self.state[_FILTER]["likelihood"] = likelihood
-            self.state[_FILTER]["tempering"] = torch.tensor(tempering, dtype=torch.float64,
+            self.state[FILTER_KEY]["likelihood"] = likelihood
+            self.state[FILTER_KEY]["tempering"] = torch.tensor(tempering, dtype=torch.float64,
                                                             device=device)
         if backend != "auto":
             resolve(backend, device)   # fail now, with the reason, not at step 1
@@ -436,7 +436,7 @@ class KalmanNGD(torch.optim.Optimizer):
         adapted noise) inside every parameter's entry under ``"kalman_filter"`` (the form
         ``torch.distributed.checkpoint`` takes; :func:`~kalman_kernels.functional.saved_form`)."""
         sd = super().state_dict()
-        sd["state"][_FILTER] = dict(sd["state"].get(_FILTER, {}))
+        sd["state"][FILTER_KEY] = dict(sd["state"].get(FILTER_KEY, {}))
         # A trainable parameter whose covariance the first step has not created yet gets the
         # entry that step would create (the prior), so a fresh optimizer's state dict is the
         # complete template torch.distributed.checkpoint loads a checkpoint into (FSDP2
@@ -479,7 +479,7 @@ class KalmanNGD(torch.optim.Optimizer):
             merged.update({k: v for k, v in saved.items() if k != "params"})
             _check_group(merged, where=f"state_dict param group {i}")
             index_to_param.update(zip(saved["params"], group["params"]))
-        saved_filter = state_dict["state"].get(_FILTER, {})
+        saved_filter = state_dict["state"].get(FILTER_KEY, {})
         saved_likelihood = (saved_filter.get("likelihood", "gaussian")
                             if isinstance(saved_filter, dict) else "gaussian")
         if saved_likelihood != self.likelihood:
@@ -494,8 +494,9 @@ class KalmanNGD(torch.optim.Optimizer):
                                                          and saved_tempering.device.type == "meta")
                      else float(saved_tempering))
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"state_dict['state']['{_FILTER}']['tempering'] must be a "
-                                 f"finite number > 0 (the categorical obs_noise), got {value!r}")
+                raise ValueError(f"the state_dict's saved tempering ('tempering' in each "
+                                 f"parameter entry's {SAVED_KEY!r}) must be a finite number > 0 "
+                                 f"(the categorical obs_noise), got {value!r}")
             saved_tempering = value
         saved_covs = {}
         for key, value in state_dict["state"].items():
@@ -526,14 +527,14 @@ class KalmanNGD(torch.optim.Optimizer):
             self.state[p]["cov"] = cov.detach().to(
                 device=p.device, dtype=torch.promote_types(cov.dtype, _cov_dtype(p)), copy=True)
         device = self._device()
-        filt = self._filter.restore(device, dict(state_dict["state"].get(_FILTER, {})))
+        filt = self._filter.restore(device, dict(state_dict["state"].get(FILTER_KEY, {})))
         if self._tempering is not None:
             if saved_tempering is not None:
                 self._tempering = saved_tempering
             filt["likelihood"] = self.likelihood
             filt["tempering"] = torch.tensor(self._tempering, dtype=torch.float64,
                                              device=device)
-        self.state[_FILTER] = filt
+        self.state[FILTER_KEY] = filt
         self._cov_checks = CovValueCheck()
 
     # ------------------------------------------------------------------ tracking

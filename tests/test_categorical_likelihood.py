@@ -472,6 +472,14 @@ def test_state_dict_round_trip_resumes_exactly(tracked):
     assert gaussian.state_dict()["state"].keys() == before["state"].keys()
     with pytest.raises(ValueError, match="likelihood='gaussian'"):
         fresh()[1].load_state_dict(before)
+    # a saved tempering that is no noise is refused, naming where it is, and nothing changes
+    bad = opt_s.state_dict()
+    bad["state"][0]["kalman_filter"]["tempering"] = torch.tensor(-1.0, dtype=torch.float64)
+    net, opt = fresh(obs_noise=0.6)
+    with pytest.raises(ValueError, match=r"saved tempering \('tempering' in each parameter "
+                                         r"entry's 'kalman_filter'\).*got -1.0"):
+        opt.load_state_dict(bad)
+    assert opt.diagnostics()["obs_noise"] == 0.6 and opt.steps_taken == 0
 
 
 # ====================================================================== compile, meta
