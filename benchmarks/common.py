@@ -269,6 +269,25 @@ class KronCase:
         return matmul_rate(ap, self.cov.T, rounds)
 
 
+class TimedLinearLoss:
+    """torch.optim's closure over ``self.params`` for the synthetic loss sum_i <p_i, x_i>
+    (``self.xs``): zero the gradients, backward, return the loss; its own time (the backward
+    and any hooks the optimizer put there) is left in ``self.closure_seconds``."""
+
+    params: List[torch.Tensor]
+    xs: List[torch.Tensor]
+    closure_seconds: float = 0.0
+
+    def _closure(self):
+        t0 = time.perf_counter()
+        for p in self.params:
+            p.grad = None
+        loss = sum((p * x).sum() for p, x in zip(self.params, self.xs))
+        loss.backward()
+        self.closure_seconds = time.perf_counter() - t0
+        return loss
+
+
 class LossCase:
     """n float32 parameters in ``tensors`` tensors with gradients and covariances."""
 

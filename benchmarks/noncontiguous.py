@@ -53,8 +53,10 @@ import kalman_kernels as kk
 from kalman_kernels._staging import Staging
 from kalman_kernels.backends import resolve
 
+from .common import TimedLinearLoss
 
-class LayoutLossCase:
+
+class LayoutLossCase(TimedLinearLoss):
     def __init__(self, rows: int, cols: int, tensors: int, transposed: bool):
         def make():
             return (torch.randn(cols, rows).t() if transposed else torch.randn(rows, cols))
@@ -68,15 +70,6 @@ class LayoutLossCase:
         self.opt.reduce_in_backward(False)
         self.closure_seconds = 0.0
         self.step()                               # covariances allocated outside timing
-
-    def _closure(self):
-        t0 = time.perf_counter()
-        for p in self.params:
-            p.grad = None
-        loss = sum((p * x).sum() for p, x in zip(self.params, self.xs))
-        loss.backward()
-        self.closure_seconds = time.perf_counter() - t0
-        return loss
 
     def step(self) -> float:
         t0 = time.perf_counter()

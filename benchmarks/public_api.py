@@ -46,7 +46,7 @@ def _true(device="cpu"):
 # --------------------------------------------------------------------------------------
 # Loss mode: KalmanNGD.step vs the raw ops vs AdamW(fused)
 # --------------------------------------------------------------------------------------
-class LossPublicCase:
+class LossPublicCase(C.TimedLinearLoss):
     """n float32 parameters in 4 tensors, stepped through KalmanNGD with torch.optim's
     closure (zero the gradients, backward, return the loss). The closure's own time (the
     backward of a synthetic loss sum_i <p_i, x_i>, with the optimizer's hooks) is measured
@@ -70,15 +70,6 @@ class LossPublicCase:
         expected = "in-backward" if single_pass else "two-pass: reduce_in_backward(False)"
         if self.path != expected:
             raise RuntimeError(f"the benchmark's loss step took {self.path!r}, not {expected!r}")
-
-    def _closure(self):
-        t0 = time.perf_counter()
-        for p in self.params:
-            p.grad = None
-        loss = sum((p * x).sum() for p, x in zip(self.params, self.xs))
-        loss.backward()
-        self.closure_seconds = time.perf_counter() - t0
-        return loss
 
     def step(self):
         self.opt.step(self._closure)
